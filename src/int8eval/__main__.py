@@ -1,0 +1,3 @@
+from int8eval.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""Backends turn (model, recipe, calibration data) into a Variant. Each is imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from int8eval.backends.base import CalibrationData, Variant
+from int8eval.config import Backend, CalibMethod, Recipe
+from int8eval.errors import BackendUnavailable
+
+__all__ = ["BACKENDS", "BackendInfo", "CalibrationData", "Variant", "backend_info", "build_variant", "default_calib"]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    backend: Backend
+    module: str  # our module under int8eval.backends
+    requires: tuple[str, ...]  # importable top-level packages it needs
+    extra: str  # pip extra that installs them
+    default_calib: CalibMethod  # the recipe used when --calib is not given (the best measured on Lite0)
+    default: bool = True  # part of a run with no --backend, when installed
+
+    @property
+    def installed(self) -> bool:
+        # find_spec does not import the package, so listing backends stays cheap.
+        return all(importlib.util.find_spec(p) is not None for p in self.requires)
+
+
+BACKENDS: dict[Backend, BackendInfo] = {
+    Backend.torch: BackendInfo(Backend.torch, "torch_backend", ("torch", "torchao"), "pt2e", CalibMethod.minmax),
+    Backend.onnxruntime: BackendInfo(
+        Backend.onnxruntime, "onnxruntime_backend", ("onnx", "onnxruntime"), "onnxruntime", CalibMethod.percentile
+    ),
+    Backend.openvino: BackendInfo(Backend.openvino, "openvino_backend", ("openvino", "nncf"), "openvino", CalibMethod.minmax),
+    # TensorRT needs an NVIDIA GPU: only run when asked for.
+    Backend.tensorrt: BackendInfo(
+        Backend.tensorrt, "tensorrt_backend", ("tensorrt", "onnx"), "tensorrt", CalibMethod.entropy, default=False
+    ),
+}
+
+
+def backend_info(backend: Backend) -> BackendInfo:
+    return BACKENDS[Backend(backend)]
+
+
+def default_calib(backend: Backend) -> CalibMethod:
+    return backend_info(backend).default_calib
+
+
+def require(backend: Backend) -> None:
+    info = backend_info(backend)
+    if not info.installed:
+        missing = [p for p in info.requires if importlib.util.find_spec(p) is None]
+        raise BackendUnavailable(
+            f"backend {info.backend.value} needs {', '.join(missing)}: pip install 'int8eval[{info.extra}]'"
+        )
+
+
+def _module(backend: Backend):
+    require(backend)
+    return importlib.import_module(f"int8eval.backends.{backend_info(backend).module}")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Fail before any work starts if the backend cannot do this recipe (raises ConfigError)."""
+    _module(recipe.backend).check_recipe(recipe)
+
+
+def build_variant(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
+    """Build the variant `recipe` describes for `loaded` (a LoadedModel), writing artifacts under `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _module(recipe.backend).build(loaded, recipe, calib, workdir)

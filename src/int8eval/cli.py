@@ -1,0 +1,194 @@
+"""The `int8eval` command: parse flags, build a config, call the library. Library errors become one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from int8eval.config import Backend, CalibMethod, OnBadImage, Precision, Recipe, RunConfig
+from int8eval.errors import Int8EvalError
+
+console = Console()
+
+
+def _friendly(fn):
+    """Turn library and validation errors into a one-line message and exit code 2 (no stack trace)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Int8EvalError as e:
+            raise click.ClickException(str(e)) from e
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+            raise click.ClickException(f"invalid options: {msgs}") from e
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="int8eval")
+def main() -> None:
+    """What INT8 costs an image classifier in accuracy, and what it buys in speed and size."""
+
+
+def build_recipes(
+    backends: tuple[str, ...],
+    calibs: tuple[str, ...],
+    percentile: float,
+    per_tensor: bool,
+    legacy: bool,
+    precisions: tuple[str, ...],
+    fp32_only: bool,
+) -> tuple[Recipe, ...]:
+    """One INT8 recipe per backend x calibration method, plus any extra precision baselines (bf16, fp16)."""
+    from int8eval.backends import BACKENDS, default_calib
+
+    if fp32_only:
+        return ()
+    chosen = [Backend(b) for b in backends] or [b for b, info in BACKENDS.items() if info.installed and info.default]
+    recipes = []
+    for backend in chosen:
+        methods = [CalibMethod(c) for c in calibs] or [default_calib(backend)]
+        for method in methods:
+            common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor)
+            recipes.append(Recipe(**common))
+            if legacy and backend is Backend.torch:
+                recipes.append(Recipe(**common, legacy=True))
+        for p in precisions:
+            recipes.append(Recipe(backend=backend, precision=Precision(p)))
+    return tuple(recipes)
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="efficientnet_lite0, a torchvision name (resnet50), timm:NAME, tiny_test.")
+@click.option("--data", type=click.Path(path_type=Path), help="Image folder. Default: $INT8EVAL_DATA, else the cached sample.")
+@click.option("--labels", type=click.Path(path_type=Path), help="Ground truth for a flat val folder (LOC_val_solution.csv or the devkit).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="State dict for the architecture (weights_only load).")
+@click.option("--weights", help="torchvision weights name, e.g. IMAGENET1K_V1 (default: the architecture's DEFAULT).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice([b.value for b in Backend]), help="Repeatable.")
+@click.option("--calib", "calibs", multiple=True, type=click.Choice([c.value for c in CalibMethod]), help="Repeatable.")
+@click.option("--percentile", default=99.999, show_default=True, help="For --calib percentile.")
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales (default: per-channel).")
+@click.option("--legacy", is_flag=True, help="Also the seed's torch.ao.quantization path, labelled legacy.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["bf16", "fp16"]), help="Extra baselines per backend.")
+@click.option("--fp32-only", is_flag=True, help="Only the FP32 reference, no INT8 variants.")
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration images (default: a seeded split of --data).")
+@click.option("--calib-size", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Decoding worker processes.")
+@click.option("--max-images", type=int, help="Evaluate a seeded subset of this many images.")
+@click.option("--on-bad-image", type=click.Choice([o.value for o in OnBadImage]), default="skip", show_default=True)
+@_friendly
+def run(**kw) -> None:
+    """Evaluate FP32 and INT8 variants of a model in one pass and write RUN_DIR/report.{json,md}."""
+    from int8eval.data.fetch import default_data_root
+    from int8eval.pipeline import run as run_pipeline
+
+    recipes = build_recipes(
+        kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
+        kw.pop("precisions"), kw.pop("fp32_only"),
+    )
+    if kw["data"] is None:
+        kw["data"] = default_data_root()
+    config = RunConfig(**kw, recipes=recipes)
+    report = run_pipeline(config, console=Console(stderr=True))
+    _print_summary(report, config.out)
+
+
+def _print_summary(report, out: Path) -> None:
+    table = Table(title=f"{report.model.name}: {report.data.num_images} images, {report.data.num_skipped} skipped")
+    for col in ("variant", "status", "top-1 %", "top-5 %", "agreement %", "size MB"):
+        table.add_column(col)
+    fmt = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    for v in report.variants:
+        table.add_row(v.name, v.status, fmt(v.top1), fmt(v.top5), fmt(v.agreement_top1), "—" if v.size_mb is None else f"{v.size_mb:.1f}")
+    console.print(table)
+    for v in report.variants:
+        if v.error:
+            console.print(f"[red]{v.name}[/red]: {v.error}")
+    if report.data.num_skipped:
+        console.print(f"[yellow]{report.data.num_skipped} images or folders skipped[/yellow] (reasons in report.md)")
+    console.print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+
+
+@main.command()
+def models() -> None:
+    """List the models int8eval knows and where their weights come from."""
+    from int8eval.models import list_models
+
+    table = Table()
+    for col in ("model", "family", "weights"):
+        table.add_column(col)
+    for m in list_models():
+        table.add_row(m.name, m.family, escape(m.weights))
+    console.print(table)
+    console.print("Any torchvision classification model name also works; --checkpoint PATH loads your own weights.")
+
+
+@main.command(name="backends")
+def backends_cmd() -> None:
+    """List backends and whether each is installed (nothing is imported)."""
+    from int8eval.backends import BACKENDS
+
+    table = Table()
+    for col in ("backend", "installed", "needs", "install with"):
+        table.add_column(col)
+    for info in BACKENDS.values():
+        table.add_row(
+            info.backend.value, "yes" if info.installed else "no", ", ".join(info.requires), escape(f"pip install 'int8eval[{info.extra}]'")
+        )
+    console.print(table)
+
+
+@main.group()
+def data() -> None:
+    """Get and prepare ImageNet data."""
+
+
+@data.command("fetch-sample")
+@click.option("--dest", type=click.Path(path_type=Path), help="Default: the int8eval cache.")
+@_friendly
+def fetch_sample_cmd(dest: Path | None) -> None:
+    """Download the public 1000-image ImageNet sample (one image per class)."""
+    from int8eval.data.fetch import fetch_sample
+
+    console.print(f"sample in {fetch_sample(dest)}")
+
+
+@data.command("prepare")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--labels", required=True, type=click.Path(path_type=Path), help="LOC_val_solution.csv or the devkit (folder/tar).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--copy", is_flag=True, help="Copy files instead of symlinking them.")
+@_friendly
+def prepare_cmd(source: Path, labels: Path, out: Path, copy: bool) -> None:
+    """Sort the flat val folder (or ILSVRC2012_img_val.tar) into folders per synset."""
+    from int8eval.data.fetch import prepare
+
+    console.print(f"{prepare(source, labels, out, copy=copy)} images sorted into {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@_friendly
+def report(run_dir: Path) -> None:
+    """Re-render RUN_DIR's report from its report.json, without re-running."""
+    from int8eval.report import render
+
+    for path in render(run_dir):
+        console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

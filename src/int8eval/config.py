@@ -1,0 +1,121 @@
+"""Typed, validated specs for a run. Choices are string enums that round-trip through CLI, YAML and JSON."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    tensorrt = "tensorrt"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class CalibMethod(str, Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+
+
+class OnBadImage(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class Interpolation(str, Enum):
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Preprocessing(_Strict):
+    """The weights' own input pipeline: resize the short side, centre-crop, scale to [0, 1], normalise."""
+
+    resize: int = Field(gt=0)
+    crop: int = Field(gt=0)
+    interpolation: Interpolation = Interpolation.bilinear
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"std must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocessing:
+        if self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
+        return self
+
+
+class Recipe(_Strict):
+    """How one variant is built: the backend, its precision and, for INT8, the calibration recipe."""
+
+    backend: Backend
+    precision: Precision = Precision.int8
+    calib: CalibMethod = CalibMethod.minmax
+    percentile: float = Field(99.999, gt=50.0, le=100.0)
+    per_channel: bool = True
+    legacy: bool = False  # PyTorch only: the seed's torch.ao.quantization API instead of PT2E
+
+    @property
+    def name(self) -> str:
+        if self.precision is not Precision.int8:
+            return f"{self.backend.value}-{self.precision.value}"
+        parts = [self.backend.value, "int8"]
+        if self.legacy:
+            parts.append("legacy")
+        parts.append(f"{self.calib.value}{self.percentile:g}" if self.calib is CalibMethod.percentile else self.calib.value)
+        if not self.per_channel:
+            parts.append("pertensor")
+        return "-".join(parts)
+
+
+class RunConfig(_Strict):
+    """Everything `int8eval run` needs. Paths are checked when the data and model are loaded."""
+
+    model: str
+    checkpoint: Path | None = None
+    weights: str | None = None
+    data: Path
+    labels: Path | None = None
+    out: Path
+    calib_data: Path | None = None
+    calib_size: int = Field(100, gt=0)
+    seed: int = 0
+    batch_size: int = Field(32, gt=0)
+    workers: int = Field(1, ge=0)
+    max_images: int | None = Field(None, gt=0)
+    on_bad_image: OnBadImage = OnBadImage.skip
+    recipes: tuple[Recipe, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> RunConfig:
+        names = [r.name for r in self.recipes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"the same variant is asked for twice: {', '.join(dupes)}")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(r.precision is Precision.int8 for r in self.recipes)

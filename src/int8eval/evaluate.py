@@ -1,0 +1,149 @@
+"""The engine: one pass over the images, each decoded once and fed to every variant; per-image predictions kept."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from int8eval.backends import Variant
+from int8eval.config import OnBadImage, Preprocessing
+from int8eval.data.decode import batches
+from int8eval.data.layouts import Sample
+from int8eval.errors import DatasetError
+
+TOPK = 5
+
+
+@dataclass
+class Predictions:
+    """Per-image results: the true label and each variant's top-5; for non-reference variants, the KL divergence
+    and cosine similarity of their logits to the reference's (so logits need not be stored)."""
+
+    image_ids: list[str]
+    labels: np.ndarray
+    top5: dict[str, np.ndarray]
+    kl_to_ref: dict[str, np.ndarray] = field(default_factory=dict)
+    cos_to_ref: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def top1(self, name: str) -> np.ndarray:
+        return self.top5[name][:, 0]
+
+    def correct1(self, name: str) -> np.ndarray:
+        return self.top1(name) == self.labels
+
+    def correct5(self, name: str) -> np.ndarray:
+        return (self.top5[name] == self.labels[:, None]).any(axis=1)
+
+    def save(self, path: Path) -> None:
+        arrays = {"image_ids": np.asarray(self.image_ids), "labels": self.labels}
+        for prefix, table in (("top5", self.top5), ("kl", self.kl_to_ref), ("cos", self.cos_to_ref)):
+            arrays |= {f"{prefix}::{name}": a for name, a in table.items()}
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> Predictions:
+        with np.load(path) as z:
+            tables: dict[str, dict[str, np.ndarray]] = {"top5": {}, "kl": {}, "cos": {}}
+            for key in z.files:
+                if "::" in key:
+                    prefix, name = key.split("::", 1)
+                    tables[prefix][name] = z[key]
+            return cls(list(z["image_ids"]), z["labels"], tables["top5"], tables["kl"], tables["cos"])
+
+
+@dataclass
+class EvalOutcome:
+    predictions: Predictions
+    skipped: list[dict]  # {"path", "reason"} for images that could not be decoded
+    errors: dict[str, str]  # variant name -> error message (that variant stopped; the others went on)
+    seconds: float
+    predict_s: dict[str, float]  # time each variant spent in predict(), data loading excluded
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _kl_and_cosine(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lp, lq = _log_softmax(ref), _log_softmax(other)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    r, o = ref.astype(np.float64), other.astype(np.float64)
+    cos = (r * o).sum(axis=1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-12)
+    return kl.astype(np.float32), cos.astype(np.float32)
+
+
+def evaluate(
+    samples: list[Sample],
+    preprocessing: Preprocessing,
+    variants: list[Variant],
+    *,
+    reference: str | None = None,
+    batch_size: int = 32,
+    workers: int = 1,
+    on_bad_image: OnBadImage = OnBadImage.skip,
+    progress: Progress | None = None,
+) -> EvalOutcome:
+    """Run every variant on every image in one pass.
+
+    Args:
+        samples: the evaluation images with their labels.
+        preprocessing: the model's own; each image is decoded and preprocessed once.
+        variants: built variants; one that raises is recorded in `errors` and dropped, the others go on.
+        reference: name of the FP32 reference variant, against which KL and cosine are computed.
+    """
+    start = time.perf_counter()
+    live = {v.name: v for v in variants}
+    errors: dict[str, str] = {}
+    predict_s = {name: 0.0 for name in live}
+    top5: dict[str, list[np.ndarray]] = {name: [] for name in live}
+    kl: dict[str, list[np.ndarray]] = {name: [] for name in live if name != reference}
+    cos: dict[str, list[np.ndarray]] = {name: [] for name in live if name != reference}
+    kept: list[np.ndarray] = []
+    skipped: list[dict] = []
+    task = progress.add_task("evaluating", total=len(samples)) if progress else None
+
+    for batch in batches(samples, preprocessing, batch_size=batch_size, workers=workers):
+        for i, reason in batch.bad:
+            if on_bad_image is OnBadImage.fail:
+                raise DatasetError(f"cannot read {samples[i].path}: {reason} (use --on-bad-image skip to go on)")
+            skipped.append({"path": samples[i].id, "reason": reason})
+        if len(batch.indices):
+            logits: dict[str, np.ndarray] = {}
+            for name, variant in list(live.items()):
+                t = time.perf_counter()
+                try:
+                    out = np.asarray(variant.predict(batch.images), dtype=np.float32)
+                except Exception as e:  # noqa: BLE001 - a failing variant must not stop the others
+                    errors[name] = f"{type(e).__name__}: {e}"
+                    del live[name]
+                    continue
+                predict_s[name] += time.perf_counter() - t
+                logits[name] = out
+                top5[name].append(np.argsort(-out, axis=1, kind="stable")[:, :TOPK].astype(np.int16))
+            if reference in logits:
+                for name in kl:
+                    if name in logits:
+                        k, c = _kl_and_cosine(logits[reference], logits[name])
+                        kl[name].append(k)
+                        cos[name].append(c)
+            kept.append(batch.indices)
+        if progress is not None:
+            progress.update(task, advance=len(batch.indices) + len(batch.bad))
+
+    if not kept:
+        raise DatasetError(f"none of the {len(samples)} images could be read (first: {skipped[0]['reason']})")
+    order = np.concatenate(kept)
+    predictions = Predictions(
+        image_ids=[samples[i].id for i in order],
+        labels=np.asarray([samples[i].label for i in order], dtype=np.int64),
+        top5={n: np.concatenate(a) for n, a in top5.items() if n in live},
+        kl_to_ref={n: np.concatenate(a) for n, a in kl.items() if n in live and a},
+        cos_to_ref={n: np.concatenate(a) for n, a in cos.items() if n in live and a},
+    )
+    return EvalOutcome(predictions, skipped, errors, time.perf_counter() - start, predict_s)

@@ -1,0 +1,56 @@
+"""`tiny_test`: a small random CNN for fast tests (the role timm's `test_*` models play)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from int8eval.config import Interpolation, Preprocessing
+
+NAME = "tiny_test"
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def infos():
+    from int8eval.models import ModelInfo
+
+    return [ModelInfo(NAME, "test", "random, seeded (for tests)")]
+
+
+def handles(name: str) -> bool:
+    return name == NAME
+
+
+def load(name: str, *, checkpoint: Path | None = None, weights: str | None = None):
+    from int8eval.models import LoadedModel, load_state_dict_file
+
+    torch.manual_seed(0)
+    module = TinyNet()
+    source = "random init, seed 0"
+    if checkpoint is not None:
+        load_state_dict_file(module, checkpoint)
+        source = str(checkpoint)
+    pre = Preprocessing(resize=40, crop=32, interpolation=Interpolation.bilinear)
+    return LoadedModel(NAME, module.eval(), pre, source)

@@ -1,0 +1,211 @@
+"""`int8eval run`: spec -> model -> data -> variants -> one pass -> statistics -> report.json/md."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from int8eval import backends, stats
+from int8eval.backends import CalibrationData, Variant
+from int8eval.config import Backend, Precision, Recipe, RunConfig
+from int8eval.data.decode import batches
+from int8eval.data.layouts import discover, split, subsample
+from int8eval.environment import environment
+from int8eval.errors import DatasetError
+from int8eval.evaluate import evaluate
+from int8eval.models import LoadedModel, load_model
+from int8eval.report import Report, render
+from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, ParityCheck, VariantResult
+
+PARITY_THRESHOLD = 0.999
+REFERENCE = Recipe(backend=Backend.torch, precision=Precision.fp32)
+
+
+def plan_recipes(recipes: tuple[Recipe, ...]) -> list[Recipe]:
+    """The PyTorch FP32 reference first, then each other backend's FP32 (for the parity gate), then the rest."""
+    plan = [REFERENCE]
+    for r in recipes:
+        fp32 = Recipe(backend=r.backend, precision=Precision.fp32)
+        if fp32 not in plan:
+            plan.append(fp32)
+    plan += [r for r in recipes if r not in plan]
+    return plan
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _calibration(config: RunConfig, loaded: LoadedModel, found, progress: Progress):
+    """(calibration samples, source label, evaluation samples). Calibration images are never evaluated."""
+    if not config.needs_calibration:
+        return [], None, found.samples
+    if config.calib_data is not None:
+        calib_set = discover(config.calib_data)
+        calib = subsample(calib_set.samples, config.calib_size, config.seed)
+        calib_ids = {s.path.resolve() for s in calib}
+        rest = [s for s in found.samples if s.path.resolve() not in calib_ids]
+        return calib, str(config.calib_data), rest
+    calib, rest = split(found.samples, config.calib_size, config.seed)
+    return calib, f"seeded split of {config.data}", rest
+
+
+def _decode_calibration(samples, loaded: LoadedModel, config: RunConfig, progress: Progress) -> CalibrationData:
+    task = progress.add_task("decoding calibration images", total=len(samples))
+    data = CalibrationData(batches=[], image_ids=[])
+    for batch in batches(samples, loaded.preprocessing, batch_size=config.batch_size, workers=config.workers):
+        if len(batch.indices):
+            data.batches.append(batch.images)
+            data.image_ids += [samples[i].id for i in batch.indices]
+        progress.update(task, advance=len(batch.indices) + len(batch.bad))
+    if not data.num_images:
+        raise DatasetError("none of the calibration images could be read")
+    return data
+
+
+def _variant_result(recipe: Recipe, variant: Variant | None, error: str | None) -> VariantResult:
+    return VariantResult(
+        name=recipe.name,
+        backend=recipe.backend.value,
+        precision=recipe.precision.value,
+        status="error" if error else "ok",
+        error=error,
+        recipe=recipe.model_dump(mode="json"),
+        reference=recipe == REFERENCE,
+        size_mb=variant.size_mb if variant else None,
+        artifact=str(variant.artifact) if variant and variant.artifact else None,
+        prepare_s=variant.prepare_s if variant else None,
+    )
+
+
+def _fill_accuracy(result: VariantResult, preds, reference: str) -> None:
+    name = result.name
+    result.top1, result.top1_ci95 = stats.accuracy_ci(preds.correct1(name))
+    result.top5, result.top5_ci95 = stats.accuracy_ci(preds.correct5(name))
+    result.per_class_top1 = stats.per_class_accuracy(preds.labels, preds.correct1(name))
+    if name != reference and reference in preds.top5:
+        result.agreement_top1 = stats.agreement(preds.top1(name), preds.top1(reference))
+        result.delta_top1 = result.top1 - float(np.mean(preds.correct1(reference)))
+
+
+def run(config: RunConfig, *, console: Console | None = None) -> Report:
+    """Evaluate the FP32 reference and every recipe of `config` in one pass; write report.json/.md and predictions.
+
+    Example:
+        >>> run(RunConfig(model="efficientnet_lite0", data=Path("imagenet-sample"), out=Path("runs/lite0")))
+    """
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    plan = plan_recipes(config.recipes)
+    for recipe in plan:  # fail before any work on a missing backend or an impossible recipe
+        backends.check_recipe(recipe)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with _progress(console) as progress:
+        task = progress.add_task(f"loading {config.model}", total=None)
+        loaded = load_model(config.model, checkpoint=config.checkpoint, weights=config.weights)
+        progress.update(task, total=1, completed=1)
+        found = discover(config.data, config.labels)
+        calib_samples, calib_source, eval_samples = _calibration(config, loaded, found, progress)
+        eval_samples = subsample(eval_samples, config.max_images, config.seed)
+        calib = _decode_calibration(calib_samples, loaded, config, progress) if calib_samples else None
+
+        variants: list[Variant] = []
+        results: dict[str, VariantResult] = {}
+        for recipe in plan:
+            task = progress.add_task(f"building {recipe.name}", total=None)
+            try:
+                variant = backends.build_variant(loaded, recipe, calib, out / "artifacts")
+                variants.append(variant)
+                results[recipe.name] = _variant_result(recipe, variant, None)
+            except Exception as e:  # noqa: BLE001 - one failing variant does not stop the others
+                if recipe == REFERENCE:
+                    raise
+                results[recipe.name] = _variant_result(recipe, None, f"{type(e).__name__}: {e}")
+            progress.update(task, total=1, completed=1)
+
+        outcome = evaluate(
+            eval_samples,
+            loaded.preprocessing,
+            variants,
+            reference=REFERENCE.name,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            on_bad_image=config.on_bad_image,
+            progress=progress,
+        )
+
+    preds = outcome.predictions
+    preds.save(out / "predictions.npz")
+    for name, message in outcome.errors.items():
+        results[name].status, results[name].error = "error", message
+    parity_by_backend: dict[str, ParityCheck] = {}
+    for name, result in results.items():
+        if result.status != "ok":
+            continue
+        _fill_accuracy(result, preds, REFERENCE.name)
+        result.predict_s = outcome.predict_s.get(name)
+        if result.precision == "fp32" and not result.reference:
+            result.parity = ParityCheck(
+                agreement_top1=result.agreement_top1,
+                threshold=PARITY_THRESHOLD,
+                passed=result.agreement_top1 >= PARITY_THRESHOLD,
+            )
+            parity_by_backend[result.backend] = result.parity
+    for result in results.values():
+        gate = parity_by_backend.get(result.backend)
+        if result.status == "ok" and result.precision != "fp32" and gate is not None and not gate.passed:
+            result.status = "parity_failed"
+            result.error = (
+                f"{result.backend} FP32 agrees with the PyTorch reference on only "
+                f"{100 * gate.agreement_top1:.2f}% of images (needs {100 * PARITY_THRESHOLD:.1f}%)"
+            )
+
+    skipped = found.skipped + outcome.skipped
+    report = Report(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=sys.argv,
+        model=ModelSection(
+            name=loaded.name, source=loaded.source, num_params=loaded.num_params, preprocessing=loaded.preprocessing
+        ),
+        data=DataSection(
+            root=str(Path(config.data).resolve()),
+            layout=found.layout,
+            num_found=len(found.samples),
+            num_images=len(preds.labels),
+            num_skipped=len(skipped),
+            skipped=skipped,
+            calibration=CalibrationSection(
+                source=calib_source, num_images=calib.num_images, seed=config.seed, image_ids=calib.image_ids
+            )
+            if calib
+            else None,
+            seed=config.seed,
+        ),
+        variants=[results[r.name] for r in plan],
+        environment=environment(),
+        timing={
+            "total_s": time.perf_counter() - start,
+            "eval_s": outcome.seconds,
+            "images_per_s": len(preds.labels) / outcome.seconds,
+        },
+        config=config.model_dump(mode="json"),
+    )
+    report.write(out / "report.json")
+    render(out)
+    return report
