@@ -1,4 +1,4 @@
-"""Report schema and writers: report.json is the truth; report.md (and report.html) are rendered from it."""
+"""Report schema and writers: report.json is the truth; report.md and report.html are rendered from it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ from pathlib import Path
 from int8eval.report.markdown import render_markdown
 from int8eval.report.schema import SCHEMA_VERSION, Report
 
-__all__ = ["SCHEMA_VERSION", "Report", "render", "render_markdown"]
+__all__ = ["SCHEMA_VERSION", "Report", "render", "render_html", "render_markdown"]
+
+
+def render_html(report: Report) -> str:
+    """The standalone report.html for `report` (matplotlib is imported only here)."""
+    from int8eval.report.html import render_html as _render_html
+
+    return _render_html(report)
 
 
 def render(run_dir: Path) -> list[Path]:
-    """(Re-)render report.md from RUN_DIR/report.json without re-running anything."""
+    """(Re-)render report.md and report.html from RUN_DIR/report.json without re-running anything."""
     report = Report.read(Path(run_dir) / "report.json")
-    md = Path(run_dir) / "report.md"
+    md, html = Path(run_dir) / "report.md", Path(run_dir) / "report.html"
     md.write_text(render_markdown(report))
-    return [md]
+    html.write_text(render_html(report))
+    return [md, html]

@@ -71,6 +71,10 @@ class VariantResult(_Section):
     predict_s: float | None = None
     parity: ParityCheck | None = None
     per_class_top1: dict[str, dict] | None = None
+    # Paired statistics against the reference (stats.paired_stats) and the acceptance verdict (verdict.decide).
+    paired: dict | None = None
+    verdict: dict | None = None
+    bench: dict | None = None  # int8eval.bench: latency, throughput, speedups and size vs the backend's FP32/BF16
 
 
 class Report(_Section):
@@ -82,6 +86,9 @@ class Report(_Section):
     variants: list[VariantResult]
     environment: dict
     timing: dict = Field(default_factory=dict)
+    acceptance: dict | None = None  # the declared criterion (verdict.Acceptance) the verdicts answer
+    sensitivity: dict | None = None  # per-layer sensitivity (diagnose.diagnose), when asked for
+    bench: dict | None = None  # int8eval.bench section: machine (ISA, GPU), settings, warnings, fastest variant
 
     def variant(self, name: str) -> VariantResult:
         return next(v for v in self.variants if v.name == name)

@@ -1,0 +1,339 @@
+"""Static INT8 QDQ quantization of an ONNX model with ONNX Runtime, and the activation ranges it needs.
+
+ONNX Runtime's `quantize_static` inserts the QuantizeLinear/DequantizeLinear nodes well, but its calibrators do
+not all do what their names say: through `quantize_static`, "Entropy" keeps its default 128 histogram bins and 128
+quantized bins, so only one threshold (the full range) is ever tried and it equals MinMax; forcing 2048 bins
+compares against a 64-level-per-side grid and clips too hard; there is no MSE method. So int8eval collects one
+histogram per activation itself (one pass, shared by every method), computes the ranges here, and hands them to
+`quantize_static` through its calibration cache (`calibration_cache_path`), ORT's own way to supply ranges.
+
+The same QDQ model feeds TensorRT's explicit quantization (`symmetric_activations=True`, per-channel weights).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    TensorData,
+    TensorsData,
+    quant_pre_process,
+    quantize_static,
+    save_tensors_data,
+)
+
+from int8eval.backends.base import CalibrationData
+from int8eval.backends.onnx_export import INPUT_NAME
+from int8eval.config import CalibMethod
+from int8eval.errors import ConfigError
+
+HIST_BINS = 2048  # as TensorRT's and pytorch-quantization's histogram calibrators
+MAX_CALIB_BATCH = 8  # images per calibration run: every activation of the batch is held in memory at once
+_ACTIVATION_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+class CalibrationReader(CalibrationDataReader):
+    """ORT's CalibrationDataReader over int8eval's CalibrationData, in batches of at most `max_batch` images."""
+
+    def __init__(self, calib: CalibrationData, *, input_name: str = INPUT_NAME, max_batch: int = MAX_CALIB_BATCH):
+        self._chunks = [
+            np.ascontiguousarray(b[i : i + max_batch], dtype=np.float32)
+            for b in calib.batches
+            for i in range(0, len(b), max_batch)
+        ]
+        self._input_name = input_name
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= len(self._chunks):
+            return None
+        self._pos += 1
+        return {self._input_name: self._chunks[self._pos - 1]}
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+
+@dataclass
+class TensorStats:
+    """Exact min/max of one activation plus a histogram of |x| over [0, hist_max] in HIST_BINS equal bins."""
+
+    min: float
+    max: float
+    hist: np.ndarray  # int64 counts of |x|
+    hist_max: float
+    zeros: int = 0  # exact zeros (ReLU outputs): representable without error, so MSE leaves them out
+
+    @property
+    def count(self) -> int:
+        return int(self.hist.sum())
+
+    def add(self, values: np.ndarray) -> None:
+        a = np.abs(values.ravel())
+        amax = float(a.max(initial=0.0))
+        self.min = min(self.min, float(values.min(initial=np.inf)))
+        self.max = max(self.max, float(values.max(initial=-np.inf)))
+        self.zeros += a.size - int(np.count_nonzero(a))
+        if amax > self.hist_max:
+            self._grow(amax)
+        if self.hist_max == 0.0:
+            self.hist[0] += a.size
+            return
+        bins = len(self.hist)
+        idx = np.minimum((a * (bins / self.hist_max)).astype(np.int64), bins - 1)
+        self.hist += np.bincount(idx, minlength=bins)
+
+    def _grow(self, amax: float) -> None:
+        # Double the range until amax fits, merging bin pairs, so old counts stay exactly on bin boundaries.
+        if self.hist_max == 0.0:
+            self.hist_max = amax
+            return  # the (empty or all-zero) counts stay in bin 0, which still holds 0
+        factor = 2 ** math.ceil(math.log2(amax / self.hist_max))
+        bins = len(self.hist)
+        merged = self.hist.reshape(bins // factor, factor).sum(axis=1) if factor <= bins else self.hist.sum(keepdims=True)
+        self.hist = np.zeros(bins, dtype=np.int64)
+        self.hist[: len(merged)] = merged
+        self.hist_max *= factor
+
+
+@dataclass
+class ActivationStats:
+    """Per-tensor statistics of one ONNX model's activations over a calibration set (every method reads them)."""
+
+    model: Path  # the (pre-processed) model the tensor names belong to; quantize this one
+    source: Path  # the FP32 model the caller passed in
+    tensors: dict[str, TensorStats]
+    num_images: int
+    collect_s: float  # seconds spent pre-processing the model and running the calibration images
+    image_ids: list[str] = field(default_factory=list)
+
+
+def preprocess(model: Path, out_path: Path) -> Path:
+    """ORT's quantization pre-processing: shape inference plus graph optimisation (folds Pad into Conv, removes
+    the exporter's shape arithmetic), so fewer Q/DQ nodes are needed and every tensor has a known type."""
+    quant_pre_process(str(model), str(out_path), skip_symbolic_shape=False)
+    return out_path
+
+
+def _float_tensors(model: onnx.ModelProto) -> list[str]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    inits = {i.name for i in graph.initializer}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    infos = {vi.name: vi for vi in [*graph.input, *graph.value_info, *graph.output]}
+    names = dict.fromkeys(t for n in graph.node for t in [*n.input, *n.output] if t and t not in inits)
+    return [t for t in names if t in infos and infos[t].type.tensor_type.elem_type in float_types]
+
+
+def collect_activation_stats(
+    model: Path,
+    calib: CalibrationData,
+    *,
+    workdir: Path | None = None,
+    preprocess_model: bool = True,
+    max_batch: int = MAX_CALIB_BATCH,
+) -> ActivationStats:
+    """Run the calibration images through `model` once and record every float activation's min, max and histogram.
+
+    Args:
+        model: an FP32 .onnx file with one input.
+        calib: the calibration images (preprocessed float32 NCHW batches).
+        workdir: where the pre-processed model is written (default: beside `model`).
+        preprocess_model: run ORT's `quant_pre_process` first (recommended by ORT; the stats then describe it).
+        max_batch: images per inference run (memory: every activation of the batch is held at once).
+    """
+    if calib.num_images == 0:
+        raise ConfigError("INT8 calibration needs at least one calibration image; got an empty calibration set")
+    start = time.perf_counter()
+    model = Path(model)
+    workdir = Path(workdir) if workdir is not None else model.parent
+    target = preprocess(model, workdir / f"{model.stem}.pre.onnx") if preprocess_model else model
+    proto = onnx.load(str(target))
+    names = _float_tensors(proto)
+    input_name = proto.graph.input[0].name
+    # Expose every activation as an output; ORT's calibrators also disable graph optimisation so none is fused away.
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    stats = {n: TensorStats(np.inf, -np.inf, np.zeros(HIST_BINS, dtype=np.int64), 0.0) for n in names}
+    for feed in CalibrationReader(calib, input_name=input_name, max_batch=max_batch):
+        for name, value in zip(outputs, session.run(outputs, feed), strict=True):
+            if name in stats:
+                stats[name].add(value)
+    return ActivationStats(target, model, stats, calib.num_images, time.perf_counter() - start, list(calib.image_ids))
+
+
+def _levels(s: TensorStats, symmetric: bool) -> int:
+    """Quantization steps over [0, threshold]: 255 for a non-negative tensor on an asymmetric grid, else 127."""
+    return 255 if s.min >= 0 and not symmetric else 127
+
+
+def _percentile_threshold(s: TensorStats, percentile: float) -> float:
+    cdf = np.cumsum(s.hist) / max(s.count, 1)
+    idx = int(np.searchsorted(cdf, percentile / 100.0))
+    return (min(idx, len(s.hist) - 1) + 1) * s.hist_max / len(s.hist)  # upper edge of the bin that crosses it
+
+
+def _entropy_threshold(s: TensorStats, levels: int, max_candidates: int = 256) -> float:
+    """TensorRT's KL-divergence calibration (as pytorch-quantization's `_compute_amax_entropy`) on |x|."""
+    hist = s.hist.astype(np.float64)
+    hist[0] = hist[1]  # the zero spike of ReLU outputs would dominate the divergence; TensorRT ignores it the same way
+    nbins, nq = len(hist), levels + 1
+    if nbins <= nq:
+        return s.hist_max
+    stride = max(1, (nbins - nq) // max_candidates)
+    cumulative = np.concatenate([[0.0], np.cumsum(hist)])
+    best_i, best_kl = nbins, np.inf
+    for i in range(nq, nbins + 1, stride):
+        ref = hist[:i].copy()
+        ref[-1] += cumulative[-1] - cumulative[i]  # clipped values pile up in the last kept bin
+        nonzero = hist[:i] != 0
+        group = (np.arange(i) * nq) // i  # which of the nq quantized bins each of the i bins falls in
+        sums = np.bincount(group, weights=hist[:i], minlength=nq)
+        counts = np.bincount(group, weights=nonzero, minlength=nq)
+        q = np.where(nonzero, sums[group] / np.maximum(counts[group], 1), 0.0)
+        p_sum, q_sum = ref.sum(), q.sum()
+        if p_sum == 0 or q_sum == 0:
+            continue
+        p, q = ref / p_sum, q / q_sum
+        mask = p > 0
+        if np.any(q[mask] == 0):
+            continue  # infinite divergence
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if kl <= best_kl:  # ties go to the larger threshold, as in pytorch-quantization
+            best_i, best_kl = i, kl
+    return best_i * s.hist_max / nbins
+
+
+def _mse_threshold(s: TensorStats, levels: int) -> float:
+    """The clipping threshold t minimising expected squared error: rounding (step^2/12) inside, (x - t)^2 beyond."""
+    nbins = len(s.hist)
+    width = s.hist_max / nbins
+    centres = (np.arange(nbins) + 0.5) * width
+    counts = s.hist.astype(np.float64)
+    counts[0] = max(counts[0] - s.zeros, 0.0)  # exact zeros quantize without error
+    t = (np.arange(nbins) + 1) * width  # candidate thresholds: every bin's upper edge
+    inside = np.cumsum(counts)
+    # Tail sums over bins beyond each candidate: sum c, sum c*x, sum c*x^2.
+    tail = [np.concatenate([np.cumsum(v[::-1])[::-1][1:], [0.0]]) for v in (counts, counts * centres, counts * centres**2)]
+    err = inside * (t / levels) ** 2 / 12.0 + tail[2] - 2 * t * tail[1] + t**2 * tail[0]
+    return float(t[int(np.argmin(err))])
+
+
+def activation_ranges(
+    stats: ActivationStats,
+    method: CalibMethod,
+    *,
+    percentile: float = 99.999,
+    symmetric: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """The (min, max) range each activation is quantized over, by `method`.
+
+    minmax: the observed range. percentile: clip |x| at that percentile of the calibration values.
+    entropy: TensorRT's KL-divergence threshold (2048 bins against a grid of as many levels as the real one).
+    mse: the threshold minimising expected squared quantization error. A threshold t on |x| becomes the range
+    (max(min, -t), min(max, t)), so a non-negative tensor keeps 0 as its lower end.
+    """
+    method = CalibMethod(method)
+    out: dict[str, tuple[float, float]] = {}
+    for name, s in stats.tensors.items():
+        if s.count == 0 or not np.isfinite(s.min) or s.hist_max == 0.0 or method is CalibMethod.minmax:
+            out[name] = (s.min, s.max) if np.isfinite(s.min) else (0.0, 0.0)
+            continue
+        if method is CalibMethod.percentile:
+            t = _percentile_threshold(s, percentile)
+        elif method is CalibMethod.entropy:
+            t = _entropy_threshold(s, _levels(s, symmetric))
+        else:
+            t = _mse_threshold(s, _levels(s, symmetric))
+        out[name] = (max(s.min, -t), min(s.max, t))
+    return out
+
+
+def quantize_qdq(
+    fp32_onnx: Path,
+    calib: CalibrationData | ActivationStats,
+    out_path: Path,
+    *,
+    method: CalibMethod = CalibMethod.minmax,
+    percentile: float = 99.999,
+    per_channel: bool = True,
+    symmetric_activations: bool = False,
+    activation_type: Literal["int8", "uint8"] = "int8",
+    weight_qdq_pair: bool = False,
+) -> Path:
+    """Quantize `fp32_onnx` to a static INT8 QDQ model at `out_path` (signed, symmetric INT8 weights).
+
+    Args:
+        fp32_onnx: the FP32 model (as written by `export_onnx`).
+        calib: calibration images, or stats already collected from `fp32_onnx` by `collect_activation_stats`
+            (several recipes can share one collection).
+        out_path: the .onnx file to write.
+        method: how activation ranges are chosen (see `activation_ranges`).
+        percentile: for `method=percentile`.
+        per_channel: one weight scale per output channel (essential for depthwise convolutions) or one per tensor.
+        symmetric_activations: zero-point 0 for activations, as TensorRT requires.
+        activation_type: "int8" (S8S8) or "uint8" (U8S8: ~2x faster on x86 CPUs, not accepted by TensorRT).
+        weight_qdq_pair: keep float weights behind a QuantizeLinear->DequantizeLinear pair instead of storing int8.
+
+    Example:
+        >>> quantize_qdq(Path("m.onnx"), calib, Path("m.int8.onnx"), method=CalibMethod.percentile)
+    """
+    if activation_type not in _ACTIVATION_TYPES:
+        raise ConfigError(f"activation_type {activation_type!r} is not one of {sorted(_ACTIVATION_TYPES)}")
+    if symmetric_activations and activation_type == "uint8":
+        raise ConfigError("symmetric activations need signed int8 (activation_type='int8'), not uint8")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(calib, ActivationStats):
+        if Path(calib.source).resolve() != Path(fp32_onnx).resolve():
+            raise ValueError(f"stats were collected from {calib.source}, not from {fp32_onnx}")
+        stats = calib
+    else:
+        stats = collect_activation_stats(fp32_onnx, calib, workdir=out_path.parent)
+    ranges = activation_ranges(stats, method, percentile=percentile, symmetric=symmetric_activations)
+    tensors = TensorsData(
+        CalibrationMethod.MinMax,
+        {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()},
+    )
+    with tempfile.TemporaryDirectory(prefix="int8eval-ort-") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(tensors, cache)
+        # The cache's method must match `calibrate_method`; the ranges in it are ours whatever the method.
+        quantize_static(
+            str(stats.model),
+            str(out_path),
+            calibration_data_reader=None,
+            calibration_cache_path=cache,
+            calibrate_method=CalibrationMethod.MinMax,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=False,  # 7-bit weights only help CPUs without VNNI
+            activation_type=_ACTIVATION_TYPES[activation_type],
+            weight_type=QuantType.QInt8,
+            extra_options={
+                "ActivationSymmetric": symmetric_activations,
+                "WeightSymmetric": True,
+                "AddQDQPairToWeight": weight_qdq_pair,
+            },
+        )
+    return out_path
+

@@ -1,0 +1,123 @@
+"""ONNX Runtime on the CPU: FP32 and FP16 from the exported model, INT8 as a static QDQ model (signed INT8).
+
+INT8 recipes share one ONNX export and one calibration pass per (model, calibration set): `onnx_qdq` collects a
+histogram of every activation once and each recipe only derives its ranges from it. `prepare_s` still reports the
+full cost of building the recipe on its own (export + calibration + quantization + session creation).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from int8eval.backends.base import CalibrationData, Variant
+from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from int8eval.backends.onnx_qdq import ActivationStats, collect_activation_stats, quantize_qdq
+from int8eval.config import Backend, Precision, Recipe
+from int8eval.errors import ConfigError
+
+
+class OrtVariant(Variant):
+    """An ONNX Runtime CPU session on an .onnx file (the artifact)."""
+
+    def __init__(self, recipe: Recipe, model: Path, *, input_dtype: type = np.float32) -> None:
+        super().__init__(recipe)
+        self.artifact = model
+        self.input_dtype = input_dtype
+        # Default options on purpose: all graph optimisations (QDQ -> integer kernels) and ORT's own thread count.
+        self.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=self.input_dtype)}
+        return self.session.run([OUTPUT_NAME], feed)[0].astype(np.float32, copy=False)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Reject what ONNX Runtime's CPU execution provider cannot do, before any work starts."""
+    if recipe.backend is not Backend.onnxruntime:
+        raise ConfigError(f"recipe {recipe.name} is for backend {recipe.backend.value}, not onnxruntime")
+    if recipe.legacy:
+        raise ConfigError(
+            f"recipe {recipe.name}: legacy is the PyTorch torch.ao API and means nothing for onnxruntime; drop --legacy"
+        )
+    if recipe.precision is Precision.bf16:
+        raise ConfigError(
+            "onnxruntime's CPU execution provider has no bfloat16 Conv/Gemm kernels (the session fails to load); "
+            "use --backend torch or openvino for bf16, or onnxruntime with fp32, fp16 or int8"
+        )
+
+
+@dataclass
+class _Prepared:
+    """What INT8 recipes of one model share: the FP32 export and the calibration statistics per calibration set."""
+
+    fp32: Path
+    export_s: float
+    stats: dict[int, tuple[CalibrationData, ActivationStats]] = field(default_factory=dict)
+
+
+# Keyed by the model's module, so the cache goes away with the model.
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _fp32_export(loaded, workdir: Path) -> _Prepared:
+    prepared = _PREPARED.get(loaded.module)
+    if prepared is None or not prepared.fp32.exists():
+        start = time.perf_counter()
+        path = export_onnx(loaded.module, loaded.example_input(1), workdir / f"{loaded.name}.fp32.onnx")
+        prepared = _Prepared(path, time.perf_counter() - start)
+        _PREPARED[loaded.module] = prepared
+    return prepared
+
+
+def _activation_stats(prepared: _Prepared, calib: CalibrationData, workdir: Path) -> ActivationStats:
+    # The pipeline hands every recipe the same CalibrationData object; holding it keeps its id from being reused.
+    cached = prepared.stats.get(id(calib))
+    if cached is not None and cached[0] is calib and cached[1].model.exists():
+        return cached[1]
+    stats = collect_activation_stats(prepared.fp32, calib, workdir=workdir)
+    prepared.stats[id(calib)] = (calib, stats)
+    return stats
+
+
+def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
+    """Build the ONNX Runtime variant `recipe` describes; artifacts are written under `workdir`."""
+    check_recipe(recipe)
+    workdir = Path(workdir)
+    if recipe.precision is Precision.fp16:
+        start = time.perf_counter()
+        # Export the half-precision module: ORT then runs its fp16 kernels (slower than fp32 on x86 CPUs).
+        path = export_onnx(copy.deepcopy(loaded.module).half(), loaded.example_input(1).half(), workdir / f"{recipe.name}.onnx")
+        variant = OrtVariant(recipe, path, input_dtype=np.float16)
+        variant.prepare_s = time.perf_counter() - start
+        return variant
+
+    prepared = _fp32_export(loaded, workdir)
+    if recipe.precision is Precision.fp32:
+        session_start = time.perf_counter()
+        variant = OrtVariant(recipe, prepared.fp32)
+        variant.prepare_s = prepared.export_s + (time.perf_counter() - session_start)
+        return variant
+
+    if calib is None or calib.num_images == 0:
+        raise ConfigError(f"recipe {recipe.name} is INT8 and needs calibration images; none were given")
+    stats = _activation_stats(prepared, calib, workdir)
+    quant_start = time.perf_counter()
+    path = quantize_qdq(
+        prepared.fp32,
+        stats,
+        workdir / f"{recipe.name}.onnx",
+        method=recipe.calib,
+        percentile=recipe.percentile,
+        per_channel=recipe.per_channel,
+    )
+    variant = OrtVariant(recipe, path)
+    variant.prepare_s = prepared.export_s + stats.collect_s + (time.perf_counter() - quant_start)
+    return variant

@@ -1,0 +1,259 @@
+"""report.html, rendered from report.json only: one self-contained file (inline CSS, figures as base64 PNGs)."""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+
+from int8eval.report import plots
+from int8eval.report.markdown import verdict_label
+from int8eval.report.schema import Report
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1150px;
+       color: #212121; padding: 0 1em; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.86em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.55em; text-align: right; }
+th { background: #f3f5f7; } td.l, th.l { text-align: left; }
+tr.reference td { background: #eef4fc; }
+.v-pass { background: #e8f5e9; color: #1b5e20; font-weight: 600; }
+.v-fail { background: #ffebee; color: #b71c1c; font-weight: 600; }
+.v-inconclusive { background: #fff3e0; color: #e65100; font-weight: 600; }
+.note { color: #555; font-size: 0.9em; } code { font-size: 0.92em; }
+img { max-width: 100%; border: 1px solid #eee; }
+ul.reasons li { margin: 0.25em 0; }
+"""
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _pts(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.2f}"
+
+
+def _ci(ci, signed: bool = False) -> str:
+    if ci is None:
+        return "—"
+    f = "+.2f" if signed else ".1f"
+    return f"[{100 * ci[0]:{f}}, {100 * ci[1]:{f}}]"
+
+
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if not png:
+        return ""
+    return f'<p><img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"></p>'
+
+
+def _table(header: list[str], rows: list[list[str]], *, left: int = 1, row_classes: list[str] | None = None) -> str:
+    """An HTML table; the first `left` columns are left-aligned. Cells are escaped unless they start with '<'."""
+
+    def cell(tag: str, i: int, text: str) -> str:
+        cls = ' class="l"' if i < left else ""
+        if text.startswith("<td") or text.startswith("<th"):
+            return text
+        body = text if text.startswith("<") else escape(text)
+        return f"<{tag}{cls}>{body}</{tag}>"
+
+    out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
+    for j, row in enumerate(rows):
+        cls = f' class="{row_classes[j]}"' if row_classes and row_classes[j] else ""
+        out.append(f"<tr{cls}>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _verdict_cell(v) -> str:
+    word = (v.verdict or {}).get("verdict")
+    label = escape(verdict_label(v))
+    return f'<td class="v-{word}">{label}</td>' if word else f'<td class="l">{label}</td>'
+
+
+def _summary(report: Report) -> str:
+    key, _ = plots.speed_axis(report)
+    header = ["variant", "backend", "precision", "status", "verdict", "top-1 %", "95% CI", "top-5 %", "Δ top-1 pts",
+              "Δ 95% CI", "lost", "gained", "McNemar p", "agreement %", "size MB"]
+    if key == "throughput_ips":
+        header.append("images/s")
+    rows, classes = [], []
+    for v in report.variants:
+        s = v.paired or {}
+        t1 = s.get("top1") or {}
+        status = v.status if v.parity is None or v.parity.passed else f"{v.status} (parity failed)"
+        row = [
+            v.name + (" (reference)" if v.reference else ""), v.backend, v.precision, status, _verdict_cell(v),
+            _pct(v.top1), _ci(v.top1_ci95), _pct(v.top5), _pts(t1.get("diff", v.delta_top1)),
+            _ci(t1.get("diff_ci95"), signed=True), str(t1.get("ref_right_var_wrong", "—")),
+            str(t1.get("ref_wrong_var_right", "—")), _p(t1.get("mcnemar_p")), _pct(v.agreement_top1), _num(v.size_mb),
+        ]
+        if key == "throughput_ips":
+            row.append(_num((v.bench or {}).get("throughput_ips")))
+        rows.append(row)
+        classes.append("reference" if v.reference else "")
+    return _table(header, rows, left=5, row_classes=classes)
+
+
+def _verdicts(report: Report) -> str:
+    if not report.acceptance:
+        return ('<p class="note">No acceptance criterion was declared (<code>--max-drop POINTS [--drop relative]</code> '
+                "or <code>--mlperf</code>), so no verdicts.</p>")
+    items = [
+        f'<li><span class="v-{escape(v.verdict["verdict"])}">{escape(verdict_label(v))}</span> '
+        f"<b>{escape(v.name)}</b>: {escape(v.verdict['reason'])}</li>"
+        for v in report.variants
+        if v.verdict
+    ]
+    head = f"<p>Criterion: <b>{escape(report.acceptance['description'])}</b>, judged on the 95% CI of the drop.</p>"
+    return head + (f'<ul class="reasons">{"".join(items)}</ul>' if items else "<p>No variant to judge.</p>")
+
+
+def _paired_details(report: Report) -> str:
+    paired = [v for v in report.variants if v.paired]
+    if not paired:
+        return ""
+    rows = []
+    for v in paired:
+        s = v.paired
+        t5 = s.get("top5") or {}
+        rows.append([
+            v.name, str(s["n"]), _pct(s["agreement_top1"]), _ci(s["agreement_top1_ci95"]), _pts(t5.get("diff")),
+            _ci(t5.get("diff_ci95"), signed=True), _p(t5.get("mcnemar_p")), _num(s.get("kl_mean"), ".2e"),
+            _num(s.get("cos_mean"), ".5f"),
+        ])
+    table = _table(["variant", "images", "agreement %", "95% CI", "Δ top-5 pts", "Δ 95% CI", "McNemar p (top-5)",
+                    "KL mean", "cosine mean"], rows)
+    losers = []
+    for v in paired:
+        worst = v.paired.get("classes_lost_most") or []
+        if worst:
+            text = ", ".join(f"{c['name']} ({c['wnid']}) −{c['net']} of {c['n']}" for c in worst[:8])
+            losers.append(f"<li><b>{escape(v.name)}</b>: {escape(text)}</li>")
+    note = (f'<p class="note">Paired over the same images; CIs: {escape(paired[0].paired["ci_method"])}; '
+            f'test: {escape(paired[0].paired["test"])}.</p>')
+    out = note + table
+    if losers:
+        out += "<h3>Classes that lost most</h3><ul>" + "".join(losers) + "</ul>"
+    return out
+
+
+def _sensitivity(report: Report) -> str:
+    s = report.sensitivity
+    if not s:
+        return ""
+    whole = s.get("all_quantized") or {}
+    layers = {layer["module"]: layer for layer in s.get("layers") or []}
+    rows = []
+    for i, name in enumerate(s.get("ranking", [])[: max(len(s.get("top_k") or []), 10)], 1):
+        layer = layers[name]
+        only, allbut = layer.get("only") or {}, layer.get("all_but") or {}
+        ow, oa, q = layer.get("only_weight") or {}, layer.get("only_act") or {}, layer.get("sqnr_db") or {}
+        rows.append([
+            str(i), f"<code>{escape(name)}</code>", f"<code>{escape(layer.get('onnx_node') or '—')}</code>",
+            layer.get("type", ""), _pct(only.get("agreement")), _num(only.get("kl"), ".2e"), _pct(allbut.get("agreement")),
+            _num(ow.get("kl"), ".2e"), _num(oa.get("kl"), ".2e"), _num(q.get("local")), _num(q.get("local_weight")),
+            _num(q.get("local_act")), _num(q.get("accumulated")),
+        ])
+    table = _table(
+        ["#", "PyTorch module", "ONNX node", "type", "only this INT8: agree %", "KL", "all but this: agree %",
+         "only weights: KL", "only acts: KL", "SQNR dB w+a", "w", "a", "in INT8 model"],
+        rows, left=4,
+    )
+    keep = s.get("keep_fp32")
+    keep_text = ""
+    if keep:
+        keep_text = (f"<p>Keeping the top {len(keep['layers'])} in FP32: agreement {_pct(whole.get('agreement'))}% → "
+                     f"<b>{_pct(keep.get('agreement'))}%</b>, mean KL {_num(whole.get('kl'), '.2e')} → "
+                     f"{_num(keep.get('kl'), '.2e')}.</p>")
+    intro = (f"<p>Fake INT8 in PyTorch ({escape(str(s.get('spec_description', '')))}), {s.get('num_calib')} calibration "
+             f"images, {s.get('num_images')} evaluation images. Everything quantized: agreement with FP32 "
+             f"{_pct(whole.get('agreement'))}%; weights only {_pct((s.get('weights_only') or {}).get('agreement'))}%; "
+             f"activations only {_pct((s.get('activations_only') or {}).get('agreement'))}%. Ranked by "
+             f"{escape(str(s.get('rank_by')))}.</p>")
+    return intro + table + keep_text + _img(plots.sensitivity_bars(s), "per-layer sensitivity bar chart")
+
+
+def _overview(report: Report) -> str:
+    m, d = report.model, report.data
+    p = m.preprocessing
+    items = [
+        f"Weights: {escape(m.source)} ({m.num_params / 1e6:.2f} M parameters)",
+        f"Preprocessing: resize {p.resize} ({p.interpolation.value}), center-crop {p.crop}, mean {list(p.mean)}, std {list(p.std)}",
+        f"Data: <code>{escape(d.root)}</code> ({escape(d.layout)}): {d.num_images} images evaluated, {d.num_skipped} skipped",
+    ]
+    if d.calibration:
+        c = d.calibration
+        items.append(f"Calibration: {c.num_images} images from {escape(c.source)} (seed {c.seed}), excluded from evaluation")
+    if report.timing:
+        t = report.timing
+        items.append(f"Run: {t.get('total_s', 0):.1f} s in all, {t.get('images_per_s', 0):.1f} images/s for the evaluation pass")
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _footer(report: Report) -> str:
+    parts = []
+    errors = [v for v in report.variants if v.error]
+    if errors:
+        parts.append("<h2>Errors</h2><ul>" + "".join(f"<li><b>{escape(v.name)}</b>: {escape(v.error)}</li>" for v in errors) + "</ul>")
+    if report.data.skipped:
+        shown = report.data.skipped[:50]
+        more = f"<li>… and {len(report.data.skipped) - 50} more (see report.json)</li>" if len(report.data.skipped) > 50 else ""
+        parts.append(f"<h2>Skipped ({report.data.num_skipped})</h2><ul>"
+                     + "".join(f"<li><code>{escape(s['path'])}</code>: {escape(s['reason'])}</li>" for s in shown) + more + "</ul>")
+    env = report.environment
+    cpu = env.get("cpu", {})
+    isa = ", ".join(k for k, on in cpu.get("isa", {}).items() if on) or "none of note"
+    libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
+    parts.append(
+        "<h2>Environment</h2><ul>"
+        f"<li>CPU: {escape(str(cpu.get('model')))} ({cpu.get('logical_cores')} logical cores); ISA: {escape(isa)}</li>"
+        f"<li>GPU: {escape(str(env.get('gpu') or 'none'))}</li><li>Libraries: {escape(libs)}</li>"
+        f"<li>Schema {escape(report.schema_version)}, created {escape(report.created)}</li></ul>"
+    )
+    return "\n".join(parts)
+
+
+def render_html(report: Report) -> str:
+    """The whole report as one standalone HTML page (no external resources)."""
+    key, axis = plots.speed_axis(report)
+    speed_note = ("" if key == "throughput_ips" else
+                  '<p class="note">No speed was measured in this run, so accuracy is plotted against artifact size.</p>')
+    ref = report.reference
+    body = [
+        f"<h1>int8eval report: {escape(report.model.name)}</h1>",
+        _overview(report),
+        "<h2>Summary</h2>",
+        f'<p class="note">Δ and flips are against {escape(ref.name) if ref else "the reference"}: lost = FP32 right → '
+        "variant wrong, gained = the reverse.</p>",
+        _summary(report),
+        "<h2>Verdicts</h2>",
+        _verdicts(report),
+        "<h2>Accuracy vs " + ("speed" if key == "throughput_ips" else "size") + "</h2>",
+        speed_note,
+        _img(plots.accuracy_vs_speed(report), f"top-1 against {axis}"),
+    ]
+    details = _paired_details(report)
+    if details:
+        body += ["<h2>Paired statistics</h2>", details]
+    flips = plots.flips_per_class(report)
+    if flips:
+        body += ["<h2>Flips per class</h2>", _img(flips, "flips per class")]
+    sens = _sensitivity(report)
+    if sens:
+        body += ["<h2>Per-layer sensitivity</h2>", sens]
+    body.append(_footer(report))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>int8eval: {escape(report.model.name)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(b for b in body if b)
+        + "\n</body></html>\n"
+    )

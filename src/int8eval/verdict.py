@@ -1,0 +1,191 @@
+"""A declared acceptance criterion and the verdict it gives each variant: pass, fail, or inconclusive.
+
+The verdict compares the 95% confidence interval of the top-1 drop (FP32 reference minus variant, from the paired
+statistics) with the budget, not the point estimate alone: a 0.4-point drop measured on 800 images is not evidence
+that the drop on ImageNet is under 1 point. Inconclusive means the interval straddles the budget, and the reason
+says roughly how many images would settle it.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from int8eval import stats
+from int8eval.errors import ConfigError
+from int8eval.evaluate import Predictions
+from int8eval.report.schema import Report, VariantResult
+
+# Floating-point slack when comparing a limit with the budget: "exactly at the budget" must not flip on 1e-17.
+_TOL = 1e-9
+
+
+class DropKind(str, Enum):
+    absolute = "absolute"  # points of top-1: FP32 76.1% -> INT8 75.3% is a 0.8-point drop
+    relative = "relative"  # percent of FP32's top-1: the same is a 1.05% relative drop
+
+
+class Verdict(str, Enum):
+    passed = "pass"
+    failed = "fail"
+    inconclusive = "inconclusive"
+
+
+class Acceptance(BaseModel):
+    """How much top-1 a variant may lose against the FP32 reference.
+
+    `max_drop` is in points when `drop` is absolute, in percent of the reference's top-1 when relative.
+    MLPerf's rule (INT8 >= 99% of FP32) is `Acceptance.mlperf()`, i.e. a 1% relative drop.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_drop: float = Field(ge=0.0, le=100.0)
+    drop: DropKind = DropKind.absolute
+    label: str | None = None  # e.g. "mlperf", shown in the report
+
+    @classmethod
+    def mlperf(cls) -> Acceptance:
+        return cls(max_drop=1.0, drop=DropKind.relative, label="mlperf")
+
+    def budget(self, ref_top1: float) -> float:
+        """The largest allowed drop, as a fraction of images (the reference's measured top-1 fixes a relative one)."""
+        if self.drop is DropKind.absolute:
+            return self.max_drop / 100.0
+        return ref_top1 * self.max_drop / 100.0
+
+    def describe(self) -> str:
+        if self.label == "mlperf":
+            return "MLPerf: top-1 at least 99% of FP32's (a 1% relative drop)"
+        if self.drop is DropKind.absolute:
+            return f"top-1 drop of at most {self.max_drop:g} points"
+        return f"top-1 drop of at most {self.max_drop:g}% of FP32's top-1"
+
+
+def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool) -> Acceptance | None:
+    """The CLI's `--max-drop X --drop absolute|relative` or `--mlperf` as an Acceptance (None when neither)."""
+    if mlperf:
+        if max_drop is not None or drop not in (None, DropKind.relative.value):
+            raise ConfigError("--mlperf already means --max-drop 1 --drop relative; give either --mlperf or --max-drop")
+        return Acceptance.mlperf()
+    if max_drop is None:
+        if drop is not None:
+            raise ConfigError(f"--drop {drop} needs a budget: add --max-drop POINTS (e.g. --max-drop 1.0)")
+        return None
+    if not 0 <= max_drop <= 100:
+        raise ConfigError(f"--max-drop {max_drop} is out of range; give points between 0 and 100 (e.g. 1.0)")
+    return Acceptance(max_drop=max_drop, drop=DropKind(drop or DropKind.absolute.value))
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _images_to_settle(n: int | None, drop: float, half_width: float, budget: float) -> str:
+    # The interval narrows roughly as 1/sqrt(n) if the flip rate stays the same: a rough guide, not a promise.
+    gap = abs(budget - drop)
+    if not n or gap < _TOL or half_width <= 0:
+        return ""
+    needed = math.ceil(n * (half_width / gap) ** 2)
+    return f"; roughly {needed:,} images (now {n:,}) would settle it"
+
+
+def decide(
+    acceptance: Acceptance, ref_top1: float, diff: float, diff_ci: tuple[float, float], n: int | None = None
+) -> dict:
+    """Verdict for one variant from its paired top-1 difference (variant - reference) and its 95% CI.
+
+    pass: the whole CI of the drop is within the budget (its upper limit may touch it);
+    fail: the whole CI is beyond the budget; inconclusive: the CI straddles it (or starts exactly at it).
+    Returns {"verdict", "reason", "budget", "drop", "drop_ci95", "criterion"}; drops are fractions.
+    """
+    budget = acceptance.budget(ref_top1)
+    drop = -diff
+    lo, hi = -diff_ci[1], -diff_ci[0]  # the drop's CI is the difference's, mirrored
+    shown = f"drop {_pts(drop)} pts (95% CI {_pts(lo)} to {_pts(hi)})"
+    if acceptance.drop is DropKind.relative:
+        limit = f"the {_pts(budget)}-pt budget ({acceptance.max_drop:g}% of FP32's {_pts(ref_top1)}%)"
+    else:
+        limit = f"the {_pts(budget)}-pt budget"
+    if hi <= budget + _TOL:
+        verdict, reason = Verdict.passed, f"{shown} is within {limit}"
+    elif lo > budget + _TOL:
+        verdict, reason = Verdict.failed, f"{shown} exceeds {limit}"
+    elif drop <= budget + _TOL:
+        verdict = Verdict.inconclusive
+        reason = f"{shown}: the estimate is within {limit} but the CI reaches beyond it"
+        reason += _images_to_settle(n, drop, hi - drop, budget)
+    else:
+        verdict = Verdict.inconclusive
+        reason = f"{shown}: the estimate exceeds {limit} but the CI reaches back within it"
+        reason += _images_to_settle(n, drop, drop - lo, budget)
+    return {
+        "verdict": verdict.value,
+        "reason": reason,
+        "budget": budget,
+        "drop": drop,
+        "drop_ci95": [lo, hi],
+        "criterion": acceptance.describe(),
+    }
+
+
+def _paired_for(preds: Predictions, name: str, reference: str) -> dict:
+    return stats.paired_stats(
+        preds.correct1(reference),
+        preds.correct1(name),
+        preds.top1(reference),
+        preds.top1(name),
+        labels=preds.labels,
+        correct5_ref=preds.correct5(reference),
+        correct5_var=preds.correct5(name),
+        kl=preds.kl_to_ref.get(name),
+        cos=preds.cos_to_ref.get(name),
+    )
+
+
+def add_paired_stats(report: Report, predictions: Predictions, acceptance: Acceptance | None = None) -> Report:
+    """Fill `paired` for every non-reference variant with predictions, and `verdict` for each one that is not an
+    FP32 parity check when `acceptance` is given; record the criterion in `report.acceptance`. Mutates `report`.
+
+    Call after accuracy is filled, before report.json is written:
+        >>> add_paired_stats(report, outcome.predictions, Acceptance(max_drop=1.0))
+    """
+    ref = report.reference
+    if ref is None or ref.name not in predictions.top5:
+        return report
+    report.acceptance = None if acceptance is None else {**acceptance.model_dump(mode="json"), "description": acceptance.describe()}
+    for v in report.variants:
+        if v.reference or v.name not in predictions.top5 or v.status not in ("ok", "parity_failed"):
+            continue
+        v.paired = _paired_for(predictions, v.name, ref.name)
+        v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != "fp32" else None
+    return report
+
+
+def _verdict_for(v: VariantResult, acceptance: Acceptance) -> dict:
+    t = v.paired["top1"]
+    out = decide(acceptance, t["ref"], t["diff"], tuple(t["diff_ci95"]), v.paired["n"])
+    if v.status == "parity_failed":
+        # The backend's own FP32 does not match the reference, so its INT8 drop cannot be attributed to INT8.
+        out["verdict"] = Verdict.inconclusive.value
+        out["reason"] = f"{v.error}; measured {out['reason']}"
+    return out
+
+
+def apply_to_run_dir(run_dir: Path, acceptance: Acceptance | None) -> Report:
+    """Recompute paired statistics and verdicts of a finished run from RUN_DIR/predictions.npz (e.g. with another
+    budget), rewrite report.json and re-render report.md/.html. Nothing is re-evaluated."""
+    from int8eval.report import render
+
+    run_dir = Path(run_dir)
+    preds_path = run_dir / "predictions.npz"
+    if not preds_path.is_file():
+        raise ConfigError(f"{preds_path} is missing: paired statistics need the per-image predictions of a run")
+    report = Report.read(run_dir / "report.json")
+    add_paired_stats(report, Predictions.load(preds_path), acceptance)
+    report.write(run_dir / "report.json")
+    render(run_dir)
+    return report

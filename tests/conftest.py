@@ -1,0 +1,44 @@
+"""Shared fixtures: generated image folders (no images are committed) and the shared ImageNet sample."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SAMPLE = Path(os.environ.get("INT8EVAL_SHARED_DATA", REPO.parent / "shared" / "data")) / "imagenet-sample"
+
+# Synsets chosen far from the start of the list so a folder-order mapping (0, 1, 2) is visibly wrong.
+WNIDS = ("n01443537", "n04590129", "n15075141")  # goldfish (1), window shade (905), toilet tissue (999)
+
+
+def write_image(path: Path, seed: int = 0, size=(48, 40), mode="RGB", fmt="JPEG") -> Path:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Three synset folders with four good JPEGs each."""
+    root = tmp_path / "data"
+    for c, wnid in enumerate(WNIDS):
+        for i in range(4):
+            write_image(root / wnid / f"{wnid}_{i}.JPEG", seed=10 * c + i)
+    return root
+
+
+@pytest.fixture
+def shared_sample() -> Path:
+    if not SHARED_SAMPLE.is_dir():
+        pytest.skip(f"shared ImageNet sample not found at {SHARED_SAMPLE}")
+    return SHARED_SAMPLE

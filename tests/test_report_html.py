@@ -1,0 +1,178 @@
+"""report.html: rendered from report.json alone, standalone (embedded PNGs, no external resources), re-rendered by
+`int8eval report`; a real headless Chromium screenshot when chromium is installed."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from int8eval import stats
+from int8eval.config import Preprocessing
+from int8eval.evaluate import Predictions
+from int8eval.report import render
+from int8eval.report.schema import DataSection, ModelSection, Report, VariantResult
+from int8eval.verdict import Acceptance, add_paired_stats
+
+REF = "torch-fp32"
+
+
+def synthetic_run(tmp_path: Path, n: int = 400, seed: int = 0) -> tuple[Report, Predictions]:
+    """A run without a model: the reference right on ~88% of images, one INT8 variant flipping a few images
+    (passes a 1-point budget... or is inconclusive) and one flipping many (fails)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 1000, n)
+    top5 = {}
+    ref_top1 = np.where(rng.random(n) < 0.88, labels, (labels + 1) % 1000)
+    top5[REF] = np.stack([ref_top1] + [(ref_top1 + k) % 1000 for k in range(2, 6)], axis=1).astype(np.int16)
+    for name, rate in (("onnxruntime-int8-percentile99.999", 0.004), ("onnxruntime-int8-minmax-pertensor", 0.12)):
+        flip = rng.random(n) < rate
+        t1 = np.where(flip, (ref_top1 + 7) % 1000, ref_top1)
+        top5[name] = np.stack([t1] + [(t1 + k) % 1000 for k in range(2, 6)], axis=1).astype(np.int16)
+    preds = Predictions(
+        image_ids=[f"img{i}.JPEG" for i in range(n)],
+        labels=labels.astype(np.int64),
+        top5=top5,
+        kl_to_ref={k: rng.random(n).astype(np.float32) * 1e-3 for k in top5 if k != REF},
+        cos_to_ref={k: 1 - rng.random(n).astype(np.float32) * 1e-4 for k in top5 if k != REF},
+    )
+    variants = []
+    for name in top5:
+        backend, precision = name.split("-")[0], name.split("-")[1]
+        v = VariantResult(name=name, backend=backend, precision=precision, status="ok", reference=name == REF,
+                          size_mb=18.9 if name == REF else 5.2)
+        v.top1, v.top1_ci95 = stats.accuracy_ci(preds.correct1(name))
+        v.top5, v.top5_ci95 = stats.accuracy_ci(preds.correct5(name))
+        if name != REF:
+            v.agreement_top1 = stats.agreement(preds.top1(name), preds.top1(REF))
+            v.delta_top1 = v.top1 - float(np.mean(preds.correct1(REF)))
+        variants.append(v)
+    variants.append(VariantResult(name="openvino-int8-minmax", backend="openvino", precision="int8", status="error",
+                                  error="RuntimeError: <boom> & friends"))
+    report = Report(
+        created="2025-01-01T00:00:00+00:00",
+        model=ModelSection(name="tiny_test", source="random", num_params=1234,
+                           preprocessing=Preprocessing(resize=40, crop=32)),
+        data=DataSection(root=str(tmp_path), layout="folder-per-synset", num_found=n, num_images=n, num_skipped=0),
+        variants=variants,
+        environment={"cpu": {"model": "test CPU", "logical_cores": 2, "isa": {"avx2": True}}, "gpu": None,
+                     "libraries": {"numpy": np.__version__}},
+    )
+    return report, preds
+
+
+class _Structure(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        for key in ("src", "href"):
+            value = a.get(key)
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(f"{tag} {key}={value}")
+
+
+def _write_run(tmp_path: Path, *, sensitivity: dict | None = None, bench: bool = False) -> Path:
+    report, preds = synthetic_run(tmp_path)
+    add_paired_stats(report, preds, Acceptance(max_drop=1.0))
+    report.sensitivity = sensitivity
+    if bench:
+        for i, v in enumerate(report.variants):
+            if v.status == "ok":
+                v.bench = {"throughput_ips": 100.0 * (i + 1), "latency_ms_p50": 10.0 / (i + 1)}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    report.write(run_dir / "report.json")
+    return run_dir
+
+
+SENSITIVITY = {
+    "spec_description": "per-channel symmetric int8 weights, per-tensor minmax activations",
+    "num_calib": 8, "num_images": 16, "rank_by": "KL when only this layer is INT8",
+    "all_quantized": {"agreement": 0.9, "kl": 0.01}, "weights_only": {"agreement": 0.95},
+    "activations_only": {"agreement": 0.93},
+    "layers": [
+        {"module": f"features.{i}", "onnx_node": f"/features/features.{i}/Conv", "type": "Conv2d",
+         "only": {"agreement": 1 - 0.01 * i, "kl": 1e-4 * (i + 1)}, "all_but": {"agreement": 0.9 + 0.01 * i},
+         "only_weight": {"kl": 1e-5}, "only_act": {"kl": 1e-4}, "sqnr_db": {"local": 30.0 - i, "accumulated": 20.0}}
+        for i in range(3)
+    ],
+    "ranking": ["features.2", "features.1", "features.0"],
+    "top_k": ["features.2"],
+    "keep_fp32": {"layers": ["features.2"], "agreement": 0.95, "kl": 0.005},
+}
+
+
+def test_html_is_standalone_and_has_tables_and_figures(tmp_path):
+    run_dir = _write_run(tmp_path, sensitivity=SENSITIVITY)
+    paths = render(run_dir)
+    assert {p.name for p in paths} == {"report.md", "report.html"}
+    html = (run_dir / "report.html").read_text()
+    parsed = _Structure()
+    parsed.feed(html)
+    assert parsed.external == []  # nothing fetched from anywhere: the file stands alone
+    assert not re.search(r"https?://", html)
+    assert parsed.tags.count("table") >= 3  # summary, paired details, sensitivity
+    # accuracy-vs-size, flips per class, sensitivity bars: all embedded PNGs that decode
+    assert len(parsed.images) == 3
+    for src in parsed.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "no speed was measured" in html.lower()  # said when size stands in for speed
+    assert "PASS" in html or "INCONCLUSIVE" in html
+    assert "FAIL" in html
+    assert "&lt;boom&gt; &amp; friends" in html  # errors are escaped, not injected
+    assert "/features/features.2/Conv" in html
+    md = (run_dir / "report.md").read_text()
+    assert "## Paired comparison with torch-fp32" in md and "### Verdicts" in md
+    assert "## Per-layer sensitivity" in md
+
+
+def test_html_uses_throughput_when_benchmarked(tmp_path):
+    run_dir = _write_run(tmp_path, bench=True)
+    render(run_dir)
+    html = (run_dir / "report.html").read_text()
+    assert "Accuracy vs speed" in html and "images/s" in html
+    assert "no speed was measured" not in html.lower()
+
+
+def test_report_command_rerenders(tmp_path):
+    from click.testing import CliRunner
+
+    from int8eval.cli import main
+
+    run_dir = _write_run(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "report.html").stat().st_size > 10_000
+    assert (run_dir / "report.md").is_file()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_screenshot_in_headless_chromium(tmp_path):
+    run_dir = _write_run(tmp_path, sensitivity=SENSITIVITY)
+    render(run_dir)
+    shot = tmp_path / "report.png"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.sh"
+    subprocess.run(["bash", str(script), str(run_dir / "report.html"), str(shot)], check=True, timeout=120,
+                   capture_output=True)
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 20_000  # a rendered page, not a blank one
