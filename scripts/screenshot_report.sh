@@ -2,14 +2,14 @@
 # Screenshot an int8eval report.html in headless Chromium (Debian's package), to look at it as a reader would.
 #
 #   apt-get update && apt-get install -y chromium        # once
-#   scripts/screenshot_report.sh runs/lite0/report.html /tmp/report.png [1200,2000]
+#   scripts/screenshot_report.sh runs/lite0/report.html /tmp/report.png [1400,2000]
 #
 # The flags keep Chromium from reaching the network (the report needs nothing from it: every figure is an embedded
 # PNG) and from touching a real profile. Open the PNG with any image viewer.
 set -euo pipefail
 html=${1:?usage: screenshot_report.sh REPORT.html OUT.png [WIDTH,HEIGHT]}
 out=${2:?usage: screenshot_report.sh REPORT.html OUT.png [WIDTH,HEIGHT]}
-size=${3:-1200,2000}
+size=${3:-1400,2000}
 browser=$(command -v chromium || command -v chromium-browser || true)
 if [[ -z $browser ]]; then
   echo "chromium not found: apt-get update && apt-get install -y chromium" >&2

@@ -92,7 +92,9 @@ def _write_run(tmp_path: Path, *, sensitivity: dict | None = None, bench: bool =
     if bench:
         for i, v in enumerate(report.variants):
             if v.status == "ok":
-                v.bench = {"throughput_ips": 100.0 * (i + 1), "latency_ms_p50": 10.0 / (i + 1)}
+                lat = 10.0 / (i + 1)
+                v.bench = {"throughput_ips": 100.0 * (i + 1), "throughput_batch": 32, "threads": 2,
+                           "latency_ms_p50": lat, "latency_ms_p90": lat * 1.1, "latency_ms_p99": lat * 1.3}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     report.write(run_dir / "report.json")

@@ -137,12 +137,17 @@ def time_calls(
     min_runs: int,
     min_seconds: float,
     max_runs: int,
+    max_seconds: float | None = None,
     clock: Clock = time.perf_counter,
 ) -> list[float]:
     """Seconds per call of `fn`: `warmup` untimed calls, then timed calls until at least `min_runs` calls and
-    `min_seconds` of timed work are done, but never more than `max_runs` calls."""
-    if warmup < 0 or min_runs < 1 or max_runs < min_runs or min_seconds < 0:
-        raise ValueError(f"bad run counts: warmup={warmup}, min_runs={min_runs}, max_runs={max_runs}, min_seconds={min_seconds}")
+    `min_seconds` of timed work are done, but never more than `max_runs` calls, and, when `max_seconds` is set,
+    no new call once that much timed work is done (a cap for very slow variants: fewer runs than `min_runs`)."""
+    if warmup < 0 or min_runs < 1 or max_runs < min_runs or min_seconds < 0 or (max_seconds is not None and max_seconds <= 0):
+        raise ValueError(
+            f"bad run counts: warmup={warmup}, min_runs={min_runs}, max_runs={max_runs}, "
+            f"min_seconds={min_seconds}, max_seconds={max_seconds}"
+        )
     for _ in range(warmup):  # first calls pay for compilation, allocator growth and cold caches
         fn()
     times: list[float] = []
@@ -151,6 +156,8 @@ def time_calls(
     gc.disable()  # a collection in the middle of a call would land in one sample at random (timeit does the same)
     try:
         while len(times) < max_runs and (len(times) < min_runs or total < min_seconds):
+            if max_seconds is not None and times and total >= max_seconds:
+                break
             start = clock()
             fn()
             elapsed = clock() - start
@@ -245,10 +252,12 @@ def benchmark(
     *,
     batch_sizes: Sequence[int] = (1, 32),
     warmup: int = 3,
+    throughput_warmup: int | None = None,
     min_runs: int = 20,
     throughput_min_runs: int = 3,
     min_seconds: float = 1.0,
     max_runs: int = 10_000,
+    max_seconds: float | None = None,
     threads: int | None = None,
     images: np.ndarray | None = None,
     seed: int = 0,
@@ -260,11 +269,15 @@ def benchmark(
         variant: a built Variant (anything with `predict(np.float32 [N, C, H, W])` and `name`).
         input_shape: (C, H, W) of one preprocessed image.
         batch_sizes: the smallest gives the latency percentiles, the largest the throughput (images/s).
-        warmup: untimed calls per batch size before timing starts.
+        warmup: untimed calls at the smallest batch size before timing starts.
+        throughput_warmup: untimed calls at each larger batch size (default: `warmup`); keep >= 1 for compiled
+            PyTorch, which compiles again for a new batch shape.
         min_runs: at least this many timed calls at the smallest batch size (percentiles need many).
         throughput_min_runs: at least this many timed calls at every larger batch size.
         min_seconds: keep timing each batch size until this much timed work has been done.
         max_runs: never more timed calls than this per batch size.
+        max_seconds: stop timing a batch size once this much timed work is done, even below the minimum run
+            count (for variants far too slow to matter; the run count is recorded).
         threads: PyTorch intra-op threads while timing (ONNX Runtime and OpenVINO fix theirs when the variant is
             built); the count each runtime really used is read back into `BenchResult.threads`.
         images: real preprocessed images to time on (repeated to fill a batch); default: seeded noise.
@@ -280,7 +293,11 @@ def benchmark(
             x = make_input(input_shape, batch, images=images, seed=seed)  # prepared before any timing
             fn, kind = _timed_call(variant, x)
             runs = min_runs if i == 0 else throughput_min_runs
-            times = time_calls(fn, warmup=warmup, min_runs=runs, min_seconds=min_seconds, max_runs=max(max_runs, runs), clock=clock)
+            warm = warmup if i == 0 or throughput_warmup is None else throughput_warmup
+            times = time_calls(
+                fn, warmup=warm, min_runs=runs, min_seconds=min_seconds, max_runs=max(max_runs, runs),
+                max_seconds=max_seconds, clock=clock,
+            )
             timings[batch] = BatchTiming(batch, times)
         used = runtime_threads(variant)
     return BenchResult(getattr(variant, "name", type(variant).__name__), tuple(input_shape), timings, used, warmup, kind)
@@ -325,6 +342,8 @@ def compare(entries: Sequence[BenchEntry], *, reference: str | None = None) -> d
         if e.result is not None:
             d.update(e.result.to_dict())
         d["size_mb"] = e.size_mb
+        d["artifact"] = e.artifact
+        d["backend"], d["precision"] = e.backend, e.precision
         baselines = {p: by_key.get((e.backend, p)) for p in BASELINE_PRECISIONS}
         if ref is not None:
             baselines["reference"] = ref
@@ -333,8 +352,11 @@ def compare(entries: Sequence[BenchEntry], *, reference: str | None = None) -> d
                 continue
             d[f"baseline_{label}"] = base.name
             if e.result is not None and base.result is not None:
-                d[f"speedup_throughput_vs_{label}"] = _ratio(e.result.throughput_ips, base.result.throughput_ips)
-                d[f"speedup_latency_vs_{label}"] = _ratio(base.result.latency_ms_p50, e.result.latency_ms_p50)
+                # Rates at different batch sizes are not comparable: no ratio rather than a misleading one.
+                if e.result.throughput.batch == base.result.throughput.batch:
+                    d[f"speedup_throughput_vs_{label}"] = _ratio(e.result.throughput_ips, base.result.throughput_ips)
+                if e.result.latency.batch == base.result.latency.batch:
+                    d[f"speedup_latency_vs_{label}"] = _ratio(base.result.latency_ms_p50, e.result.latency_ms_p50)
         fp32 = baselines.get("fp32")
         if fp32 is not None and fp32 is not e and e.size_mb is not None and fp32.size_mb:
             d["size_fp32_mb"] = fp32.size_mb
@@ -443,6 +465,7 @@ def bench_run(
     *,
     reference: str | None = None,
     on_progress: Callable[[str], None] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **bench_kw: Any,
 ) -> BenchRun:
     """Benchmark every variant of a run and compare each with its backend's FP32 and BF16/FP16 variants.
@@ -452,6 +475,8 @@ def bench_run(
         input_shape: (C, H, W) of one preprocessed image.
         reference: name of the run's reference variant (e.g. "torch-fp32"), for speedups across backends.
         on_progress: called with each variant's name before it is timed.
+        overrides: per variant name, `benchmark` arguments that replace `bench_kw` for it (e.g. fewer runs for a
+            variant that is emulated and very slow); they are recorded in its result.
         **bench_kw: passed to `benchmark` (batch_sizes, warmup, min_runs, min_seconds, threads, images, ...).
 
     Example:
@@ -466,7 +491,7 @@ def bench_run(
             on_progress(v.name)
         entry = BenchEntry(v.name, _backend_of(v), _precision_of(v), size_mb=v.size_mb, artifact=_str(getattr(v, "artifact", None)))
         try:
-            entry.result = benchmark(v, input_shape, **bench_kw)
+            entry.result = benchmark(v, input_shape, **{**bench_kw, **((overrides or {}).get(v.name) or {})})
         except Exception as e:  # noqa: BLE001 - one variant that cannot run must not stop the others
             entry.error = f"{type(e).__name__}: {e}"
         entries.append(entry)
@@ -481,6 +506,8 @@ def bench_run(
     settings = {
         "batch_sizes": list(kw.get("batch_sizes", (1, 32))),
         "warmup": kw.get("warmup", 3),
+        "throughput_warmup": kw.get("throughput_warmup", kw.get("warmup", 3)),
+        "max_seconds": kw.get("max_seconds"),
         "min_runs": kw.get("min_runs", 20),
         "throughput_min_runs": kw.get("throughput_min_runs", 3),
         "min_seconds": kw.get("min_seconds", 1.0),
@@ -489,6 +516,9 @@ def bench_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     compared = compare(entries, reference=reference)
+    for name, o in (overrides or {}).items():
+        if name in compared:
+            compared[name]["settings_override"] = {k: v for k, v in o.items() if k not in ("images", "clock")}
     return BenchRun(compared, machine, settings, warnings, fastest_variant([{"name": n, "bench": d} for n, d in compared.items()]))
 
 
@@ -601,7 +631,8 @@ def add_bench(results, variants: Iterable, loaded, *, reference: str | None = No
         **bench_kw: passed to `benchmark`.
     """
     by_name = results if isinstance(results, Mapping) else {r.name: r for r in results}
-    live = [v for v in variants if v.name in by_name and by_name[v.name].status == "ok"]
+    # A variant whose backend failed the FP32 parity gate still has a speed worth knowing; only broken ones are left out.
+    live = [v for v in variants if v.name in by_name and by_name[v.name].status not in ("error", "skipped")]
     run = bench_run(live, loaded.input_shape, reference=reference, **bench_kw)
     for name, d in run.variants.items():
         by_name[name].bench = d
@@ -630,18 +661,20 @@ def render_markdown(variants: Iterable[Any], section: Mapping | None) -> list[st
     lines = [
         "## Speed and size",
         "",
-        "| variant | threads | batch-1 p50 / p90 / p99 ms | images/s (batch) | × FP32 thr | × FP32 lat | × BF16 thr | "
-        "size MB | size vs FP32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | top-1 agreement % | threads | batch-1 p50 / p90 / p99 ms | images/s (batch) | × FP32 thr | × FP32 lat | "
+        "× BF16 thr | size MB | size vs FP32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v, b in rows:
+        agreement = _field(v, "agreement_top1")
+        agr = "ref." if _field(v, "reference") else _f(None if agreement is None else 100 * agreement, ".1f")
         if b.get("throughput_ips") is None:
-            lines.append(f"| {_field(v, 'name')} | — | {b.get('error', 'not measured')} | | | | | {_f(b.get('size_mb'), '.1f')} | |")
+            lines.append(f"| {_field(v, 'name')} | {agr} | — | {b.get('error', 'not measured')} | | | | | {_f(b.get('size_mb'), '.1f')} | |")
             continue
         red = b.get("size_reduction_vs_fp32")
         half = b.get("speedup_throughput_vs_bf16", b.get("speedup_throughput_vs_fp16"))
         lines.append(
-            f"| {_field(v, 'name')} | {b.get('threads') or '?'} | {b['latency_ms_p50']:.2f} / {b['latency_ms_p90']:.2f} / "
+            f"| {_field(v, 'name')} | {agr} | {b.get('threads') or '?'} | {b['latency_ms_p50']:.2f} / {b['latency_ms_p90']:.2f} / "
             f"{b['latency_ms_p99']:.2f} | {b['throughput_ips']:.1f} ({b['throughput_batch']}) | "
             f"{_x(b.get('speedup_throughput_vs_fp32'))} | {_x(b.get('speedup_latency_vs_fp32'))} | {_x(half)} | "
             f"{_f(b.get('size_mb'), '.1f')} | {'—' if red is None else f'-{100 * red:.0f}%'} |"
@@ -653,8 +686,9 @@ def render_markdown(variants: Iterable[Any], section: Mapping | None) -> list[st
             "",
             f"Latency over ≥{settings.get('min_runs')} calls at batch {min(settings.get('batch_sizes', [1]))}, throughput "
             f"over ≥{settings.get('throughput_min_runs')} calls at batch {max(settings.get('batch_sizes', [32]))}, "
-            f"after {settings.get('warmup')} warm-up calls each, on {settings.get('input')}; data loading excluded. "
-            "Speedups compare with the same backend's FP32 (BF16) variant.",
+            f"after {settings.get('warmup')} and {settings.get('throughput_warmup')} warm-up calls, on "
+            f"{settings.get('input')}; data loading excluded. Speedups (×) compare with the same backend's FP32 and "
+            "BF16 variants: above 1 is faster.",
         ]
     fastest = section.get("fastest")
     if fastest and fastest.get("throughput"):
@@ -678,6 +712,61 @@ def render_markdown(variants: Iterable[Any], section: Mapping | None) -> list[st
 # Standalone `int8eval bench`
 
 
+def build_bench_variants(
+    model: str,
+    backends: Sequence[str] = (),
+    precisions: Sequence[str] = ("fp32", "int8"),
+    *,
+    workdir: Path,
+    data: Path | None = None,
+    calib_size: int = 32,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    weights: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+):
+    """Load `model` and build it on each backend in each precision (FP32 always, for the speedups).
+
+    Returns (loaded, variants, not_built, warnings): `not_built` maps a variant name to why it was skipped (a
+    precision the backend or CPU lacks) or failed to build; the others are still built.
+    """
+    from int8eval import backends as registry
+    from int8eval.config import Backend, Precision, Recipe
+    from int8eval.errors import ConfigError
+    from int8eval.models import load_model
+
+    chosen = [Backend(b) for b in backends] or [b for b, info in registry.BACKENDS.items() if info.installed and info.default]
+    wanted = [Precision(p) for p in precisions]
+    if Precision.fp32 not in wanted:  # speedups need the same backend's FP32
+        wanted.insert(0, Precision.fp32)
+    recipes, not_built = [], {}
+    for backend in chosen:
+        for p in wanted:
+            r = Recipe(backend=backend, precision=p, calib=registry.default_calib(backend))
+            try:
+                registry.check_recipe(r)
+                recipes.append(r)
+            except ConfigError as e:
+                if p is Precision.fp32:
+                    raise
+                not_built[r.name] = f"skipped: {e}"  # e.g. BF16 on a CPU without it: reported, not fatal
+    loaded = load_model(model, checkpoint=checkpoint, weights=weights)
+    warnings, calib = [], None
+    if any(r.precision is Precision.int8 for r in recipes):
+        calib, note = _bench_calibration(loaded, data, calib_size, seed)
+        if note:
+            warnings.append(note)
+    variants = []
+    for r in recipes:
+        if on_progress:
+            on_progress(f"building {r.name}")
+        try:
+            variants.append(registry.build_variant(loaded, r, calib, Path(workdir)))
+        except Exception as e:  # noqa: BLE001 - one backend failing must not stop the others
+            not_built[r.name] = f"{type(e).__name__}: {e}"
+    return loaded, variants, not_built, warnings
+
+
 def bench_command(
     model: str,
     backends: Sequence[str] = (),
@@ -696,7 +785,7 @@ def bench_command(
 
     INT8 variants are calibrated on `calib_size` images from `data` (default: $INT8EVAL_DATA or the cached
     sample); without images they are calibrated on seeded noise, which is fine for speed and says so.
-    Writes `out/bench.json` and `out/bench.md` when `out` is given.
+    Writes `out/bench.json` and `out/bench.md` when `out` is given. `**bench_kw` goes to `benchmark`.
 
     Example:
         >>> bench_command("efficientnet_lite0", ["onnxruntime", "openvino"], ["fp32", "int8"], out=Path("runs/bench"))
@@ -704,47 +793,15 @@ def bench_command(
     import json
     import tempfile
 
-    from int8eval import backends as registry
-    from int8eval.config import Backend, Precision, Recipe
-    from int8eval.errors import ConfigError
-    from int8eval.models import load_model
-
-    chosen = [Backend(b) for b in backends] or [b for b, info in registry.BACKENDS.items() if info.installed and info.default]
-    wanted = [Precision(p) for p in precisions]
-    if Precision.fp32 not in wanted:  # speedups need the same backend's FP32
-        wanted.insert(0, Precision.fp32)
-    recipes, skipped = [], {}
-    for backend in chosen:
-        for p in wanted:
-            r = Recipe(backend=backend, precision=p, calib=registry.default_calib(backend))
-            try:
-                registry.check_recipe(r)
-                recipes.append(r)
-            except ConfigError as e:
-                if p is Precision.fp32:
-                    raise
-                skipped[r.name] = str(e)  # e.g. BF16 on a CPU without it: reported, not fatal
-    loaded = load_model(model, checkpoint=checkpoint, weights=weights)
-    extra_warnings = []
-    calib = None
-    if any(r.precision is Precision.int8 for r in recipes):
-        calib, note = _bench_calibration(loaded, data, calib_size, seed)
-        if note:
-            extra_warnings.append(note)
-
     workdir = Path(out) / "artifacts" if out else Path(tempfile.mkdtemp(prefix="int8eval-bench-"))
-    variants, errors = [], {}
-    for r in recipes:
-        if on_progress:
-            on_progress(f"building {r.name}")
-        try:
-            variants.append(registry.build_variant(loaded, r, calib, workdir))
-        except Exception as e:  # noqa: BLE001 - one backend failing must not stop the others
-            errors[r.name] = f"{type(e).__name__}: {e}"
+    loaded, variants, not_built, warnings = build_bench_variants(
+        model, backends, precisions, workdir=workdir, data=data, calib_size=calib_size, seed=seed,
+        checkpoint=checkpoint, weights=weights, on_progress=on_progress,
+    )
     run = bench_run(variants, loaded.input_shape, on_progress=on_progress, **bench_kw)
-    for name, message in {**skipped, **errors}.items():
+    for name, message in not_built.items():
         run.variants[name] = {"error": message}
-    run.warnings += extra_warnings
+    run.warnings += warnings
     run.settings["model"] = loaded.name
     if out:
         out = Path(out)

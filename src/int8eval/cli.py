@@ -14,6 +14,7 @@ from rich.table import Table
 
 from int8eval.config import Backend, CalibMethod, OnBadImage, Precision, Recipe, RunConfig
 from int8eval.errors import Int8EvalError
+from int8eval.verdict import acceptance_from_flags
 
 console = Console()
 
@@ -68,6 +69,19 @@ def build_recipes(
     return tuple(recipes)
 
 
+_ACCEPTANCE = (
+    click.option("--max-drop", type=float, help="Accuracy budget: the most top-1 an INT8 variant may lose (points)."),
+    click.option("--drop", type=click.Choice(["absolute", "relative"]), help="--max-drop in points (absolute, default) or percent of FP32."),
+    click.option("--mlperf", is_flag=True, help="MLPerf's budget: INT8 top-1 >= 99% of FP32's."),
+)
+
+
+def acceptance_options(fn):
+    for option in reversed(_ACCEPTANCE):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.option("--model", "-m", required=True, help="efficientnet_lite0, a torchvision name (resnet50), timm:NAME, tiny_test.")
 @click.option("--data", type=click.Path(path_type=Path), help="Image folder. Default: $INT8EVAL_DATA, else the cached sample.")
@@ -89,6 +103,7 @@ def build_recipes(
 @click.option("--workers", default=1, show_default=True, help="Decoding worker processes.")
 @click.option("--max-images", type=int, help="Evaluate a seeded subset of this many images.")
 @click.option("--on-bad-image", type=click.Choice([o.value for o in OnBadImage]), default="skip", show_default=True)
+@acceptance_options
 @_friendly
 def run(**kw) -> None:
     """Evaluate FP32 and INT8 variants of a model in one pass and write RUN_DIR/report.{json,md}."""
@@ -99,9 +114,10 @@ def run(**kw) -> None:
         kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
         kw.pop("precisions"), kw.pop("fp32_only"),
     )
+    acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
         kw["data"] = default_data_root()
-    config = RunConfig(**kw, recipes=recipes)
+    config = RunConfig(**kw, recipes=recipes, acceptance=acceptance)
     report = run_pipeline(config, console=Console(stderr=True))
     _print_summary(report, config.out)
 
@@ -119,7 +135,10 @@ def _print_summary(report, out: Path) -> None:
             console.print(f"[red]{v.name}[/red]: {v.error}")
     if report.data.num_skipped:
         console.print(f"[yellow]{report.data.num_skipped} images or folders skipped[/yellow] (reasons in report.md)")
-    console.print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+    for v in report.variants:
+        if getattr(v, "verdict", None):
+            console.print(f"{v.name}: [bold]{v.verdict['verdict']}[/bold] ({v.verdict['reason']})")
+    console.print(f"report: {out / 'report.json'} (rendered: report.md, report.html)")
 
 
 @main.command()
@@ -181,13 +200,66 @@ def prepare_cmd(source: Path, labels: Path, out: Path, copy: bool) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@acceptance_options
 @_friendly
-def report(run_dir: Path) -> None:
-    """Re-render RUN_DIR's report from its report.json, without re-running."""
+def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool) -> None:
+    """Re-render RUN_DIR's report from its report.json, without re-running; with a budget, re-judge the verdicts."""
     from int8eval.report import render
+    from int8eval.verdict import apply_to_run_dir
 
+    acceptance = acceptance_from_flags(max_drop, drop, mlperf)
+    if acceptance is not None:
+        apply_to_run_dir(run_dir, acceptance)
     for path in render(run_dir):
         console.print(f"wrote {path}")
+
+
+@main.command()
+@click.option("--model", "-m", required=True)
+@click.option("--data", type=click.Path(path_type=Path), help="Default: $INT8EVAL_DATA, else the cached sample.")
+@click.option("--labels", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
+              help="A run's folder adds a sensitivity section to its report.")
+@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--weights")
+@click.option("--calib", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True)
+@click.option("--percentile", default=99.999, show_default=True)
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales (default: per-channel).")
+@click.option("--symmetric-activations", is_flag=True, help="Signed symmetric activations, as TensorRT wants.")
+@click.option("--calib-size", default=100, show_default=True)
+@click.option("--max-images", default=64, show_default=True, help="Images for the per-layer sweep.")
+@click.option("--confirm-images", type=int, help="Re-check the top-k kept in FP32 on this many other images.")
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--rank-by", type=click.Choice(["kl", "agreement", "all_but_agreement", "all_but_kl"]), default="kl", show_default=True)
+@click.option("--no-split-effects", is_flag=True, help="Skip the weight-only / activation-only runs (faster).")
+@click.option("--seed", default=0, show_default=True)
+@_friendly
+def diagnose(**kw) -> None:
+    """Which layers cost the accuracy: per-layer sensitivity of a fake-quantized model (written to sensitivity.json)."""
+    from int8eval.data.fetch import default_data_root
+    from int8eval.diagnose import FakeQuantSpec, run_diagnose
+
+    spec = FakeQuantSpec(
+        per_channel=not kw.pop("per_tensor"), calib=kw.pop("calib"), percentile=kw.pop("percentile"),
+        symmetric_activations=kw.pop("symmetric_activations"),
+    )
+    data = kw.pop("data") or default_data_root()
+    result = run_diagnose(
+        kw.pop("model"), data, kw.pop("out"), spec=spec, split_effects=not kw.pop("no_split_effects"),
+        console=Console(stderr=True), **kw,
+    )
+    onnx = {entry["module"]: entry.get("onnx_node") or "" for entry in result["layers"]}
+    table = Table(title=f"most sensitive layers, by {result['rank_by']}")
+    for col in ("layer", "ONNX node"):
+        table.add_column(col)
+    for name in result["top_k"]:
+        table.add_row(name, onnx.get(name, ""))
+    console.print(table)
+    keep, whole = result["keep_fp32"], result["all_quantized"]
+    console.print(
+        f"agreement with FP32: all INT8 {100 * whole['agreement']:.2f}%, top {len(result['top_k'])} kept in FP32 "
+        f"{100 * keep['agreement']:.2f}% ({result['num_images']} images); details in sensitivity.json"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from int8eval.verdict import Acceptance
+
 
 class Backend(str, Enum):
     torch = "torch"
@@ -107,6 +109,7 @@ class RunConfig(_Strict):
     max_images: int | None = Field(None, gt=0)
     on_bad_image: OnBadImage = OnBadImage.skip
     recipes: tuple[Recipe, ...] = ()
+    acceptance: Acceptance | None = None
 
     @model_validator(mode="after")
     def _unique_variants(self) -> RunConfig:

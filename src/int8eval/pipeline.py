@@ -21,6 +21,7 @@ from int8eval.errors import DatasetError
 from int8eval.evaluate import evaluate
 from int8eval.models import LoadedModel, load_model
 from int8eval.report import Report, render
+from int8eval.verdict import add_paired_stats
 from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, ParityCheck, VariantResult
 
 PARITY_THRESHOLD = 0.999
@@ -89,6 +90,7 @@ def _variant_result(recipe: Recipe, variant: Variant | None, error: str | None) 
         size_mb=variant.size_mb if variant else None,
         artifact=str(variant.artifact) if variant and variant.artifact else None,
         prepare_s=variant.prepare_s if variant else None,
+        details=variant.details if variant else None,
     )
 
 
@@ -206,6 +208,7 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
         },
         config=config.model_dump(mode="json"),
     )
+    add_paired_stats(report, preds, config.acceptance)
     report.write(out / "report.json")
     render(out)
     return report

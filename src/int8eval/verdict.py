@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from int8eval import stats
 from int8eval.errors import ConfigError
-from int8eval.evaluate import Predictions
-from int8eval.report.schema import Report, VariantResult
+
+if TYPE_CHECKING:  # imported lazily below, so that config.py can import Acceptance from here without a cycle
+    from int8eval.evaluate import Predictions
+    from int8eval.report.schema import Report, VariantResult
 
 # Floating-point slack when comparing a limit with the budget: "exactly at the budget" must not flip on 1e-17.
 _TOL = 1e-9
@@ -61,7 +64,7 @@ class Acceptance(BaseModel):
         if self.label == "mlperf":
             return "MLPerf: top-1 at least 99% of FP32's (a 1% relative drop)"
         if self.drop is DropKind.absolute:
-            return f"top-1 drop of at most {self.max_drop:g} points"
+            return f"top-1 drop of at most {self.max_drop:g} point{'' if self.max_drop == 1 else 's'}"
         return f"top-1 drop of at most {self.max_drop:g}% of FP32's top-1"
 
 
@@ -178,7 +181,8 @@ def _verdict_for(v: VariantResult, acceptance: Acceptance) -> dict:
 def apply_to_run_dir(run_dir: Path, acceptance: Acceptance | None) -> Report:
     """Recompute paired statistics and verdicts of a finished run from RUN_DIR/predictions.npz (e.g. with another
     budget), rewrite report.json and re-render report.md/.html. Nothing is re-evaluated."""
-    from int8eval.report import render
+    from int8eval.evaluate import Predictions
+    from int8eval.report import Report, render
 
     run_dir = Path(run_dir)
     preds_path = run_dir / "predictions.npz"

@@ -32,6 +32,7 @@ class Variant(ABC):
     recipe: Recipe
     artifact: Path | None = None  # the file a user would deploy; its size is reported
     prepare_s: float = 0.0  # seconds spent converting, calibrating and quantizing
+    details: dict | None = None  # backend-specific provenance for the report (options, per-step timings)
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

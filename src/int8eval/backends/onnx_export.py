@@ -50,6 +50,8 @@ def export_onnx(
         # The legacy exporter warns that it is deprecated in favour of dynamo; that is a choice made here, not news.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        # ZeroPad2d's pad arithmetic is left unfolded ("Only steps=1 can be constant folded"); ORT folds it later.
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             module,
             (example_input,),
@@ -134,5 +136,6 @@ def quantized_inputs(model, op_types: tuple[str, ...] = QUANTIZED_OP_TYPES) -> l
                 continue
             src = dq.input[0]
             kind = "qdq" if src in producer and producer[src].op_type == "QuantizeLinear" else "dq"
-            out.append(QuantizedInput(node.name, node.op_type, index, tensor, kind, shape_of(dq.input[1]), dtype_of(src)))
+            scale_shape = shape_of(dq.input[1])
+            out.append(QuantizedInput(node.name, node.op_type, index, tensor, kind, scale_shape, dtype_of(src)))
     return out

@@ -10,18 +10,19 @@ from int8eval.report.markdown import verdict_label
 from int8eval.report.schema import Report
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1150px;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1350px;
        color: #212121; padding: 0 1em; line-height: 1.45; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.86em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.55em; text-align: right; }
-th { background: #f3f5f7; } td.l, th.l { text-align: left; }
+th { background: #f3f5f7; } td.l, th.l { text-align: left; } td:not(.l) { white-space: nowrap; }
 tr.reference td { background: #eef4fc; }
-.v-pass { background: #e8f5e9; color: #1b5e20; font-weight: 600; }
-.v-fail { background: #ffebee; color: #b71c1c; font-weight: 600; }
-.v-inconclusive { background: #fff3e0; color: #e65100; font-weight: 600; }
+.v-pass { text-align: center; background: #e8f5e9; color: #1b5e20; font-weight: 600; }
+.v-fail { text-align: center; background: #ffebee; color: #b71c1c; font-weight: 600; }
+.v-inconclusive { text-align: center; background: #fff3e0; color: #e65100; font-weight: 600; }
 .note { color: #555; font-size: 0.9em; } code { font-size: 0.92em; }
 img { max-width: 100%; border: 1px solid #eee; }
+.scroll { overflow-x: auto; }
 ul.reasons li { margin: 0.25em 0; }
 """
 
@@ -65,11 +66,11 @@ def _table(header: list[str], rows: list[list[str]], *, left: int = 1, row_class
         body = text if text.startswith("<") else escape(text)
         return f"<{tag}{cls}>{body}</{tag}>"
 
-    out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
+    out = ['<div class="scroll"><table>', "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
     for j, row in enumerate(rows):
         cls = f' class="{row_classes[j]}"' if row_classes and row_classes[j] else ""
         out.append(f"<tr{cls}>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     return "\n".join(out)
 
 
@@ -152,33 +153,43 @@ def _sensitivity(report: Report) -> str:
         return ""
     whole = s.get("all_quantized") or {}
     layers = {layer["module"]: layer for layer in s.get("layers") or []}
+    split = any("only_weight" in layer for layer in layers.values())  # network-level weight/activation runs
     rows = []
     for i, name in enumerate(s.get("ranking", [])[: max(len(s.get("top_k") or []), 10)], 1):
         layer = layers[name]
         only, allbut = layer.get("only") or {}, layer.get("all_but") or {}
         ow, oa, q = layer.get("only_weight") or {}, layer.get("only_act") or {}, layer.get("sqnr_db") or {}
-        rows.append([
+        row = [
             str(i), f"<code>{escape(name)}</code>", f"<code>{escape(layer.get('onnx_node') or '—')}</code>",
             layer.get("type", ""), _pct(only.get("agreement")), _num(only.get("kl"), ".2e"), _pct(allbut.get("agreement")),
-            _num(ow.get("kl"), ".2e"), _num(oa.get("kl"), ".2e"), _num(q.get("local")), _num(q.get("local_weight")),
-            _num(q.get("local_act")), _num(q.get("accumulated")),
-        ])
-    table = _table(
-        ["#", "PyTorch module", "ONNX node", "type", "only this INT8: agree %", "KL", "all but this: agree %",
-         "only weights: KL", "only acts: KL", "SQNR dB w+a", "w", "a", "in INT8 model"],
-        rows, left=4,
-    )
+        ]
+        if split:
+            row += [_num(ow.get("kl"), ".2e"), _num(oa.get("kl"), ".2e")]
+        rows.append(row + [_num(q.get("local")), _num(q.get("local_weight")), _num(q.get("local_act")),
+                           _num(q.get("accumulated"))])
+    header = ["#", "PyTorch module", "ONNX node", "type", "only this INT8: agree %", "KL", "all but this: agree %"]
+    if split:
+        header += ["only weights INT8: KL", "only input INT8: KL"]
+    header += ["SQNR dB, local w+a", "local w", "local a", "in the INT8 model"]
+    table = _table(header, rows, left=4)
     keep = s.get("keep_fp32")
     keep_text = ""
     if keep:
         keep_text = (f"<p>Keeping the top {len(keep['layers'])} in FP32: agreement {_pct(whole.get('agreement'))}% → "
                      f"<b>{_pct(keep.get('agreement'))}%</b>, mean KL {_num(whole.get('kl'), '.2e')} → "
                      f"{_num(keep.get('kl'), '.2e')}.</p>")
+    confirm = s.get("confirm")
+    if confirm:
+        a, k = confirm["all_quantized"], confirm["keep_fp32"]
+        keep_text += (f"<p>On {k['n']} other images: agreement {_pct(a['agreement'])}% with every layer INT8, "
+                      f"<b>{_pct(k['agreement'])}%</b> with the top {len(confirm['layers'])} in FP32.</p>")
     intro = (f"<p>Fake INT8 in PyTorch ({escape(str(s.get('spec_description', '')))}), {s.get('num_calib')} calibration "
              f"images, {s.get('num_images')} evaluation images. Everything quantized: agreement with FP32 "
              f"{_pct(whole.get('agreement'))}%; weights only {_pct((s.get('weights_only') or {}).get('agreement'))}%; "
              f"activations only {_pct((s.get('activations_only') or {}).get('agreement'))}%. Ranked by "
-             f"{escape(str(s.get('rank_by')))}.</p>")
+             f"{escape(str(s.get('rank_by')))}. Output SQNR: local = the layer's own error with FP32 inputs (w: its "
+             "weights only, a: its input only); in the INT8 model = the error accumulated up to its output when "
+             "every layer is INT8.</p>")
     return intro + table + keep_text + _img(plots.sensitivity_bars(s), "per-layer sensitivity bar chart")
 
 

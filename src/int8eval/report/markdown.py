@@ -125,6 +125,13 @@ def _sensitivity_section(report: Report) -> list[str]:
             f"Keeping the top {len(keep['layers'])} in FP32: agreement {_pct(whole.get('agreement'))}% → "
             f"{_pct(keep.get('agreement'))}%, mean KL {_num(whole.get('kl'), '.2e')} → {_num(keep.get('kl'), '.2e')}.",
         ]
+    confirm = s.get("confirm")
+    if confirm:
+        a, k = confirm["all_quantized"], confirm["keep_fp32"]
+        lines.append(
+            f"On {k['n']} other images: agreement {_pct(a['agreement'])}% with every layer INT8, "
+            f"{_pct(k['agreement'])}% with the top {len(confirm['layers'])} in FP32."
+        )
     return lines
 
 

@@ -45,7 +45,13 @@ def accuracy_vs_speed(report: Report) -> bytes | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    placed: list[tuple[float, float]] = []
+    span_x = (max(x for _, x in points) - min(x for _, x in points)) or 1.0
+    span_y = 100 * ((max(v.top1 for v, _ in points) - min(v.top1 for v, _ in points)) or 0.01)
     for v, x in points:
+        # Variants at (nearly) the same spot, e.g. FP32 of two backends, get their labels stacked, not overprinted.
+        near = sum(abs(x - px) < 0.05 * span_x and abs(100 * v.top1 - py) < 0.05 * span_y for px, py in placed)
+        placed.append((x, 100 * v.top1))
         verdict = (v.verdict or {}).get("verdict")
         colour = REFERENCE_COLOUR if v.reference else VERDICT_COLOURS.get(verdict, VERDICT_COLOURS[None])
         lo, hi = v.top1_ci95 or (v.top1, v.top1)
@@ -53,17 +59,20 @@ def accuracy_vs_speed(report: Report) -> bytes | None:
             x, 100 * v.top1, yerr=[[100 * (v.top1 - lo)], [100 * (hi - v.top1)]],
             fmt="o", color=colour, capsize=4, markersize=7,
         )
-        ax.annotate(v.name, (x, 100 * v.top1), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.annotate(v.name, (x, 100 * v.top1), textcoords="offset points", xytext=(6, 6 - 11 * near), fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 %, 95% CI")
     ax.set_title("Accuracy vs " + ("speed" if key == "throughput_ips" else "size"))
     ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D([], [], marker="o", ls="", color=c, label=name)
-        for name, c in (("reference", REFERENCE_COLOUR), ("pass", VERDICT_COLOURS["pass"]), ("fail", VERDICT_COLOURS["fail"]),
-                        ("inconclusive", VERDICT_COLOURS["inconclusive"]), ("no verdict", VERDICT_COLOURS[None]))
-    ]
+    present = {"reference" if v.reference else ((v.verdict or {}).get("verdict") or "no verdict") for v, _ in points}
+    colours = {"reference": REFERENCE_COLOUR, "no verdict": VERDICT_COLOURS[None],
+               **{k: c for k, c in VERDICT_COLOURS.items() if k is not None}}
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colours.items() if k in present]
     ax.legend(handles=handles, fontsize=8, loc="best")
+    if key == "size_mb":
+        ax.set_xlim(0, 1.25 * max(x for _, x in points))  # from 0: sizes read as fractions of the FP32 one
+    else:
+        ax.margins(x=0.15)
     return _png(fig)
 
 
@@ -101,21 +110,31 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
         flips = v.paired["flips_by_class"]
         ranked = sorted(flips.items(), key=lambda kv: (-(kv[1]["lost"] + kv[1]["gained"]), -kv[1]["lost"], kv[0]))
         rows.append((v, ranked[:max_classes]))
-    height = sum(0.6 + 0.22 * len(r) for _, r in rows) + 0.5
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, max(2.5, height)), squeeze=False)
+    heights = [max(2, len(r)) for _, r in rows]
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(8, 1.2 + 0.25 * sum(heights) + 0.5 * len(rows)), squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    names = report_names()
     for ax, (v, ranked) in zip(axes[:, 0], rows):
-        labels = [f"{(report_names().get(w) or w)[:28]} ({w})" for w, _ in ranked]
+        labels = [f"{(names.get(w) or w)[:28]} ({w})" for w, _ in ranked]
         ys = range(len(ranked))
         ax.barh(ys, [-f["lost"] for _, f in ranked], color="#c62828", label="lost (FP32 right → wrong)")
         ax.barh(ys, [f["gained"] for _, f in ranked], color="#2e7d32", label="gained (FP32 wrong → right)")
         ax.set_yticks(list(ys))
         ax.set_yticklabels(labels, fontsize=7)
-        ax.invert_yaxis()
+        ax.set_ylim(len(ranked) - 0.5, -0.5)  # most flips on top, bars of one height whatever the count
+        # Symmetric around 0 so lost and gained read at the same scale in every panel.
+        m = max(max(f["lost"], f["gained"]) for _, f in ranked) + 0.5
+        ax.set_xlim(-m, m)
         ax.axvline(0, color="black", lw=0.8)
         total_lost, total_gained = v.paired["top1"]["ref_right_var_wrong"], v.paired["top1"]["ref_wrong_var_right"]
-        ax.set_title(f"{v.name}: {total_lost} lost, {total_gained} gained", fontsize=9)
+        ax.set_title(f"{v.name}: {total_lost} lost, {total_gained} gained (top {len(ranked)} classes)", fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     axes[-1, 0].set_xlabel("images per class")
     return _png(fig)
 

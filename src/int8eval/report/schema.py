@@ -68,6 +68,7 @@ class VariantResult(_Section):
     size_mb: float | None = None
     artifact: str | None = None
     prepare_s: float | None = None
+    details: dict | None = None
     predict_s: float | None = None
     parity: ParityCheck | None = None
     per_class_top1: dict[str, dict] | None = None

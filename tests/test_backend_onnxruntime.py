@@ -1,0 +1,371 @@
+"""ONNX Runtime backend: export parity, QDQ graph structure, calibration methods, recipe checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from int8eval.backends import CalibrationData, build_variant, check_recipe  # noqa: E402
+from int8eval.backends import onnx_qdq, onnxruntime_backend  # noqa: E402
+from int8eval.backends.onnx_export import count_qdq, export_onnx, quantized_inputs  # noqa: E402
+from int8eval.backends.onnx_qdq import (  # noqa: E402
+    TensorStats,
+    activation_ranges,
+    collect_activation_stats,
+    quantize_qdq,
+)
+from int8eval.config import Backend, CalibMethod, Precision, Recipe  # noqa: E402
+from int8eval.errors import ConfigError  # noqa: E402
+from int8eval.models import load_model  # noqa: E402
+
+
+def ort_recipe(**kw) -> Recipe:
+    return Recipe(backend=Backend.onnxruntime, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny_test")
+
+
+@pytest.fixture(scope="module")
+def calib() -> CalibrationData:
+    rng = np.random.default_rng(0)
+    return CalibrationData([rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(2)], ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def outlier_calib() -> CalibrationData:
+    """Gaussian images with one huge pixel each: minmax spends its whole range on the outliers."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    x[:, 0, 5, 5] = 60.0
+    return CalibrationData([x[:8], x[8:]])
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(2).standard_normal((5, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tiny, tmp_path_factory):
+    return export_onnx(tiny.module, tiny.example_input(1), tmp_path_factory.mktemp("export") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def outlier_stats(fp32_onnx, outlier_calib):
+    return collect_activation_stats(fp32_onnx, outlier_calib)
+
+
+def torch_logits(loaded, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return loaded.module(torch.from_numpy(x)).numpy()
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def dq_scale_of(model: onnx.ModelProto, tensor: str) -> np.ndarray:
+    """The scale of the DequantizeLinear that follows the QuantizeLinear of `tensor`."""
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    return initializer(model, q.input[1])
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+def test_export_matches_torch_at_any_batch(tiny, fp32_onnx, images):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
+    for x in (images[:1], images):  # exported with batch 1, the batch axis is dynamic
+        out = session.run(["logits"], {"input": x})[0]
+        np.testing.assert_allclose(out, torch_logits(tiny, x), atol=1e-4, rtol=0)
+    model = onnx.load(str(fp32_onnx))
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert count_qdq(model) == {"QuantizeLinear": 0, "DequantizeLinear": 0}
+    assert {q.kind for q in quantized_inputs(model)} == {"float"}
+
+
+def test_fp32_variant_predicts_torch_logits(tiny, images, tmp_path):
+    variant = build_variant(tiny, ort_recipe(precision=Precision.fp32), None, tmp_path)
+    out = variant.predict(images)
+    assert out.dtype == np.float32 and out.shape == (5, 1000)
+    np.testing.assert_allclose(out, torch_logits(tiny, images), atol=1e-4, rtol=0)
+    assert variant.artifact.suffix == ".onnx" and variant.size_mb > 0 and variant.prepare_s > 0
+
+
+def test_fp16_variant_is_close_to_fp32(tiny, images, tmp_path):
+    variant = build_variant(tiny, ort_recipe(precision=Precision.fp16), None, tmp_path)
+    out = variant.predict(images)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, torch_logits(tiny, images), atol=2e-2, rtol=0)
+
+
+# --- INT8 structure -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_qdq_structure(tiny, calib, images, tmp_path, per_channel):
+    variant = build_variant(tiny, ort_recipe(per_channel=per_channel), calib, tmp_path)
+    model = onnx.load(str(variant.artifact))
+    counts = count_qdq(model)
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
+    inputs = quantized_inputs(model)
+    nodes = {q.node for q in inputs}
+    assert len(nodes) == 4  # three Conv and the classifier's Gemm
+    weights = {n.name: n for n in model.graph.node}
+    for q in inputs:
+        if q.index == 0:  # activations: a Q/DQ pair of signed int8
+            assert q.kind == "qdq" and q.dtype == "int8" and q.scale_shape == ()
+        elif q.index == 1:  # weights: int8 constants behind a DequantizeLinear
+            assert q.kind == "dq" and q.dtype == "int8"
+            out_channels = _weight_out_channels(model, weights[q.node])
+            assert q.scale_shape == ((out_channels,) if per_channel else ())
+        else:  # bias: int32
+            assert q.kind == "dq" and q.dtype == "int32"
+    out = variant.predict(images)
+    assert out.shape == (5, 1000) and np.isfinite(out).all()
+
+
+def _weight_out_channels(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == node.input[1])
+    return initializer(model, dq.input[0]).shape[0]
+
+
+@pytest.mark.parametrize("method", list(CalibMethod))
+def test_every_calibration_method_builds_and_predicts(tiny, calib, images, tmp_path, method):
+    variant = build_variant(tiny, ort_recipe(calib=method), calib, tmp_path)
+    out = variant.predict(images)
+    assert out.shape == (5, 1000) and np.isfinite(out).all()
+    # A random 1000-class head on random images is a poor accuracy check, but INT8 should stay near FP32.
+    ref = torch_logits(tiny, images)
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_recipes_share_one_export_and_one_calibration_pass(tiny, calib, tmp_path, monkeypatch):
+    calls = []
+    real = onnx_qdq.collect_activation_stats
+    monkeypatch.setattr(
+        onnxruntime_backend, "collect_activation_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    fresh = load_model("tiny_test")  # its own cache entry
+    first = build_variant(fresh, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path)
+    second = build_variant(fresh, ort_recipe(calib=CalibMethod.entropy), calib, tmp_path)
+    assert len(calls) == 1
+    assert second.prepare_s >= onnxruntime_backend._PREPARED[fresh.module].export_s  # full cost still reported
+    assert first.artifact != second.artifact
+
+
+# --- calibration methods ------------------------------------------------------------------------------------------
+
+
+def test_minmax_ranges_equal_onnxruntime_calibrator(fp32_onnx, calib, tmp_path):
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    stats = collect_activation_stats(fp32_onnx, calib, workdir=tmp_path)
+    ours = activation_ranges(stats, CalibMethod.minmax)
+    calibrator = create_calibrator(
+        stats.model, augmented_model_path=str(tmp_path / "aug.onnx"), calibrate_method=CalibrationMethod.MinMax
+    )
+    calibrator.collect_data(onnx_qdq.CalibrationReader(calib))
+    theirs = calibrator.compute_data()
+    # Aliased tensors (a Conv output before its ReLU) take the activation's range, as ORT's quantizer does later.
+    common = (set(ours) - set(stats.aliases)) & set(theirs.keys())
+    assert len(common) >= 6
+    for name in common:
+        lo, hi = (np.asarray(v).item() for v in theirs[name].range_value)
+        assert ours[name] == pytest.approx((lo, hi), rel=1e-6, abs=1e-6), name
+
+
+def test_entropy_and_percentile_clip_outliers_that_minmax_keeps(outlier_stats):
+    # One pixel in 3072 is an outlier (0.03%): the 99.9th percentile of |x| lies among the Gaussian values.
+    ranges = {m: activation_ranges(outlier_stats, m, percentile=99.9)["input"] for m in CalibMethod}
+    assert ranges[CalibMethod.minmax][1] == pytest.approx(60.0)
+    for method in (CalibMethod.percentile, CalibMethod.entropy):
+        lo, hi = ranges[method]
+        assert 2.0 < hi < 20.0 and -20.0 < lo < -2.0, (method, lo, hi)
+    # Squared error weighs 16 values 56 off more than rounding everything else coarsely: mse keeps them (almost).
+    assert 40.0 < ranges[CalibMethod.mse][1] <= 60.0
+    assert len({ranges[m] for m in CalibMethod}) == 4  # four different answers
+
+
+def test_the_chosen_range_reaches_the_qdq_graph(fp32_onnx, outlier_stats, tmp_path):
+    scales = {}
+    for method in (CalibMethod.minmax, CalibMethod.entropy):
+        path = quantize_qdq(fp32_onnx, outlier_stats, tmp_path / f"{method.value}.onnx", method=method)
+        scales[method] = float(dq_scale_of(onnx.load(str(path)), "input"))
+    # ORT's own "Entropy" through quantize_static gives minmax's scale; ours must not.
+    assert scales[CalibMethod.minmax] == pytest.approx((60.0 - outlier_stats.tensors["input"].min) / 255, rel=1e-3)
+    assert scales[CalibMethod.entropy] < scales[CalibMethod.minmax] / 3
+
+
+def test_symmetric_activations_and_weight_qdq_pairs_for_tensorrt(fp32_onnx, calib, tmp_path):
+    path = quantize_qdq(
+        fp32_onnx, calib, tmp_path / "trt.onnx", method=CalibMethod.percentile, symmetric_activations=True,
+        weight_qdq_pair=True,
+    )
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero_point = initializer(model, node.input[2])
+            assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+    for q in quantized_inputs(model):
+        assert q.kind == ("qdq" if q.index < 2 else "dq"), q
+
+
+def test_stats_from_another_model_are_refused(fp32_onnx, outlier_stats, tmp_path):
+    with pytest.raises(ValueError, match="collected from"):
+        quantize_qdq(tmp_path / "other.onnx", outlier_stats, tmp_path / "x.onnx")
+
+
+def _stats_of(values: np.ndarray, chunks: int = 1) -> TensorStats:
+    s = TensorStats(np.inf, -np.inf, np.zeros(onnx_qdq.HIST_BINS, dtype=np.int64), 0.0)
+    for part in np.array_split(values, chunks):
+        s.add(part.copy())
+    return s
+
+
+def test_histogram_grows_without_losing_counts():
+    values = np.random.default_rng(3).standard_normal(200_000).astype(np.float32)
+    values[-10:] *= 8  # the last chunk widens the range 8x
+    one, many = _stats_of(values), _stats_of(values, chunks=5)
+    assert many.count == one.count == values.size
+    assert (many.min, many.max) == (one.min, one.max) == (float(values.min()), float(values.max()))
+    assert many.hist_max >= np.abs(values).max()
+    t_one = onnx_qdq._percentile_threshold(one, 99.9)
+    t_many = onnx_qdq._percentile_threshold(many, 99.9)
+    assert t_one == pytest.approx(3.29, abs=0.05) and t_many == pytest.approx(t_one, abs=0.05)
+
+
+def test_gaussian_thresholds_are_plausible():
+    s = _stats_of(np.random.default_rng(4).standard_normal(1_000_000).astype(np.float32))
+    # A Gaussian's optimal 8-bit clip is about 3-5 sigma, inside its ~4.9 sigma maximum.
+    assert 2.5 < onnx_qdq._entropy_threshold(s, 127) < s.max
+    assert 2.5 < onnx_qdq._mse_threshold(s, 127) < s.max
+
+
+def _entropy_by_definition(s: TensorStats, levels: int) -> float:
+    """pytorch-quantization's `_compute_amax_entropy` written out: expand P and Q for every candidate."""
+    hist = s.hist.astype(np.float64)
+    hist[0] = hist[1]
+    nbins, nq = len(hist), levels + 1
+    best_kl, best_i = np.inf, nbins
+    for i in range(nq, nbins + 1):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        nonzero = hist[:i] != 0
+        group = (np.arange(i) * nq) // i
+        sums = np.bincount(group, weights=hist[:i], minlength=nq)
+        counts = np.bincount(group, weights=nonzero, minlength=nq)
+        q = np.where(nonzero, sums[group] / np.maximum(counts[group], 1), 0.0)
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        if np.any(q[mask] == 0):
+            continue
+        kl = np.sum(p[mask] * np.log(p[mask] / q[mask]))
+        if kl <= best_kl + 1e-12:
+            best_kl, best_i = kl, i
+    return best_i * s.hist_max / nbins
+
+
+@pytest.mark.parametrize(("shape", "levels"), [("relu", 255), ("laplace", 127)])
+def test_closed_form_entropy_equals_the_definition(shape, levels):
+    rng = np.random.default_rng(5)
+    values = np.maximum(rng.standard_normal(100_000), 0) if shape == "relu" else rng.laplace(size=100_000)
+    s = _stats_of(values.astype(np.float32))
+    assert onnx_qdq._entropy_threshold(s, levels) == pytest.approx(_entropy_by_definition(s, levels), rel=1e-9)
+
+
+def test_all_zero_activation_gets_a_zero_range():
+    s = _stats_of(np.zeros(1000, dtype=np.float32))
+    stats = onnx_qdq.ActivationStats(None, None, {"z": s}, {}, 1, 0.0)
+    for method in CalibMethod:
+        assert activation_ranges(stats, method)["z"] == (0.0, 0.0)
+    tiny_values = _stats_of(np.full(1000, 1e-35, dtype=np.float32))  # bins / max would overflow float32
+    assert tiny_values.count == 1000 and tiny_values.max == pytest.approx(1e-35)
+
+
+# --- recipe checks ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "words"),
+    [
+        (ort_recipe(legacy=True), "legacy"),
+        (ort_recipe(precision=Precision.bf16), "bfloat16"),
+    ],
+)
+def test_impossible_recipes_are_rejected_before_work(recipe, words):
+    with pytest.raises(ConfigError, match=words):
+        check_recipe(recipe)
+
+
+def test_possible_recipes_pass():
+    for recipe in [
+        ort_recipe(precision=Precision.fp32),
+        ort_recipe(precision=Precision.fp16),
+        *(ort_recipe(calib=m, per_channel=pc) for m in CalibMethod for pc in (True, False)),
+    ]:
+        check_recipe(recipe)
+
+
+def test_int8_without_calibration_images_is_a_config_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="calibration"):
+        build_variant(tiny, ort_recipe(), None, tmp_path)
+    with pytest.raises(ConfigError, match="calibration"):
+        build_variant(tiny, ort_recipe(), CalibrationData([]), tmp_path)
+
+
+# --- real models (slow) -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resnet50_quantizes_every_conv_and_gemm(tmp_path):
+    import torchvision
+
+    from int8eval.config import Preprocessing
+    from int8eval.models import LoadedModel
+
+    torch.manual_seed(0)
+    module = torchvision.models.resnet50(weights=None).eval()  # no weights can be downloaded here
+    loaded = LoadedModel("resnet50_random", module, Preprocessing(resize=224, crop=224), "random init")
+    rng = np.random.default_rng(0)
+    calib = CalibrationData([rng.standard_normal((2, 3, 224, 224)).astype(np.float32)])
+    variant = build_variant(loaded, ort_recipe(calib=CalibMethod.percentile), calib, tmp_path)
+    inputs = quantized_inputs(variant.artifact)
+    assert len({q.node for q in inputs}) == 54  # 53 Conv + 1 Gemm
+    assert all(q.kind == "qdq" for q in inputs if q.index == 0)
+    assert all(q.kind == "dq" and len(q.scale_shape) == 1 for q in inputs if q.index == 1)
+    assert variant.size_mb < 30  # ~102 MB in FP32
+    assert variant.predict(calib.batches[0]).shape == (2, 1000)
+
+
+@pytest.mark.slow
+def test_lite0_fp32_parity_and_int8_agreement(shared_sample, tmp_path):
+    from int8eval.data import discover
+    from int8eval.data.decode import build_transform, load_rgb
+    from int8eval.data.layouts import subsample
+
+    loaded = load_model("efficientnet_lite0")
+    tf = build_transform(loaded.preprocessing)
+    samples = subsample(discover(shared_sample).samples, 80, seed=0)
+    x = np.stack([tf(load_rgb(s.path)).numpy() for s in samples])
+    calib, evals = CalibrationData([x[:16]]), x[16:]
+    ref = torch_logits(loaded, evals)
+    fp32 = build_variant(loaded, ort_recipe(precision=Precision.fp32), None, tmp_path)
+    out = fp32.predict(evals)
+    assert np.abs(out - ref).max() < 1e-3 and (out.argmax(1) == ref.argmax(1)).all()  # the parity gate
+    int8 = build_variant(loaded, ort_recipe(calib=CalibMethod.percentile), calib, tmp_path)
+    agreement = np.mean(int8.predict(evals).argmax(1) == ref.argmax(1))
+    assert agreement >= 0.9, agreement  # ~98% measured on 400 images

@@ -1,0 +1,243 @@
+"""Per-layer sensitivity: the fake quantizers, the prefix-cached sweep against brute force, ONNX names, the CLI entry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from int8eval.config import Backend, CalibMethod, Recipe
+from int8eval.diagnose import (
+    FakeQuantModel,
+    FakeQuantSpec,
+    activation_qparams,
+    diagnose,
+    keep_fp32_check,
+    onnx_node_names,
+    quantize_weight,
+    run_diagnose,
+)
+from int8eval.errors import ConfigError
+from int8eval.models import load_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_weight_quantization_per_channel_and_per_tensor():
+    w = torch.randn(8, 4, 3, 3) * torch.logspace(-2, 0, 8).view(8, 1, 1, 1)  # channels of very different size
+    for per_channel in (True, False):
+        q = quantize_weight(w, per_channel)
+        amax = w.abs().amax(dim=(1, 2, 3), keepdim=True) if per_channel else w.abs().max()
+        scale = amax / 127
+        levels = q / scale
+        assert torch.allclose(levels, levels.round(), atol=1e-4)  # on the int8 grid
+        assert levels.abs().max() <= 127 + 1e-4
+        assert ((q - w).abs() <= scale / 2 + 1e-7).all()  # round to nearest, nothing clipped
+    # The smallest channel (100x smaller than the largest) loses its resolution under one scale.
+    err_pc = (quantize_weight(w, True) - w)[0].pow(2).sum()
+    err_pt = (quantize_weight(w, False) - w)[0].pow(2).sum()
+    assert err_pc < err_pt / 100
+
+
+def test_activation_qparams():
+    scale, zp, qmin, qmax = activation_qparams(-1.0, 3.0, symmetric=False)
+    assert (qmin, qmax) == (0, 255) and scale == pytest.approx(4 / 255) and zp == 64
+    assert activation_qparams(0.5, 2.0, symmetric=False)[1] == 0  # the range is widened to include 0
+    scale, zp, qmin, qmax = activation_qparams(-1.0, 3.0, symmetric=True)
+    assert (zp, qmin, qmax) == (0, -128, 127) and scale == pytest.approx(3 / 127)
+
+
+def test_fake_quant_model_is_exact_when_nothing_is_quantized():
+    loaded = load_model("tiny_test")
+    x = _images(8, 1)
+    before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    fq = FakeQuantModel(loaded.module, FakeQuantSpec())
+    fq.calibrate([_images(8, 0)])
+    assert fq.bn_folded
+    assert fq.names == ["features.0", "features.3", "features.6", "fc"]  # execution order, BatchNorm folded away
+    with torch.no_grad():
+        ref = loaded.module(x)
+    assert torch.allclose(fq(x), ref, atol=1e-5)
+    fq.configure(weights=fq.names, acts=fq.names)
+    assert not torch.allclose(fq(x), ref, atol=1e-6)
+    fq.configure()
+    assert torch.allclose(fq(x), ref, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in loaded.module.state_dict().items())  # the model is untouched
+    with pytest.raises(ConfigError, match="nope"):
+        fq.configure(weights=["nope"])
+
+
+def test_percentile_ranges_are_inside_minmax_ranges():
+    loaded = load_model("tiny_test")
+    calib = [_images(16, 0)]
+    ranges = {}
+    for spec in (FakeQuantSpec(), FakeQuantSpec(calib="percentile", percentile=99.0)):
+        fq = FakeQuantModel(loaded.module, spec)
+        fq.calibrate(calib)
+        ranges[spec.calib] = {n: (fq.layer(n).lo, fq.layer(n).hi) for n in fq.names}
+    for name, (lo, hi) in ranges["percentile"].items():
+        mlo, mhi = ranges["minmax"][name]
+        assert mlo - 1e-6 <= lo <= hi <= mhi + 1e-6
+        assert hi < mhi  # 1% of the values clipped: the top of the range moves in
+
+
+def _brute_force(model: nn.Module, spec: FakeQuantSpec, calib, x: torch.Tensor) -> dict:
+    fq = FakeQuantModel(model, spec)
+    fq.calibrate(calib)
+    every = set(fq.names)
+    fq.configure()
+    ref = torch.log_softmax(fq(x).double(), 1)
+    out = {}
+    for n in fq.names:
+        for mode, (w, a) in {"only": ({n}, {n}), "all_but": (every - {n}, every - {n}),
+                             "only_weight": ({n}, set()), "only_act": (set(), {n})}.items():
+            fq.configure(weights=w, acts=a)
+            logits = fq(x)
+            logq = torch.log_softmax(logits.double(), 1)
+            out[(mode, n)] = (float((ref.exp() * (ref - logq)).sum(1).mean()),
+                              float((logits.argmax(1) == ref.argmax(1)).double().mean()))
+    return out
+
+
+def test_sweep_matches_running_every_configuration_from_the_input():
+    loaded = load_model("tiny_test")
+    calib, x = [_images(16, 0)], _images(20, 1)
+    spec = FakeQuantSpec(per_channel=False)
+    result = diagnose(loaded.module, spec, calib, x, batch_size=8, onnx_names=False, top_k=2)
+    assert result["prefix_cached"] and result["num_images"] == 20 and result["num_layers"] == 4
+    expected = _brute_force(loaded.module, spec, calib, x)
+    for layer in result["layers"]:
+        for mode in ("only", "all_but", "only_weight", "only_act"):
+            kl, agreement = expected[(mode, layer["module"])]
+            assert layer[mode]["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-15)
+            assert layer[mode]["agreement"] == pytest.approx(agreement)
+    kls = [e["only"]["kl"] for e in sorted(result["layers"], key=lambda e: result["ranking"].index(e["module"]))]
+    assert kls == sorted(kls, reverse=True)  # ranked by KL, most sensitive first
+    assert result["top_k"] == result["ranking"][:2] == result["keep_fp32"]["layers"]
+    assert result["reference"]["agreement"] == 1.0 and result["reference"]["kl"] == 0.0
+    for layer in result["layers"]:
+        q = layer["sqnr_db"]
+        assert q["local"] is not None and q["local"] > 0 and q["accumulated"] is not None
+    first = result["layers"][0]["sqnr_db"]
+    assert first["accumulated"] == pytest.approx(first["local"])  # nothing quantized before the first layer
+
+
+def test_keeping_every_layer_in_fp32_gives_full_agreement():
+    loaded = load_model("tiny_test")
+    calib, x = [_images(16, 0)], _images(16, 1)
+    result = diagnose(loaded.module, FakeQuantSpec(), calib, x, top_k=10, onnx_names=False, split_effects=False)
+    assert result["keep_fp32"]["agreement"] == 1.0 and result["keep_fp32"]["kl"] == 0.0
+    assert "only_weight" not in result["layers"][0]
+    check = keep_fp32_check(loaded.module, FakeQuantSpec(), calib, x, result["top_k"])
+    assert check["keep_fp32"]["agreement"] == 1.0 and check["all_quantized"]["n"] == 16
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > -100:  # data-dependent control flow: torch.fx cannot trace it
+            x = torch.relu(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_untraceable_model_falls_back_to_full_runs():
+    model = _Untraceable().eval()
+    calib, x = [_images(8, 0, 16)], _images(8, 1, 16)
+    result = diagnose(model, FakeQuantSpec(), calib, x, onnx_names=False)
+    assert not result["bn_folded"] and not result["prefix_cached"]
+    assert "NOT folded" in result["spec_description"]
+    assert [layer["module"] for layer in result["layers"]] == ["conv", "fc"]
+
+
+def test_spec_from_recipe():
+    assert FakeQuantSpec.from_recipe(Recipe(backend=Backend.onnxruntime, per_channel=False)) == FakeQuantSpec(per_channel=False)
+    spec = FakeQuantSpec.from_recipe(Recipe(backend=Backend.tensorrt, calib=CalibMethod.percentile, percentile=99.9))
+    assert spec.symmetric_activations and spec.calib == "percentile" and spec.percentile == 99.9
+    with pytest.raises(ConfigError, match="minmax or percentile"):
+        FakeQuantSpec.from_recipe(Recipe(backend=Backend.torch, calib=CalibMethod.entropy))
+
+
+def test_onnx_node_names_tiny():
+    pytest.importorskip("onnx")
+    loaded = load_model("tiny_test")
+    names = onnx_node_names(loaded.module, loaded.example_input(1))
+    assert names == {
+        "features.0": "/features/features.0/Conv",
+        "features.3": "/features/features.3/Conv",
+        "features.6": "/features/features.6/Conv",
+        "fc": "/fc/Gemm",
+    }
+
+
+def _jpeg_folder(root: Path, n_classes: int = 6, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    from int8eval.data.synsets import synsets
+
+    rng = np.random.default_rng(0)
+    for wnid in synsets()[0][:n_classes]:
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(root / wnid / f"{i}.JPEG")
+    return root
+
+
+def test_run_diagnose_writes_json_and_fills_an_existing_report(tmp_path):
+    from int8eval.config import RunConfig
+    from int8eval.pipeline import run
+
+    data = _jpeg_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    run(RunConfig(model="tiny_test", data=data, out=out))  # FP32 only: a report to attach to
+    result = run_diagnose("tiny_test", data, out, calib_size=8, max_images=12, confirm_images=4, top_k=2)
+    saved = json.loads((out / "sensitivity.json").read_text())
+    assert saved["num_calib"] == 8 and saved["num_images"] == 12 and len(saved["image_ids"]) == 12
+    assert not set(saved["calib_image_ids"]) & set(saved["image_ids"])  # calibration images are not evaluated
+    assert saved["confirm"]["keep_fp32"]["n"] == 4
+    assert saved["layers"][-1]["onnx_node"] == "/fc/Gemm"
+    assert result["top_k"] == saved["top_k"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sensitivity"]["top_k"] == saved["top_k"]
+    assert "Per-layer sensitivity" in (out / "report.html").read_text()
+    assert "## Per-layer sensitivity" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_lite0_names_and_a_few_layers(shared_sample):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from int8eval.data.decode import batches
+    from int8eval.data.layouts import discover, subsample
+
+    loaded = load_model("efficientnet_lite0")
+    samples = subsample(discover(shared_sample).samples, 16, 0)
+    images = np.concatenate([b.images for b in batches(samples, loaded.preprocessing, batch_size=16, workers=0)])
+    chosen = ["stem.0.1", "blocks.1.depthwise.0.1", "classifier"]
+    result = diagnose(loaded.module, FakeQuantSpec(), [images[:8]], images[8:], layers=chosen, split_effects=False,
+                      top_k=1, example_input=loaded.example_input(1))
+    nodes = {e["module"]: e["onnx_node"] for e in result["layers"]}
+    assert nodes == {
+        "stem.0.1": "/stem/stem.0/stem.0.1/Conv",
+        "blocks.1.depthwise.0.1": "/blocks/blocks.1/depthwise/depthwise.0/depthwise.0.1/Conv",
+        "classifier": "/classifier/Gemm",
+    }
+    assert result["num_layers"] == 50 and result["bn_folded"] and result["prefix_cached"]
+    assert result["all_quantized"]["agreement"] >= 0.75
