@@ -42,3 +42,35 @@ def shared_sample() -> Path:
     if not SHARED_SAMPLE.is_dir():
         pytest.skip(f"shared ImageNet sample not found at {SHARED_SAMPLE}")
     return SHARED_SAMPLE
+
+
+# Backend contract fixtures: the tiny model and random calibration/evaluation batches of its 32x32 input.
+@pytest.fixture(scope="session")
+def tiny():
+    from int8eval.models import load_model
+
+    return load_model("tiny_test")
+
+
+@pytest.fixture(scope="session")
+def calib():
+    from int8eval.backends import CalibrationData
+
+    rng = np.random.default_rng(0)
+    return CalibrationData([rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(2)], ["a", "b"])
+
+
+@pytest.fixture(scope="session")
+def outlier_calib():
+    """Gaussian images with one huge pixel each: minmax spends its whole range on the outliers."""
+    from int8eval.backends import CalibrationData
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    x[:, 0, 5, 5] = 60.0
+    return CalibrationData([x[:8], x[8:]])
+
+
+@pytest.fixture(scope="session")
+def images() -> np.ndarray:
+    return np.random.default_rng(2).standard_normal((5, 3, 32, 32)).astype(np.float32)

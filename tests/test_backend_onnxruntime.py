@@ -31,31 +31,6 @@ def ort_recipe(**kw) -> Recipe:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny_test")
-
-
-@pytest.fixture(scope="module")
-def calib() -> CalibrationData:
-    rng = np.random.default_rng(0)
-    return CalibrationData([rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(2)], ["a", "b"])
-
-
-@pytest.fixture(scope="module")
-def outlier_calib() -> CalibrationData:
-    """Gaussian images with one huge pixel each: minmax spends its whole range on the outliers."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
-    x[:, 0, 5, 5] = 60.0
-    return CalibrationData([x[:8], x[8:]])
-
-
-@pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    return np.random.default_rng(2).standard_normal((5, 3, 32, 32)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
 def fp32_onnx(tiny, tmp_path_factory):
     return export_onnx(tiny.module, tiny.example_input(1), tmp_path_factory.mktemp("export") / "tiny.onnx")
 

@@ -103,6 +103,7 @@ def acceptance_options(fn):
 @click.option("--workers", default=1, show_default=True, help="Decoding worker processes.")
 @click.option("--max-images", type=int, help="Evaluate a seeded subset of this many images.")
 @click.option("--on-bad-image", type=click.Choice([o.value for o in OnBadImage]), default="skip", show_default=True)
+@click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @acceptance_options
 @_friendly
 def run(**kw) -> None:
@@ -212,6 +213,30 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
         apply_to_run_dir(run_dir, acceptance)
     for path in render(run_dir):
         console.print(f"wrote {path}")
+
+
+@main.command()
+@click.option("--model", "-m", required=True)
+@click.option("--backend", "backends", multiple=True, type=click.Choice([b.value for b in Backend]), help="Repeatable; default: every installed one.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), help="Repeatable; default: fp32 int8.")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration images for INT8 (default: $INT8EVAL_DATA or the sample; else noise).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--weights")
+@_friendly
+def bench(model, backends, precisions, data, out, checkpoint, weights) -> None:
+    """Speed and size of a model per backend and precision (no accuracy pass): writes OUT/bench.{json,md}."""
+    from int8eval.backends import BACKENDS
+    from int8eval.bench import bench_command
+
+    chosen = backends or [b.value for b, info in BACKENDS.items() if info.installed and info.default]
+    run = bench_command(
+        model, chosen, precisions or ("fp32", "int8"), out=out, data=data, checkpoint=checkpoint, weights=weights,
+        on_progress=lambda msg: console.log(msg),
+    )
+    console.print((out / "bench.md").read_text())
+    for w in run.warnings:
+        console.print(f"[yellow]warning[/yellow]: {w}")
 
 
 @main.command()

@@ -110,6 +110,7 @@ class RunConfig(_Strict):
     on_bad_image: OnBadImage = OnBadImage.skip
     recipes: tuple[Recipe, ...] = ()
     acceptance: Acceptance | None = None
+    bench: bool = False  # also time every variant (latency, throughput) after the accuracy pass
 
     @model_validator(mode="after")
     def _unique_variants(self) -> RunConfig:

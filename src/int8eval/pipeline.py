@@ -209,6 +209,11 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
         config=config.model_dump(mode="json"),
     )
     add_paired_stats(report, preds, config.acceptance)
+    if config.bench:
+        from int8eval.bench import add_bench
+
+        console.print("timing every variant (--bench)")
+        report.bench = add_bench(results, variants, loaded, reference=REFERENCE.name)
     report.write(out / "report.json")
     render(out)
     return report

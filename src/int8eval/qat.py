@@ -598,6 +598,7 @@ def build_finetuned_variant(
     engine = spec.engine if result.method is QATMethod.legacy else None
     variant = FinetunedVariant(recipe, name, module, artifact, freezing=compiled, engine=engine)
     variant.result = result
+    variant.details = finetune_summary(result)  # the schedule and what it did, in the report's variant entry
     if compiled:  # compile now (lazily otherwise) so that prepare_s counts it
         variant.predict(example.numpy())
     variant.prepare_s = time.perf_counter() - start

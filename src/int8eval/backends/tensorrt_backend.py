@@ -419,6 +419,8 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     torch.cuda.synchronize()
     variant = TensorRTVariant(recipe, engine)
     variant.prepare_s = time.perf_counter() - start
+    variant.details = {"tensorrt": _tensorrt().__version__, "mode": "implicit (legacy calibrator)" if recipe.legacy
+                       else "strongly typed", "gpu": torch.cuda.get_device_name()}
     return variant
 
 
@@ -459,6 +461,7 @@ def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None
             )
     variant = EmulatedVariant(recipe, path, input_dtype=input_dtype)
     variant.prepare_s = time.perf_counter() - start
+    variant.details = {"runs_on": "onnxruntime CPUExecutionProvider, not TensorRT", "onnx": str(path)}
     return variant
 
 

@@ -190,9 +190,10 @@ def int8_ranges() -> tuple[int, int]:
     return 127, 127
 
 
-def quantization_config(recipe: Recipe):
+def quantization_config(recipe: Recipe, *, ranges: tuple[int, int] | None = None):
     """The X86InductorQuantizer config for `recipe`: uint8 affine activations observed with `recipe.calib`,
-    int8 symmetric weights (min/max, per output channel unless `per_channel` is off)."""
+    int8 symmetric weights (min/max, per output channel unless `per_channel` is off); integer ranges from
+    `ranges` (activation and weight quant_max), by default `int8_ranges()` for this CPU."""
     from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
@@ -205,7 +206,7 @@ def quantization_config(recipe: Recipe):
         ),
         CalibMethod.entropy: pt2e_histogram_observer().with_args(method="entropy", eps=_EPS),
     }[recipe.calib]
-    act_qmax, weight_qmax = int8_ranges()
+    act_qmax, weight_qmax = ranges or int8_ranges()
     activation = QuantizationSpec(
         dtype=torch.uint8,
         quant_min=0,
@@ -242,7 +243,8 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
             f"torch.export failed for {loaded.name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "PT2E needs an exportable model with a dynamic batch dimension. Try the legacy FX path."
         ) from e
-    quantizer = X86InductorQuantizer().set_global(quantization_config(recipe))
+    ranges = int8_ranges()
+    quantizer = X86InductorQuantizer().set_global(quantization_config(recipe, ranges=ranges))
     try:
         prepared = prepare_pt2e(exported.module(), quantizer)
     except ValueError as e:
@@ -263,10 +265,7 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
     torch.export.save(program, artifact)
     module = torch.compile(converted, dynamic=False) if compile else converted
     variant = TorchVariant(recipe, module, artifact, freezing=compile)
-    act_qmax, weight_qmax = int8_ranges()
-    variant.info = {
-        "flow": "pt2e-x86-inductor", "compiled": compile, "act_qmax": act_qmax, "weight_qmax": weight_qmax
-    }
+    variant.info = {"flow": "pt2e-x86-inductor", "compiled": compile, "act_qmax": ranges[0], "weight_qmax": ranges[1]}
     if compile:  # compile now (lazy otherwise) so that prepare_s counts it
         variant.predict(calib.batches[0])
     variant.prepare_s = time.perf_counter() - start

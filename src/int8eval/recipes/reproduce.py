@@ -281,6 +281,7 @@ class _Renamed:
     def __init__(self, variant, name: str) -> None:
         self._variant, self.name = variant, name
         self.recipe, self.artifact, self.prepare_s = variant.recipe, variant.artifact, variant.prepare_s
+        self.details = {**(getattr(variant, "details", None) or {}), "weights": "QAT-trained (torch-int8-qat)"}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self._variant.predict(images)
