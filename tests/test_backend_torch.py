@@ -22,11 +22,6 @@ pytest.importorskip("torchao")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny_test")
-
-
-@pytest.fixture(scope="module")
 def calib() -> CalibrationData:
     rng = np.random.default_rng(0)
     return CalibrationData([rng.standard_normal((8, 3, 32, 32), dtype=np.float32) for _ in range(3)])
@@ -108,7 +103,7 @@ def test_activations_use_the_range_for_this_cpu(tiny, calib, tmp_path):
     quant = torch.ops.quantized_decomposed.quantize_per_tensor.default
     ranges = {n.args[3:5] for n in variant.module.graph.nodes if n.target is quant}
     assert ranges == {(0, act_qmax)}
-    assert variant.info["act_qmax"] == act_qmax
+    assert variant.details["act_qmax"] == act_qmax
 
 
 def test_per_tensor_weights_share_one_scale(tiny, calib, tmp_path):
@@ -267,3 +262,27 @@ def test_lite0_int8_agrees_with_fp32(tmp_path):
     int8 = tb.build(loaded, Recipe(backend="torch"), calib, tmp_path, compile=False)
     assert _agreement(int8.predict(images), fp32.predict(images)) >= 0.9
     assert int8.size_mb < 0.35 * fp32.size_mb  # INT8 weights: ~5 MB against 18.6
+
+
+# --- the histogram observer -------------------------------------------------------------------------------------
+
+
+def test_histogram_observer_grows_its_range_exactly():
+    observer = tb.pt2e_histogram_observer()(method="percentile", percentile=100.0, bins=64, dtype=torch.uint8)
+    rng = np.random.default_rng(3)
+    chunks = [rng.standard_normal(1000).astype(np.float32) * s for s in (0.3, 1.0, 5.0)]
+    for chunk in chunks:
+        observer(torch.from_numpy(chunk))
+    bound = float(observer.bound)
+    assert bound == 32.0  # max|x| of the last chunk is between 16 and 32
+    # Doubling by merging bin pairs loses nothing: the same counts as one histogram of everything at the end.
+    expected, _ = np.histogram(np.concatenate(chunks), bins=64, range=(-bound, bound))
+    np.testing.assert_array_equal(observer.histogram.numpy(), expected)
+    assert float(observer.min_val) == min(c.min() for c in chunks)
+
+
+def test_histogram_observer_ignores_infinities():
+    observer = tb.pt2e_histogram_observer()(method="percentile", percentile=100.0, dtype=torch.uint8)
+    observer(torch.tensor([float("inf"), -1.0, 2.0, float("nan")]))
+    scale, zero_point = observer.calculate_qparams()
+    assert float(observer.max_val) == 2.0 and float(scale) == pytest.approx(3.0 / 255, rel=0.01)

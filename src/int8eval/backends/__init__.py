@@ -30,7 +30,7 @@ class BackendInfo:
 
 
 BACKENDS: dict[Backend, BackendInfo] = {
-    Backend.torch: BackendInfo(Backend.torch, "torch_backend", ("torch", "torchao"), "pt2e", CalibMethod.minmax),
+    Backend.torch: BackendInfo(Backend.torch, "torch_backend", ("torch",), "pt2e", CalibMethod.minmax),
     Backend.onnxruntime: BackendInfo(
         Backend.onnxruntime, "onnxruntime_backend", ("onnx", "onnxruntime"), "onnxruntime", CalibMethod.percentile
     ),
