@@ -49,6 +49,9 @@ def build_recipes(
     legacy: bool,
     precisions: tuple[str, ...],
     fp32_only: bool,
+    qat_epochs: int = 0,
+    lr: float = 1e-5,
+    tensorrt_on_cpu: bool = False,
 ) -> tuple[Recipe, ...]:
     """One INT8 recipe per backend x calibration method, plus any extra precision baselines (bf16, fp16)."""
     from int8eval.backends import BACKENDS, default_calib
@@ -59,13 +62,19 @@ def build_recipes(
     recipes = []
     for backend in chosen:
         methods = [CalibMethod(c) for c in calibs] or [default_calib(backend)]
+        emulate = backend is Backend.tensorrt and tensorrt_on_cpu
         for method in methods:
-            common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor)
+            common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor, emulate=emulate)
             recipes.append(Recipe(**common))
             if legacy and backend is Backend.torch:
                 recipes.append(Recipe(**common, legacy=True))
         for p in precisions:
-            recipes.append(Recipe(backend=backend, precision=Precision(p)))
+            recipes.append(Recipe(backend=backend, precision=Precision(p), emulate=emulate))
+    if qat_epochs:  # QAT and its control: the same fine-tuning without quantization
+        tuned = dict(backend=Backend.torch, qat_epochs=qat_epochs, lr=lr)
+        recipes += [Recipe(**tuned), Recipe(**tuned, precision=Precision.fp32)]
+        if legacy:
+            recipes.append(Recipe(**tuned, legacy=True))
     return tuple(recipes)
 
 
@@ -103,6 +112,11 @@ def acceptance_options(fn):
 @click.option("--workers", default=1, show_default=True, help="Decoding worker processes.")
 @click.option("--max-images", type=int, help="Evaluate a seeded subset of this many images.")
 @click.option("--on-bad-image", type=click.Choice([o.value for o in OnBadImage]), default="skip", show_default=True)
+@click.option("--qat-epochs", default=0, show_default=True, help="Also QAT (PT2E) for N epochs, and the same fine-tuning in FP32 as a control.")
+@click.option("--train-data", type=click.Path(path_type=Path), help="QAT training images (default: a seeded split of --data, not evaluated).")
+@click.option("--train-size", default=300, show_default=True, help="Training images for QAT.")
+@click.option("--lr", default=1e-5, show_default=True, help="QAT learning rate.")
+@click.option("--tensorrt-on-cpu", is_flag=True, help="Run the ONNX that TensorRT would get with ONNX Runtime (no GPU needed).")
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @acceptance_options
 @_friendly
@@ -113,7 +127,7 @@ def run(**kw) -> None:
 
     recipes = build_recipes(
         kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
-        kw.pop("precisions"), kw.pop("fp32_only"),
+        kw.pop("precisions"), kw.pop("fp32_only"), kw.pop("qat_epochs"), kw.pop("lr"), kw.pop("tensorrt_on_cpu"),
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
@@ -285,6 +299,37 @@ def diagnose(**kw) -> None:
         f"agreement with FP32: all INT8 {100 * whole['agreement']:.2f}%, top {len(result['top_k'])} kept in FP32 "
         f"{100 * keep['agreement']:.2f}% ({result['num_images']} images); details in sensitivity.json"
     )
+
+
+@main.command()
+@click.argument("name", default="seed")
+@click.option("--data", type=click.Path(path_type=Path), help="ImageNet val images (default: $INT8EVAL_DATA, else the cached sample).")
+@click.option("--labels", type=click.Path(path_type=Path))
+@click.option("--train-data", type=click.Path(path_type=Path), help="Training images for the QAT rows.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/seed"), show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="The recipe's weights as a local file.")
+@click.option("--max-images", type=int)
+@click.option("--calib-size", type=int)
+@click.option("--train-size", type=int)
+@click.option("--workers", default=1, show_default=True)
+@click.option("--check", is_flag=True, help="Only list what the recipe needs and whether it is here.")
+@_friendly
+def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib_size, train_size, workers, check) -> None:
+    """Reproduce a published pipeline as a recipe (NAME: seed, or a YAML file) and write its table."""
+    from int8eval.data.fetch import default_data_root
+    from int8eval.recipes.reproduce import load_recipe, requirements
+    from int8eval.recipes.reproduce import reproduce as run_recipe
+
+    recipe = load_recipe(name)
+    if check:
+        for need in requirements(recipe, data=data, train_data=train_data, checkpoint=checkpoint):
+            console.print(escape(str(need)))
+        return
+    result = run_recipe(
+        recipe, data=data or default_data_root(), out=out, train_data=train_data, labels=labels,
+        checkpoint=checkpoint, max_images=max_images, calib_size=calib_size, train_size=train_size, workers=workers,
+    )
+    console.print(result.table_path.read_text())
 
 
 if __name__ == "__main__":  # pragma: no cover

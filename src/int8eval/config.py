@@ -77,10 +77,21 @@ class Recipe(_Strict):
     calib: CalibMethod = CalibMethod.minmax
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     per_channel: bool = True
-    legacy: bool = False  # PyTorch only: the seed's torch.ao.quantization API instead of PT2E
+    legacy: bool = False  # PyTorch: the seed's torch.ao.quantization API; TensorRT: the implicit INT8 calibrator
+    qat_epochs: int = Field(0, ge=0)  # > 0: fine-tune first (INT8: QAT; FP32: the same schedule without quantization)
+    lr: float = Field(1e-5, gt=0)  # fine-tuning learning rate
+    emulate: bool = False  # TensorRT only: run the ONNX TensorRT would get with ONNX Runtime on the CPU
 
     @property
     def name(self) -> str:
+        return self._base_name + ("@onnxruntime" if self.emulate else "")
+
+    @property
+    def _base_name(self) -> str:
+        if self.qat_epochs:
+            if self.precision is not Precision.int8:
+                return f"{self.backend.value}-{self.precision.value}-finetuned"
+            return f"{self.backend.value}-int8-qat" + ("-legacy" if self.legacy else "")
         if self.precision is not Precision.int8:
             return f"{self.backend.value}-{self.precision.value}"
         parts = [self.backend.value, "int8"]
@@ -110,6 +121,9 @@ class RunConfig(_Strict):
     on_bad_image: OnBadImage = OnBadImage.skip
     recipes: tuple[Recipe, ...] = ()
     acceptance: Acceptance | None = None
+    train_data: Path | None = None  # QAT training images (default: a seeded split of --data, then not evaluated)
+    train_size: int = Field(300, gt=0)
+    train_batch_size: int = Field(32, gt=0)
     bench: bool = False  # also time every variant (latency, throughput) after the accuracy pass
 
     @model_validator(mode="after")
@@ -123,3 +137,7 @@ class RunConfig(_Strict):
     @property
     def needs_calibration(self) -> bool:
         return any(r.precision is Precision.int8 for r in self.recipes)
+
+    @property
+    def needs_training(self) -> bool:
+        return any(r.qat_epochs for r in self.recipes)

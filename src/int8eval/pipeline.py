@@ -32,11 +32,45 @@ def plan_recipes(recipes: tuple[Recipe, ...]) -> list[Recipe]:
     """The PyTorch FP32 reference first, then each other backend's FP32 (for the parity gate), then the rest."""
     plan = [REFERENCE]
     for r in recipes:
-        fp32 = Recipe(backend=r.backend, precision=Precision.fp32)
+        fp32 = Recipe(backend=r.backend, precision=Precision.fp32, emulate=r.emulate)
         if fp32 not in plan:
             plan.append(fp32)
     plan += [r for r in recipes if r not in plan]
     return plan
+
+
+def _check(recipe: Recipe) -> None:
+    if recipe.qat_epochs:
+        from int8eval import qat
+
+        qat.check_recipe(recipe)
+    elif recipe.emulate:
+        from int8eval.backends.tensorrt_backend import check_emulated_recipe
+
+        check_emulated_recipe(recipe)
+    else:
+        backends.check_recipe(recipe)
+
+
+def _build(recipe: Recipe, loaded: LoadedModel, calib, train, config: RunConfig) -> Variant:
+    workdir = Path(config.out) / "artifacts"
+    if recipe.qat_epochs:
+        from int8eval import qat
+
+        spec = qat.FinetuneSpec(
+            epochs=recipe.qat_epochs, lr=recipe.lr, batch_size=config.train_batch_size, seed=config.seed,
+            workers=config.workers,
+        )
+        quantize = recipe.precision is Precision.int8
+        return qat.build_finetuned_variant(
+            loaded, train, workdir, spec=spec, quantize=quantize, legacy=recipe.legacy, calib=calib, recipe=recipe
+        )
+    if recipe.emulate:
+        from int8eval.backends.tensorrt_backend import build_qdq_onnx_variant
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        return build_qdq_onnx_variant(loaded, recipe, calib, workdir)
+    return backends.build_variant(loaded, recipe, calib, workdir)
 
 
 def _progress(console: Console) -> Progress:
@@ -114,7 +148,7 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     start = time.perf_counter()
     plan = plan_recipes(config.recipes)
     for recipe in plan:  # fail before any work on a missing backend or an impossible recipe
-        backends.check_recipe(recipe)
+        _check(recipe)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -123,6 +157,15 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
         loaded = load_model(config.model, checkpoint=config.checkpoint, weights=config.weights)
         progress.update(task, total=1, completed=1)
         found = discover(config.data, config.labels)
+        train: list = []
+        num_found = len(found.samples)
+        if config.needs_training:  # training images are never evaluated either
+            from int8eval import qat
+
+            train, rest = qat.split_training(
+                found.samples, size=config.train_size, seed=config.seed, train_root=config.train_data
+            )
+            found.samples = rest
         calib_samples, calib_source, eval_samples = _calibration(config, loaded, found, progress)
         eval_samples = subsample(eval_samples, config.max_images, config.seed)
         calib = _decode_calibration(calib_samples, loaded, config, progress) if calib_samples else None
@@ -132,7 +175,7 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
         for recipe in plan:
             task = progress.add_task(f"building {recipe.name}", total=None)
             try:
-                variant = backends.build_variant(loaded, recipe, calib, out / "artifacts")
+                variant = _build(recipe, loaded, calib, train, config)
                 variants.append(variant)
                 results[recipe.name] = _variant_result(recipe, variant, None)
             except Exception as e:  # noqa: BLE001 - one failing variant does not stop the others
@@ -188,7 +231,7 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
         data=DataSection(
             root=str(Path(config.data).resolve()),
             layout=found.layout,
-            num_found=len(found.samples),
+            num_found=num_found,
             num_images=len(preds.labels),
             num_skipped=len(skipped),
             skipped=skipped,
@@ -198,6 +241,9 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
             if calib
             else None,
             seed=config.seed,
+            training={"num_images": len(train), "source": str(config.train_data or config.data), "image_ids": [t.id for t in train]}
+            if train
+            else None,
         ),
         variants=[results[r.name] for r in plan],
         environment=environment(),

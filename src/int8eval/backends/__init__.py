@@ -37,7 +37,7 @@ BACKENDS: dict[Backend, BackendInfo] = {
     Backend.openvino: BackendInfo(Backend.openvino, "openvino_backend", ("openvino", "nncf"), "openvino", CalibMethod.minmax),
     # TensorRT needs an NVIDIA GPU: only run when asked for.
     Backend.tensorrt: BackendInfo(
-        Backend.tensorrt, "tensorrt_backend", ("tensorrt", "onnx"), "tensorrt", CalibMethod.entropy, default=False
+        Backend.tensorrt, "tensorrt_backend", ("tensorrt", "onnx", "onnxruntime"), "tensorrt", CalibMethod.entropy, default=False
     ),
 }
 

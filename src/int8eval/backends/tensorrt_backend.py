@@ -429,7 +429,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
 
 def emulated_name(recipe: Recipe) -> str:
     """The report name of a TensorRT recipe's ONNX run with ONNX Runtime on the CPU."""
-    return f"{recipe.name}@onnxruntime"
+    return recipe.name if recipe.emulate else f"{recipe.name}@onnxruntime"
 
 
 def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:

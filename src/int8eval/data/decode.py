@@ -79,6 +79,8 @@ def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, worke
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        persistent_workers=False,
+        # Spawned, not forked: by now backends (OpenVINO, ONNX Runtime, inductor) have started thread pools, and
+        # forking a process that holds them can crash the child.
+        multiprocessing_context="spawn" if workers > 0 else None,
     )
     yield from loader
