@@ -73,7 +73,7 @@ def test_bad_inputs_are_converted_or_skipped_with_a_reason(tmp_path):
         def predict(self, x):
             return np.zeros((len(x), 1000), np.float32)
 
-    outcome = evaluate(found.samples, PRE, [Identity()], batch_size=3)
+    outcome = evaluate(found.samples, PRE, [Identity()], batch_size=3, workers=0)
     read = set(outcome.predictions.image_ids)
     assert read == {f"{WNIDS[0]}/{n}.JPEG" for n in ("good", "gray", "cmyk", "png_named")}
     bad = {s["path"].split("/")[-1]: s["reason"] for s in outcome.skipped}
@@ -82,7 +82,7 @@ def test_bad_inputs_are_converted_or_skipped_with_a_reason(tmp_path):
     assert "UnidentifiedImageError" in bad["corrupt.JPEG"]
 
     with pytest.raises(DatasetError, match="corrupt.JPEG"):
-        evaluate(found.samples, PRE, [Identity()], batch_size=3, on_bad_image=OnBadImage.fail)
+        evaluate(found.samples, PRE, [Identity()], batch_size=3, workers=0, on_bad_image=OnBadImage.fail)
 
 
 def test_grayscale_and_cmyk_decode_to_three_channels(tmp_path):
@@ -118,7 +118,7 @@ def test_only_unreadable_images_fails_clearly(tmp_path):
             return np.zeros((len(x), 1000), np.float32)
 
     with pytest.raises(DatasetError, match="none of the 1 images could be read"):
-        evaluate(discover(root).samples, PRE, [V()])
+        evaluate(discover(root).samples, PRE, [V()], workers=0)
 
 
 def test_empty_or_missing_data_root_is_a_clear_error(tmp_path):
