@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_lite0_fp32_run_on_the_shared_sample(shared_sample, tmp_path):
-    report = run(RunConfig(model="efficientnet_lite0", data=shared_sample, out=tmp_path, max_images=160, workers=1))
+    report = run(RunConfig(model="efficientnet_lite0", data=shared_sample, out=tmp_path, max_images=160))
     ref = report.reference
     assert report.data.num_images == 160 and report.data.num_found == 800
     # EfficientNet-Lite0 scores ~88% on these (training-like) images; a label or preprocessing bug scores far less.

@@ -116,7 +116,7 @@ class RunConfig(_Strict):
     calib_size: int = Field(100, gt=0)
     seed: int = 0
     batch_size: int = Field(32, gt=0)
-    workers: int = Field(1, ge=0)
+    workers: int = Field(0, ge=0)  # decoding processes; 0 decodes in this process
     max_images: int | None = Field(None, gt=0)
     on_bad_image: OnBadImage = OnBadImage.skip
     recipes: tuple[Recipe, ...] = ()

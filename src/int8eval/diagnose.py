@@ -666,7 +666,7 @@ def run_diagnose(
     layers: list[str] | None = None,
     seed: int = 0,
     batch_size: int = 32,
-    workers: int = 1,
+    workers: int = 0,
     labels: Path | None = None,
     checkpoint: Path | None = None,
     weights: str | None = None,

@@ -85,7 +85,7 @@ def evaluate(
     *,
     reference: str | None = None,
     batch_size: int = 32,
-    workers: int = 1,
+    workers: int = 0,
     on_bad_image: OnBadImage = OnBadImage.skip,
     progress: Progress | None = None,
 ) -> EvalOutcome:

@@ -320,7 +320,7 @@ def reproduce(
     calib_size: int | None = None,
     train_size: int | None = None,
     gpu: bool | None = None,
-    workers: int = 1,
+    workers: int = 0,
     compile: bool = True,
 ) -> SeedResult:
     """Run `recipe` and write OUT/seed_table.md and OUT/seed_table.json (and the per-image predictions).
