@@ -38,7 +38,6 @@ MODELS = ("resnet50", "efficientnet_lite0")
 TARGET_INT8_VS_FP32 = 9.0
 TARGET_INT8_VS_BF16 = 1.8
 TARGET_OVERHEAD = 0.05
-SLOW_BF16 = {"batch_sizes": (1,), "warmup": 1, "min_runs": 3, "min_seconds": 0.0}
 
 
 def machine_slug() -> str:
@@ -99,14 +98,9 @@ def bench_model(model: str, args, tmp: Path) -> tuple[dict, list]:
         compiled.prepare_s = time.perf_counter() - start
         variants.insert(variants.index(torch_fp32) + 1, compiled)
     build_s = time.perf_counter() - t
-    overrides = {}
-    if not cpu_info()["bf16_acceleration"]:
-        # Emulated BF16 is ~10x slower than FP32 here: batch-1 latency from a few calls shows that, and a batch-32
-        # throughput run would take minutes for nothing.
-        overrides = {v.name: SLOW_BF16 for v in variants if v.recipe.precision.value == "bf16"}
     run = bench.bench_run(
         variants, loaded.input_shape, on_progress=lambda n: print(f"  {model}: timing {n}", flush=True),
-        overrides=overrides, **bench_kw(args),
+        **bench_kw(args),  # BF16 without BF16 hardware is timed at batch 1 only (bench.EMULATED_BF16)
     )
     for name, message in not_built.items():
         run.variants[name] = {"error": message}
@@ -355,6 +349,18 @@ def overhead_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _argv_without_notes() -> list[str]:
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            argv.append(a)
+    return argv
+
+
 def write_result(path: Path, runs: list[dict], overhead: list[dict], args, started: float, loads: dict) -> None:
     machine = runs[0]["machine"] if runs else bench.machine_info()
     cpu = machine["cpu"]
@@ -364,7 +370,8 @@ def write_result(path: Path, runs: list[dict], overhead: list[dict], args, start
     lines = [
         f"# Backend benchmark, {date.today().isoformat()}, {machine_slug()}",
         "",
-        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` ({time.perf_counter() - started:.0f} s in all).",
+        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(_argv_without_notes())}` "
+        f"({time.perf_counter() - started:.0f} s in all).",
         "",
         "## Machine",
         "",
@@ -383,6 +390,8 @@ def write_result(path: Path, runs: list[dict], overhead: list[dict], args, start
     ]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    if args.note:
+        lines += ["## Notes (from whoever ran it)", ""] + [f"- {n}" for n in args.note] + [""]
     lines += ["## INT8 vs FP32 and BF16, per backend", ""] + ratio_table(rows, args.batch) + [""]
     lines += ["## Targets (issue 5)", ""] + targets(rows, overhead) + [""]
     for run in runs:
@@ -424,6 +433,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Few runs: a smoke test, not a measurement.")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--name", default=None, help="Result file name (default: DATE-MACHINE.md).")
+    ap.add_argument("--note", action="append", default=[], help="A line for the result file's Notes (repeatable).")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.backends = [b for b in args.backends.split(",") if b]

@@ -289,6 +289,7 @@ def test_fastest_by_agreement_when_no_verdict():
     [
         (True, True), ("pass", True), ("within budget", True), ("FAIL", False), ("exceeds_budget", False),
         ({"meets_budget": False}, False), ({"status": "passed"}, True), ("unsure", None), (None, None),
+        ({"verdict": "pass", "reason": "..."}, True), ({"verdict": "inconclusive"}, False),  # verdict.decide's shape
     ],
 )
 def test_meets_budget_reads_verdicts_defensively(verdict, expected):
@@ -356,7 +357,7 @@ def test_bench_command_on_tiny_torch(tmp_path):
         throughput_min_runs=2, min_seconds=0,
     )
     assert {"torch-fp32", "torch-bf16"} <= set(run.variants)
-    assert run.variants["torch-bf16"]["speedup_throughput_vs_fp32"] > 0
+    assert run.variants["torch-bf16"]["speedup_latency_vs_fp32"] > 0
     assert run.variants["torch-fp32"]["threads"] >= 1
     assert (tmp_path / "bench.json").exists() and "torch-bf16" in (tmp_path / "bench.md").read_text()
 
@@ -389,3 +390,18 @@ def test_thread_count_is_read_back_from_the_runtime(tmp_path, backend, package):
     assert isinstance(threads, int) and threads >= 1
     r = bench.benchmark(v, (3, 32, 32), batch_sizes=(1, 2), warmup=1, min_runs=2, throughput_min_runs=1, min_seconds=0)
     assert r.threads == threads and r.timings[2].runs == 1
+
+
+def test_emulated_bf16_is_timed_at_batch_1_only():
+    clock = FakeClock()
+    fp32, bf16 = FakeVariant(clock, [0.01]), FakeVariant(clock, [0.1], precision="bf16")
+    kw = dict(batch_sizes=(1, 8), warmup=2, min_runs=10, throughput_min_runs=2, min_seconds=0, clock=clock)
+    run = bench.bench_run([fp32, bf16], SHAPE, bf16_hardware=False, **kw)
+    b = run.variants["torch-bf16"]
+    assert b["throughput_batch"] == 1 and b["latency_runs"] == bench.EMULATED_BF16["min_runs"]
+    assert [len(x) for x in bf16.calls] == [1] * (bench.EMULATED_BF16["warmup"] + bench.EMULATED_BF16["min_runs"])
+    assert "speedup_throughput_vs_fp32" not in b  # batch 1 vs batch 8: not comparable
+    assert b["speedup_latency_vs_fp32"] == pytest.approx(0.1)
+    assert "settings_override" in b
+    full = bench.bench_run([FakeVariant(clock, [0.1], precision="bf16")], SHAPE, bf16_hardware=True, **kw)
+    assert full.variants["torch-bf16"]["throughput_batch"] == 8

@@ -36,6 +36,9 @@ AGREEMENT_BUDGET = 0.99
 # Precisions a variant's speed is compared against on its own backend: FP32, and the fast float baseline (BF16 on
 # CPUs with AMX/AVX512-BF16, FP16 on GPUs), so INT8 is not credited with what any reduced precision would buy.
 BASELINE_PRECISIONS = ("fp32", "bf16", "fp16")
+# Timing for a BF16 variant on a CPU without BF16 hardware: emulated, ~10x slower than FP32; a few batch-1 calls
+# show that, while batch-32 runs would take minutes for nothing.
+EMULATED_BF16 = {"warmup": 1, "min_runs": 3, "min_seconds": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -466,6 +469,7 @@ def bench_run(
     reference: str | None = None,
     on_progress: Callable[[str], None] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    bf16_hardware: bool | None = None,
     **bench_kw: Any,
 ) -> BenchRun:
     """Benchmark every variant of a run and compare each with its backend's FP32 and BF16/FP16 variants.
@@ -477,6 +481,9 @@ def bench_run(
         on_progress: called with each variant's name before it is timed.
         overrides: per variant name, `benchmark` arguments that replace `bench_kw` for it (e.g. fewer runs for a
             variant that is emulated and very slow); they are recorded in its result.
+        bf16_hardware: whether the CPU runs BF16 natively (default: read from /proc/cpuinfo). Without it a CPU
+            BF16 variant is emulated and ~10x slower than FP32, so it is timed at batch 1 only, with a few calls
+            (`EMULATED_BF16`), unless `overrides` says otherwise.
         **bench_kw: passed to `benchmark` (batch_sizes, warmup, min_runs, min_seconds, threads, images, ...).
 
     Example:
@@ -484,6 +491,14 @@ def bench_run(
         >>> run.variants["openvino-int8-minmax"]["speedup_throughput_vs_fp32"]
     """
     variants = list(variants)
+    overrides = dict(overrides or {})
+    if bf16_hardware is None:
+        bf16_hardware = cpu_info()["bf16_acceleration"]
+    if not bf16_hardware:
+        smallest = min(bench_kw.get("batch_sizes", (1, 32)))
+        for v in variants:
+            if _precision_of(v) == "bf16" and v.name not in overrides:
+                overrides[v.name] = {**EMULATED_BF16, "batch_sizes": (smallest,)}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     entries = []
     for v in variants:
@@ -491,7 +506,7 @@ def bench_run(
             on_progress(v.name)
         entry = BenchEntry(v.name, _backend_of(v), _precision_of(v), size_mb=v.size_mb, artifact=_str(getattr(v, "artifact", None)))
         try:
-            entry.result = benchmark(v, input_shape, **{**bench_kw, **((overrides or {}).get(v.name) or {})})
+            entry.result = benchmark(v, input_shape, **{**bench_kw, **(overrides.get(v.name) or {})})
         except Exception as e:  # noqa: BLE001 - one variant that cannot run must not stop the others
             entry.error = f"{type(e).__name__}: {e}"
         entries.append(entry)
@@ -516,7 +531,7 @@ def bench_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     compared = compare(entries, reference=reference)
-    for name, o in (overrides or {}).items():
+    for name, o in overrides.items():
         if name in compared:
             compared[name]["settings_override"] = {k: v for k, v in o.items() if k not in ("images", "clock")}
     return BenchRun(compared, machine, settings, warnings, fastest_variant([{"name": n, "bench": d} for n, d in compared.items()]))
@@ -531,7 +546,10 @@ def _str(x) -> str | None:
 
 
 _PASS_WORDS = {"pass", "passed", "ok", "good", "meets", "meets_budget", "within_budget", "accept", "accepted", "yes", "true"}
-_FAIL_WORDS = {"fail", "failed", "bad", "exceeds", "exceeds_budget", "over_budget", "reject", "rejected", "no", "false"}
+# "inconclusive" (the drop's CI straddles the budget) is not shown to be within it, so it does not qualify.
+_FAIL_WORDS = {
+    "fail", "failed", "bad", "exceeds", "exceeds_budget", "over_budget", "reject", "rejected", "no", "false", "inconclusive",
+}
 
 
 def meets_budget(verdict: Any) -> bool | None:
