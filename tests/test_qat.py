@@ -86,7 +86,8 @@ def test_qat_and_its_control_see_the_same_augmented_batches(image_folder, tiny):
         torch.manual_seed(spec.seed)  # as _train does before each run
         return next(iter(_loader(samples, tiny.preprocessing, spec)))
 
-    (x1, y1, _), (x2, y2, _) = first_batch(), first_batch()
+    b1, b2 = first_batch(), first_batch()
+    x1, y1, x2, y2 = (torch.from_numpy(a) for a in (b1.images, b1.labels, b2.images, b2.labels))
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 

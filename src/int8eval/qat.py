@@ -51,7 +51,7 @@ from torch import nn
 from int8eval.backends.base import CalibrationData
 from int8eval.backends.torch_backend import TorchVariant, _drop_unused_tensors, untie_reused_modules
 from int8eval.config import Backend, Precision, Preprocessing, Recipe
-from int8eval.data.decode import _INTERPOLATION, load_rgb
+from int8eval.data.decode import _INTERPOLATION, ImageDataset, collate
 from int8eval.data.layouts import Sample, discover
 from int8eval.errors import BackendUnavailable, ConfigError, DatasetError
 
@@ -196,39 +196,15 @@ def train_transform(pre: Preprocessing):
     )
 
 
-class _TrainImages(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], pre: Preprocessing) -> None:
-        self.samples = samples
-        self.transform = train_transform(pre)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(load_rgb(self.samples[i].path)), self.samples[i].label, None
-        except Exception as e:  # noqa: BLE001 - a decoder failure is a property of the file
-            return None, self.samples[i].label, f"{self.samples[i].id}: {type(e).__name__}: {e}"
-
-
-def _collate(items):
-    good = [(x, y) for x, y, err in items if err is None]
-    bad = [err for _, _, err in items if err is not None]
-    if not good:
-        return None, None, bad
-    xs, ys = zip(*good)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
-
-
 def _loader(samples: list[Sample], pre: Preprocessing, spec: FinetuneSpec):
     # A seeded generator drives both the shuffling and (through the workers' seeds or the global RNG reset in
     # _train) the augmentation, so the QAT run and its control see the same crops in the same order.
     return torch.utils.data.DataLoader(
-        _TrainImages(samples, pre),
+        ImageDataset(samples, train_transform(pre)),
         batch_size=spec.batch_size,
         shuffle=True,
         num_workers=spec.workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(spec.seed),
         drop_last=False,
     )
@@ -385,7 +361,7 @@ def _set_mode(model: nn.Module, *, train: bool, exported: bool) -> None:
 
 def _train(
     model: nn.Module, loader, spec: FinetuneSpec, device: str, set_mode: Callable[[bool], None]
-) -> tuple[list[float], int, list[dict]]:
+) -> tuple[list[float], int, list[tuple[int, str]]]:
     # Frozen BN: train in eval mode (folded BN, no dropout); else BN statistics and dropout as in model.train().
     set_mode(not spec.freeze_bn)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -394,11 +370,11 @@ def _train(
     losses, seen, bad = [], 0, []
     for _ in range(spec.epochs):
         total, count = 0.0, 0
-        for images, labels, errors in loader:
-            bad += errors
-            if images is None:
+        for batch in loader:
+            bad += batch.bad
+            if not len(batch.indices):
                 continue
-            images, labels = images.to(device), labels.to(device)
+            images, labels = torch.from_numpy(batch.images).to(device), torch.from_numpy(batch.labels).to(device)
             loss = nn.functional.cross_entropy(model(images), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -410,7 +386,7 @@ def _train(
     set_mode(False)
     if not seen:
         raise DatasetError("none of the training images could be read")
-    return losses, seen, [{"path": e.split(":", 1)[0], "reason": e.split(":", 1)[1].strip()} for e in dict.fromkeys(bad)]
+    return losses, seen, list(dict.fromkeys(bad))  # (position, reason), once each over the epochs
 
 
 @torch.no_grad()
@@ -481,7 +457,8 @@ def qat_finetune(
     prepare_s = time.perf_counter() - start
 
     train_start = time.perf_counter()
-    losses, seen, skipped = _train(model, _loader(train_samples, loaded.preprocessing, spec), spec, device, set_mode)
+    losses, seen, bad = _train(model, _loader(train_samples, loaded.preprocessing, spec), spec, device, set_mode)
+    skipped = [{"path": train_samples[i].id, "reason": reason} for i, reason in bad]
     train_s = time.perf_counter() - train_start
 
     convert_start = time.perf_counter()

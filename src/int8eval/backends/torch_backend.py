@@ -165,6 +165,13 @@ def untie_reused_modules(model: nn.Module) -> nn.Module:
 # --- PT2E (torchao) -------------------------------------------------------------------------------------------
 
 
+def _calibrate(prepared, calib: CalibrationData) -> None:
+    """Feed every calibration batch through a model with observers."""
+    with torch.no_grad():
+        for batch in calib:
+            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+
+
 def _example(calib: CalibrationData) -> torch.Tensor:
     """Two calibration images: a batch of 1 would make torch.export specialise the batch dimension to 1."""
     x = torch.from_numpy(np.ascontiguousarray(calib.batches[0][:2], dtype=np.float32))
@@ -254,9 +261,7 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
             f"PT2E cannot quantize {loaded.name}: a module is called at several places and torch.fx could not "
             "trace the model to give each call its own copy. Give each use its own module in the model code."
         ) from e
-    with torch.no_grad():
-        for batch in calib:
-            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+    _calibrate(prepared, calib)
     converted = convert_pt2e(prepared)
     _drop_unused_tensors(converted)
     artifact = workdir / f"{recipe.name}.pt2"
@@ -321,9 +326,7 @@ def _build_legacy(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path)
             f"torch.ao FX could not trace {loaded.name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "use PT2E (legacy off)"
         ) from e
-    with torch.no_grad():
-        for batch in calib:
-            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+    _calibrate(prepared, calib)
     quantized = convert_fx(prepared)
     artifact = workdir / f"{recipe.name}.pt"
     torch.save(quantized.state_dict(), artifact)  # packed INT8 weights

@@ -39,46 +39,50 @@ def load_rgb(path) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], pre: Preprocessing) -> None:
+    """(position, label, image tensor or None, error or None): the transform is the eval one or a training one."""
+
+    def __init__(self, samples: list[Sample], transform) -> None:
         self.samples = samples
-        self.transform = build_transform(pre)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
+        label = self.samples[i].label
         try:
-            return i, self.transform(load_rgb(self.samples[i].path)), None
+            return i, label, self.transform(load_rgb(self.samples[i].path)), None
         except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the file, reported per image
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, label, None, f"{type(e).__name__}: {e}"
 
 
 @dataclass
 class Batch:
     indices: np.ndarray  # positions in the sample list
+    labels: np.ndarray  # int64 class indices of the decoded images
     images: np.ndarray  # float32 [N, 3, H, W]
     bad: list[tuple[int, str]]  # (position, reason) of images that could not be decoded
 
 
-def _collate(items) -> Batch:
-    good = [(i, x) for i, x, err in items if err is None]
-    bad = [(i, err) for i, _, err in items if err is not None]
+def collate(items) -> Batch:
+    good = [(i, y, x) for i, y, x, err in items if err is None]
+    bad = [(i, err) for i, _, _, err in items if err is not None]
     if good:
-        idx, xs = zip(*good)
+        idx, ys, xs = zip(*good)
         images = torch.stack(xs).numpy()
     else:
-        idx, images = (), np.zeros((0, 3, 1, 1), np.float32)
-    return Batch(np.asarray(idx, dtype=np.int64), images, bad)
+        idx, ys, images = (), (), np.zeros((0, 3, 1, 1), np.float32)
+    return Batch(np.asarray(idx, dtype=np.int64), np.asarray(ys, dtype=np.int64), images, bad)
 
 
 def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, workers: int) -> Iterator[Batch]:
     """Decoded, preprocessed batches in sample order (workers decode ahead while the variants run)."""
     loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, pre),
+        ImageDataset(samples, build_transform(pre)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         # Spawned, not forked: by now backends (OpenVINO, ONNX Runtime, inductor) have started thread pools, and
         # forking a process that holds them can crash the child.
         multiprocessing_context="spawn" if workers > 0 else None,
