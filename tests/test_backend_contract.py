@@ -72,3 +72,21 @@ def test_missing_backend_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     with pytest.raises(BackendUnavailable, match=r"int8eval\[openvino\]"):
         backends.require(Backend.openvino)
+
+
+def test_keep_fp32(backend, tiny, calib, images, tmp_path):
+    """Layers named in keep_fp32 stay FP32: keeping every layer gives FP32's logits; keeping some changes the
+    INT8 model but still quantizes the rest."""
+    fp32 = backends.build_variant(tiny, Recipe(backend=backend, precision=Precision.fp32), None, tmp_path / "fp32")
+    ref = fp32.predict(images)
+    every = tuple(tiny.quantizable_layers)
+    assert every == ("features.0", "features.3", "features.6", "fc")
+    outputs = {}
+    for keep in ((), ("features.0", "fc"), every):
+        recipe = Recipe(backend=backend, calib=backends.default_calib(backend), keep_fp32=keep)
+        outputs[keep] = backends.build_variant(tiny, recipe, calib, tmp_path / f"keep{len(keep)}").predict(images)
+    error = {keep: float(np.abs(out - ref).max()) for keep, out in outputs.items()}
+    # ONNX Runtime still quantizes the pooling between the kept layers, so "every layer" is not exactly FP32 there.
+    assert error[every] < error[()] / 3, error
+    some = outputs[("features.0", "fc")]
+    assert not np.array_equal(some, outputs[()]) and not np.array_equal(some, outputs[every])

@@ -13,7 +13,7 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from int8eval.backends import CalibrationData, build_variant, check_recipe  # noqa: E402
-from int8eval.backends import onnx_qdq, onnxruntime_backend  # noqa: E402
+from int8eval.backends import onnx_qdq, onnxruntime_backend, ranges  # noqa: E402
 from int8eval.backends.onnx_export import count_qdq, export_onnx, quantized_inputs  # noqa: E402
 from int8eval.backends.onnx_qdq import (  # noqa: E402
     TensorStats,
@@ -111,6 +111,13 @@ def test_int8_qdq_structure(tiny, calib, images, tmp_path, per_channel):
             assert q.kind == "dq" and q.dtype == "int32"
     out = variant.predict(images)
     assert out.shape == (5, 1000) and np.isfinite(out).all()
+
+
+def test_keep_fp32_layers_have_no_qdq(tiny, calib, tmp_path):
+    variant = build_variant(tiny, ort_recipe(keep_fp32=("features.3", "fc")), calib, tmp_path)
+    weights = {q.node: q.kind for q in quantized_inputs(onnx.load(str(variant.artifact))) if q.index == 1}
+    assert weights == {"/features/features.0/Conv": "dq", "/features/features.3/Conv": "float",
+                       "/features/features.6/Conv": "dq", "/fc/Gemm": "float"}
 
 
 def _weight_out_channels(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
@@ -218,48 +225,16 @@ def test_histogram_grows_without_losing_counts():
     assert many.count == one.count == values.size
     assert (many.min, many.max) == (one.min, one.max) == (float(values.min()), float(values.max()))
     assert many.hist_max >= np.abs(values).max()
-    t_one = onnx_qdq._percentile_threshold(one, 99.9)
-    t_many = onnx_qdq._percentile_threshold(many, 99.9)
+    t_one = ranges.percentile_threshold(one.hist, one.hist_max, 99.9)
+    t_many = ranges.percentile_threshold(many.hist, many.hist_max, 99.9)
     assert t_one == pytest.approx(3.29, abs=0.05) and t_many == pytest.approx(t_one, abs=0.05)
 
 
 def test_gaussian_thresholds_are_plausible():
     s = _stats_of(np.random.default_rng(4).standard_normal(1_000_000).astype(np.float32))
     # A Gaussian's optimal 8-bit clip is about 3-5 sigma, inside its ~4.9 sigma maximum.
-    assert 2.5 < onnx_qdq._entropy_threshold(s, 127) < s.max
-    assert 2.5 < onnx_qdq._mse_threshold(s, 127) < s.max
-
-
-def _entropy_by_definition(s: TensorStats, levels: int) -> float:
-    """pytorch-quantization's `_compute_amax_entropy` written out: expand P and Q for every candidate."""
-    hist = s.hist.astype(np.float64)
-    hist[0] = hist[1]
-    nbins, nq = len(hist), levels + 1
-    best_kl, best_i = np.inf, nbins
-    for i in range(nq, nbins + 1):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        nonzero = hist[:i] != 0
-        group = (np.arange(i) * nq) // i
-        sums = np.bincount(group, weights=hist[:i], minlength=nq)
-        counts = np.bincount(group, weights=nonzero, minlength=nq)
-        q = np.where(nonzero, sums[group] / np.maximum(counts[group], 1), 0.0)
-        p, q = p / p.sum(), q / q.sum()
-        mask = p > 0
-        if np.any(q[mask] == 0):
-            continue
-        kl = np.sum(p[mask] * np.log(p[mask] / q[mask]))
-        if kl <= best_kl + 1e-12:
-            best_kl, best_i = kl, i
-    return best_i * s.hist_max / nbins
-
-
-@pytest.mark.parametrize(("shape", "levels"), [("relu", 255), ("laplace", 127)])
-def test_closed_form_entropy_equals_the_definition(shape, levels):
-    rng = np.random.default_rng(5)
-    values = np.maximum(rng.standard_normal(100_000), 0) if shape == "relu" else rng.laplace(size=100_000)
-    s = _stats_of(values.astype(np.float32))
-    assert onnx_qdq._entropy_threshold(s, levels) == pytest.approx(_entropy_by_definition(s, levels), rel=1e-9)
+    assert 2.5 < ranges.entropy_threshold(s.hist, s.hist_max, 127) < s.max
+    assert 2.5 < ranges.mse_threshold(s.hist, s.hist_max, 127, s.zeros) < s.max
 
 
 def test_all_zero_activation_gets_a_zero_range():

@@ -134,6 +134,18 @@ def test_per_tensor_weights_have_one_scale(tiny, calib, int8_variants, tmp_path)
     assert len(per_tensor) == len(per_channel) and set(per_tensor) == {1}
 
 
+def test_keep_fp32_layers_keep_float_weights(tiny, calib, int8_variants, tmp_path):
+    assert len(weight_scale_sizes(read(int8_variants[CalibMethod.minmax]))) == 4
+    variant = ob.build(tiny, ov_recipe(keep_fp32=("features.3", "fc")), calib, tmp_path)
+    model = read(variant)
+    assert len(weight_scale_sizes(model)) == 2
+    float_layers = [op.get_friendly_name() for op in model.get_ordered_ops()
+                    if op.get_type_name() in ("GroupConvolution", "MatMul")]
+    assert [ob.layer_ops(model, ["features.3", "fc"])] == [float_layers]
+    with pytest.raises(ConfigError, match="features.9"):
+        ob.layer_ops(model, ["features.9"])
+
+
 def test_percentile_and_entropy_narrow_what_minmax_spends_on_outliers(tiny, outlier_calib, tmp_path):
     minmax = activation_highs(read(ob.build(tiny, ov_recipe(calib=CalibMethod.minmax), outlier_calib, tmp_path)))
     input_fq = next(name for name in minmax if name.startswith("x/"))  # the quantizer on the model input

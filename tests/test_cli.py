@@ -71,3 +71,39 @@ def test_models_and_backends_listings():
     assert "efficientnet_lite0" in _run(["models"]).output
     out = _run(["backends"]).output
     assert "onnxruntime" in out and "int8eval[onnxruntime]" in out
+
+
+def test_keep_fp32_variants_from_a_diagnosis(image_folder, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sensitivity.json").write_text(json.dumps({"ranking": ["features.3", "fc", "features.0", "features.6"]}))
+    base = ["run", "-m", "tiny_test", "--data", str(image_folder), "--out", str(out), "--backend", "onnxruntime",
+            "--calib-size", "4"]
+    result = _run(base + ["--keep-fp32", "none", "--keep-fp32", "top2", "--keep-fp32", "features.6"])
+    assert result.exit_code == 0, result.output
+    variants = {v["name"]: v for v in json.loads((out / "report.json").read_text())["variants"]}
+    assert variants["onnxruntime-int8-percentile99.999"]["recipe"]["keep_fp32"] == []
+    assert variants["onnxruntime-int8-percentile99.999-keep2"]["recipe"]["keep_fp32"] == ["features.3", "fc"]
+    assert variants["onnxruntime-int8-percentile99.999-keep1"]["recipe"]["keep_fp32"] == ["features.6"]
+    assert all(v["status"] == "ok" for v in variants.values())
+
+    for keep, message in [("features.9", "features.9: not a Conv/Linear layer of tiny_test"),
+                          ("top9", "ranks 4 layers"), ("features.1", "Its layers: features.0, features.3")]:
+        result = CliRunner().invoke(main, base + ["--keep-fp32", keep])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    result = CliRunner().invoke(main, base[:-4] + ["--out", str(tmp_path / "fresh"), "--keep-fp32", "top3"])
+    assert result.exit_code == 1 and "int8eval diagnose" in result.output
+
+
+def test_bench_with_kept_layers_threads_and_batch(image_folder, tmp_path):
+    out = tmp_path / "bench"
+    result = _run(["bench", "-m", "tiny_test", "--backend", "onnxruntime", "--data", str(image_folder), "--out", str(out),
+                   "--keep-fp32", "none", "--keep-fp32", "fc", "--threads", "1", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    names = set(data["variants"])
+    assert {"onnxruntime-fp32", "onnxruntime-int8-percentile99.999", "onnxruntime-int8-percentile99.999-keep1"} <= names
+    assert data["variants"]["onnxruntime-int8-percentile99.999-keep1"]["throughput_batch"] == 4
+    result = CliRunner().invoke(main, ["bench", "-m", "tiny_test", "--backend", "onnxruntime", "--out", str(out),
+                                       "--keep-fp32", "features.9"])
+    assert result.exit_code == 1 and "features.9" in result.output

@@ -58,6 +58,7 @@ def test_importing_the_backend_does_not_import_tensorrt():
         ({"precision": Precision.fp16, "legacy": True}, "legacy"),
         ({"calib": CalibMethod.percentile, "legacy": True}, "entropy"),
         ({"per_channel": False}, "per-channel"),
+        ({"calib": CalibMethod.entropy, "legacy": True, "keep_fp32": ("fc",)}, "keep_fp32"),
     ],
 )
 def test_impossible_recipes_fail_before_any_work(kw, word):
@@ -119,6 +120,14 @@ def test_the_tensorrt_qdq_onnx_runs_on_the_cpu_with_onnx_runtime(tiny, calib, tm
     assert out.shape == ref.shape
     cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99
+
+
+def test_kept_layers_are_the_only_ones_tensorrt_would_run_in_float(tiny, calib, tmp_path):
+    recipe = _recipe(calib=CalibMethod.entropy, keep_fp32=("features.3",))
+    variant = trt_backend.build_qdq_onnx_variant(tiny, recipe, calib, tmp_path)
+    assert variant.name == "tensorrt-int8-entropy-keep1@onnxruntime"
+    problems = trt_backend.qdq_problems(variant.artifact)
+    assert problems and all("/features/features.3/Conv" in p for p in problems), problems
 
 
 def test_the_fp16_onnx_for_tensorrt_runs_on_the_cpu(tiny, tmp_path):

@@ -741,9 +741,11 @@ def build_bench_variants(
     seed: int = 0,
     checkpoint: Path | None = None,
     weights: str | None = None,
+    keeps: Sequence[tuple[str, ...]] = ((),),
     on_progress: Callable[[str], None] | None = None,
 ):
-    """Load `model` and build it on each backend in each precision (FP32 always, for the speedups).
+    """Load `model` and build it on each backend in each precision (FP32 always, for the speedups); INT8 once per
+    set of layers in `keeps` left in FP32 (() for none).
 
     Returns (loaded, variants, not_built, warnings): `not_built` maps a variant name to why it was skipped (a
     precision the backend or CPU lacks) or failed to build; the others are still built.
@@ -760,15 +762,18 @@ def build_bench_variants(
     recipes, not_built = [], {}
     for backend in chosen:
         for p in wanted:
-            r = Recipe(backend=backend, precision=p, calib=registry.default_calib(backend))
-            try:
-                registry.check_recipe(r)
-                recipes.append(r)
-            except ConfigError as e:
-                if p is Precision.fp32:
-                    raise
-                not_built[r.name] = f"skipped: {e}"  # e.g. BF16 on a CPU without it: reported, not fatal
+            for keep in keeps if p is Precision.int8 else ((),):
+                r = Recipe(backend=backend, precision=p, calib=registry.default_calib(backend), keep_fp32=keep)
+                try:
+                    registry.check_recipe(r)
+                    recipes.append(r)
+                except ConfigError as e:
+                    if p is Precision.fp32:
+                        raise
+                    not_built[r.name] = f"skipped: {e}"  # e.g. BF16 on a CPU without it: reported, not fatal
     loaded = load_model(model, checkpoint=checkpoint, weights=weights)
+    for keep in keeps:
+        loaded.check_layers(keep)
     warnings, calib = [], None
     if any(r.precision is Precision.int8 for r in recipes):
         calib, note = _bench_calibration(loaded, data, calib_size, seed)
@@ -796,6 +801,7 @@ def bench_command(
     seed: int = 0,
     checkpoint: Path | None = None,
     weights: str | None = None,
+    keeps: Sequence[tuple[str, ...]] = ((),),
     on_progress: Callable[[str], None] | None = None,
     **bench_kw: Any,
 ) -> BenchRun:
@@ -814,7 +820,7 @@ def bench_command(
     workdir = Path(out) / "artifacts" if out else Path(tempfile.mkdtemp(prefix="int8eval-bench-"))
     loaded, variants, not_built, warnings = build_bench_variants(
         model, backends, precisions, workdir=workdir, data=data, calib_size=calib_size, seed=seed,
-        checkpoint=checkpoint, weights=weights, on_progress=on_progress,
+        checkpoint=checkpoint, weights=weights, keeps=keeps, on_progress=on_progress,
     )
     run = bench_run(variants, loaded.input_shape, on_progress=on_progress, **bench_kw)
     for name, message in not_built.items():

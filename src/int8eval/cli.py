@@ -52,8 +52,10 @@ def build_recipes(
     qat_epochs: int = 0,
     lr: float = 1e-5,
     tensorrt_on_cpu: bool = False,
+    keeps: tuple[tuple[str, ...], ...] = ((),),
 ) -> tuple[Recipe, ...]:
-    """One INT8 recipe per backend x calibration method, plus any extra precision baselines (bf16, fp16)."""
+    """One INT8 recipe per backend x calibration method x set of layers kept in FP32 (`keeps`, () for none),
+    plus any extra precision baselines (bf16, fp16)."""
     from int8eval.backends import BACKENDS, default_calib
 
     if fp32_only:
@@ -64,10 +66,12 @@ def build_recipes(
         methods = [CalibMethod(c) for c in calibs] or [default_calib(backend)]
         emulate = backend is Backend.tensorrt and tensorrt_on_cpu
         for method in methods:
-            common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor, emulate=emulate)
-            recipes.append(Recipe(**common))
-            if legacy and backend is Backend.torch:
-                recipes.append(Recipe(**common, legacy=True))
+            for keep in keeps:
+                common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor,
+                              emulate=emulate, keep_fp32=keep)
+                recipes.append(Recipe(**common))
+                if legacy and backend is Backend.torch:
+                    recipes.append(Recipe(**common, legacy=True))
         for p in precisions:
             recipes.append(Recipe(backend=backend, precision=Precision(p), emulate=emulate))
     if qat_epochs:  # QAT and its control: the same fine-tuning without quantization
@@ -117,6 +121,10 @@ def acceptance_options(fn):
 @click.option("--train-size", default=300, show_default=True, help="Training images for QAT.")
 @click.option("--lr", default=1e-5, show_default=True, help="QAT learning rate.")
 @click.option("--tensorrt-on-cpu", is_flag=True, help="Run the ONNX that TensorRT would get with ONNX Runtime (no GPU needed).")
+@click.option("--keep-fp32", "keeps", multiple=True, metavar="LAYERS",
+              help="Leave layers in FP32 in every INT8 recipe: 'a,b' (module paths), 'topN' (from --sensitivity), or "
+                   "'none'. Repeatable: one variant per value (add 'none' to also get the fully quantized one).")
+@click.option("--sensitivity", type=click.Path(path_type=Path), help="sensitivity.json for --keep-fp32 topN (default: OUT/sensitivity.json).")
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @acceptance_options
 @_friendly
@@ -128,6 +136,7 @@ def run(**kw) -> None:
     recipes = build_recipes(
         kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
         kw.pop("precisions"), kw.pop("fp32_only"), kw.pop("qat_epochs"), kw.pop("lr"), kw.pop("tensorrt_on_cpu"),
+        resolve_keep(kw.pop("keeps"), kw.pop("sensitivity") or Path(kw["out"]) / "sensitivity.json"),
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
@@ -137,9 +146,39 @@ def run(**kw) -> None:
     _print_summary(report, config.out)
 
 
+def resolve_keep(values: tuple[str, ...], sensitivity: Path) -> tuple[tuple[str, ...], ...]:
+    """`--keep-fp32` values -> sets of layer names: "none" (quantize every layer), "a,b,c" (module paths), or
+    "topN" (the N most sensitive layers in `sensitivity`, a sensitivity.json that `int8eval diagnose` wrote)."""
+    import json
+    import re
+
+    if not values:
+        return ((),)
+    keeps = []
+    for value in values:
+        value = value.strip()
+        if value == "none":
+            keeps.append(())
+        elif m := re.fullmatch(r"top(\d+)", value):
+            if not sensitivity.is_file():
+                raise click.ClickException(
+                    f"--keep-fp32 {value} reads the ranking of `int8eval diagnose`, and {sensitivity} does not exist: "
+                    f"run `int8eval diagnose --out {sensitivity.parent}` first or pass --sensitivity FILE"
+                )
+            ranking = json.loads(sensitivity.read_text())["ranking"]
+            n = int(m.group(1))
+            if not 0 < n <= len(ranking):
+                raise click.ClickException(f"--keep-fp32 {value}: {sensitivity} ranks {len(ranking)} layers; choose top1..top{len(ranking)}")
+            keeps.append(tuple(ranking[:n]))
+        else:
+            keeps.append(tuple(v.strip() for v in value.split(",")))
+    return tuple(keeps)
+
+
 def _print_summary(report, out: Path) -> None:
     table = Table(title=f"{report.model.name}: {report.data.num_images} images, {report.data.num_skipped} skipped")
-    for col in ("variant", "status", "top-1 %", "top-5 %", "agreement %", "size MB"):
+    table.add_column("variant", overflow="fold")  # names carry the recipe: never cut them
+    for col in ("status", "top-1 %", "top-5 %", "agreement %", "size MB"):
         table.add_column(col)
     fmt = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
     for v in report.variants:
@@ -237,14 +276,19 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path))
 @click.option("--weights")
+@click.option("--keep-fp32", "keeps", multiple=True, metavar="LAYERS", help="As for `run`: 'a,b', 'topN' or 'none'; repeatable.")
+@click.option("--sensitivity", type=click.Path(path_type=Path), help="sensitivity.json for --keep-fp32 topN (default: OUT/sensitivity.json).")
+@click.option("--threads", type=click.IntRange(min=1), help="PyTorch intra-op threads while timing (default: PyTorch's).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Batch size for throughput (latency is batch 1).")
 @_friendly
-def bench(model, backends, precisions, data, out, checkpoint, weights) -> None:
+def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, sensitivity, threads, batch_size) -> None:
     """Speed and size of a model per backend and precision (no accuracy pass): writes OUT/bench.{json,md}."""
     from int8eval.bench import bench_command
 
     bench_command(
         model, backends, precisions or ("fp32", "int8"), out=out, data=data, checkpoint=checkpoint, weights=weights,
-        on_progress=lambda msg: console.log(msg),
+        keeps=resolve_keep(keeps, sensitivity or Path(out) / "sensitivity.json"), threads=threads,
+        batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(msg),
     )
     console.print((out / "bench.md").read_text())  # its warnings included
 
@@ -279,6 +323,7 @@ def diagnose(**kw) -> None:
         symmetric_activations=kw.pop("symmetric_activations"),
     )
     data = kw.pop("data") or default_data_root()
+    model, out = kw["model"], kw["out"]
     result = run_diagnose(
         kw.pop("model"), data, kw.pop("out"), spec=spec, split_effects=not kw.pop("no_split_effects"),
         console=Console(stderr=True), **kw,
@@ -294,6 +339,10 @@ def diagnose(**kw) -> None:
     console.print(
         f"agreement with FP32: all INT8 {100 * whole['agreement']:.2f}%, top {len(result['top_k'])} kept in FP32 "
         f"{100 * keep['agreement']:.2f}% ({result['num_images']} images); details in sensitivity.json"
+    )
+    console.print(
+        f"to measure the real INT8 models with them in FP32: int8eval run -m {model} --data {data} --out {out} "
+        f"--keep-fp32 none --keep-fp32 top{len(result['top_k'])}"
     )
 
 

@@ -81,10 +81,29 @@ class Recipe(_Strict):
     qat_epochs: int = Field(0, ge=0)  # > 0: fine-tune first (INT8: QAT; FP32: the same schedule without quantization)
     lr: float = Field(1e-5, gt=0)  # fine-tuning learning rate
     emulate: bool = False  # TensorRT only: run the ONNX TensorRT would get with ONNX Runtime on the CPU
+    # INT8 only: Conv/Linear layers (PyTorch module paths) left in FP32, e.g. the top of `int8eval diagnose`
+    keep_fp32: tuple[str, ...] = ()
+
+    @field_validator("keep_fp32")
+    @classmethod
+    def _layer_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in v)
+        if any(not n for n in names):
+            raise ValueError(f"keep_fp32 has an empty layer name: {list(v)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"keep_fp32 names a layer twice: {list(v)}")
+        return names
+
+    @model_validator(mode="after")
+    def _keep_needs_int8(self) -> Recipe:
+        if self.keep_fp32 and self.precision is not Precision.int8:
+            raise ValueError(f"keep_fp32 applies to int8 recipes, not {self.precision.value}")
+        return self
 
     @property
     def name(self) -> str:
-        return self._base_name + ("@onnxruntime" if self.emulate else "")
+        keep = f"-keep{len(self.keep_fp32)}" if self.keep_fp32 else ""
+        return self._base_name + keep + ("@onnxruntime" if self.emulate else "")
 
     @property
     def _base_name(self) -> str:

@@ -37,8 +37,8 @@ from torch import nn
 
 from int8eval.config import CalibMethod, Recipe
 from int8eval.errors import ConfigError
+from int8eval.models import QUANT_TYPES, fold_batchnorm
 
-QUANT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 HIST_BINS = 4096
 RankBy = Literal["kl", "agreement", "all_but_agreement", "all_but_kl"]
 RANK_LABELS = {
@@ -118,16 +118,11 @@ class _Layer:
 
 
 def _fold_batchnorm(module: nn.Module) -> tuple[nn.Module, bool]:
-    """A copy with each Conv->BatchNorm folded (names of the convolutions unchanged), traced by torch.fx;
-    (an unfolded copy, False) when the model does not trace."""
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        gm = fuse(module)  # deep-copies
-    except Exception:  # noqa: BLE001 - an untraceable model still gets a (slower, unfolded) diagnosis
-        return copy.deepcopy(module).eval(), False
-    _no_inplace(gm)
-    return gm.eval(), True
+    """`models.fold_batchnorm` without in-place ops (cached prefix values are shared by several runs)."""
+    folded, ok = fold_batchnorm(module)
+    if ok:
+        _no_inplace(folded)
+    return folded, ok
 
 
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -248,15 +243,12 @@ class FakeQuantModel:
         self._layers = {n: self._layers[n] for n in self._order}
 
     def _percentile_range(self, layer: _Layer) -> tuple[float, float]:
-        # Clip both tails at (100 - p)% of the values, to the bin edge: e.g. p = 99.999 keeps all but 1e-5.
-        h = layer.hist.double()
-        cdf = torch.cumsum(h, 0) / h.sum()
-        lo_edge, hi_edge = layer.hist_range
-        width = (hi_edge - lo_edge) / HIST_BINS
-        q = self.spec.percentile / 100.0
-        lo_bin = int(torch.searchsorted(cdf, torch.tensor(1.0 - q, dtype=cdf.dtype)))
-        hi_bin = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)))
-        return lo_edge + lo_bin * width, lo_edge + (hi_bin + 1) * width
+        # The backends' own percentile (|x| clipped at that percentile), so the diagnosis ranks what they run.
+        from int8eval.backends.ranges import histogram_range
+
+        edges = np.linspace(*layer.hist_range, HIST_BINS + 1)
+        lo, hi = histogram_range("percentile", layer.hist.double().numpy(), edges, percentile=self.spec.percentile)
+        return max(lo, layer.lo), min(hi, layer.hi)  # bin edges can lie beyond the values seen
 
     def _run(self, batches: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -364,36 +356,14 @@ def _sqnr_db(signal: float, noise: float) -> float | None:
 
 
 def onnx_node_names(module: nn.Module, example_input: torch.Tensor) -> dict[str, str]:
-    """PyTorch module path -> ONNX node name(s) of its Conv/Gemm/MatMul, from a legacy-exporter export.
+    """PyTorch module path -> ONNX node name(s) of its Conv/Gemm/MatMul, from a legacy-exporter export."""
+    from int8eval.backends.onnx_export import export_onnx, module_nodes
 
-    The legacy exporter names a node by its module scopes, e.g. `/blocks/blocks.0/depthwise/depthwise.0/Conv` for
-    `blocks.0.depthwise.0`: a scope that extends the previous one with ".i" is a container's child. Only names that
-    resolve to a real Conv/Linear module of the model are kept.
-    """
-    from int8eval.backends.onnx_export import export_onnx
-
-    import onnx
-
-    modules = dict(module.named_modules())
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = export_onnx(copy.deepcopy(module).eval(), example_input, Path(tmp) / "model.onnx")
-        graph = onnx.load(str(path), load_external_data=False).graph
-    out: dict[str, list[str]] = {}
-    for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        parts = node.name.strip("/").split("/")[:-1]
-        path_parts: list[str] = []
-        for part in parts:
-            if path_parts and part.startswith(path_parts[-1] + "."):
-                path_parts[-1] = part
-            else:
-                path_parts.append(part)
-        name = ".".join(path_parts)
-        if isinstance(modules.get(name), QUANT_TYPES):
-            out.setdefault(name, []).append(node.name)
-    return {k: ", ".join(v) for k, v in out.items()}
+        nodes = module_nodes(path, module)
+    return {k: ", ".join(v) for k, v in nodes.items()}
 
 
 # --- The diagnosis ------------------------------------------------------------------------------------------------

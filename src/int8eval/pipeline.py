@@ -155,6 +155,8 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     with _progress(console) as progress:
         task = progress.add_task(f"loading {config.model}", total=None)
         loaded = load_model(config.model, checkpoint=config.checkpoint, weights=config.weights)
+        for recipe in plan:
+            loaded.check_layers(recipe.keep_fp32)
         progress.update(task, total=1, completed=1)
         found = discover(config.data, config.labels)
         train: list = []

@@ -130,6 +130,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError(f"fine-tuning gives an INT8 (QAT) or FP32 (control) model, not {recipe.precision.value}")
     if recipe.legacy and recipe.precision is not Precision.int8:
         raise ConfigError("legacy selects the seed's eager QAT API; the FP32 control has no legacy form")
+    if recipe.keep_fp32:
+        raise ConfigError("keep_fp32 applies to post-training quantization; QAT quantizes every layer here")
     if recipe.precision is Precision.int8 and not recipe.legacy and importlib.util.find_spec("torchao") is None:
         raise BackendUnavailable("PT2E QAT needs torchao: pip install 'int8eval[pt2e]' (or use legacy)")
 

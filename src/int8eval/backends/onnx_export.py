@@ -139,3 +139,43 @@ def quantized_inputs(model, op_types: tuple[str, ...] = QUANTIZED_OP_TYPES) -> l
             scale_shape = shape_of(dq.input[1])
             out.append(QuantizedInput(node.name, node.op_type, index, tensor, kind, scale_shape, dtype_of(src)))
     return out
+
+
+def module_nodes(onnx_path: Path, module: torch.nn.Module) -> dict[str, list[str]]:
+    """PyTorch module path -> names of its Conv/Gemm/MatMul nodes in an ONNX file `export_onnx` wrote from `module`.
+
+    The legacy exporter names a node by its module scopes, e.g. `/blocks/blocks.0/depthwise/depthwise.0/Conv` for
+    `blocks.0.depthwise.0`: a scope that extends the previous one with ".i" is a container's child. Only names that
+    resolve to a real Conv/Linear module are kept. ORT's quantization pre-processing keeps these names.
+    """
+    import onnx
+
+    from int8eval.models import QUANT_TYPES
+
+    modules = dict(module.named_modules())
+    out: dict[str, list[str]] = {}
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type not in QUANTIZED_OP_TYPES:
+            continue
+        path_parts: list[str] = []
+        for part in node.name.strip("/").split("/")[:-1]:
+            if path_parts and part.startswith(path_parts[-1] + "."):
+                path_parts[-1] = part
+            else:
+                path_parts.append(part)
+        name = ".".join(path_parts)
+        if isinstance(modules.get(name), QUANT_TYPES):
+            out.setdefault(name, []).append(node.name)
+    return out
+
+
+def keep_fp32_nodes(onnx_path: Path, module: torch.nn.Module, layers: tuple[str, ...] | list[str]) -> list[str]:
+    """The ONNX node names of `layers` (module paths), for the quantizer's `nodes_to_exclude`; every layer must
+    be found, or the variant would silently quantize it."""
+    from int8eval.errors import ConfigError
+
+    nodes = module_nodes(onnx_path, module)
+    missing = [layer for layer in layers if layer not in nodes]
+    if missing:
+        raise ConfigError(f"keep_fp32: no ONNX node found for {', '.join(missing)} in {onnx_path}")
+    return [n for layer in layers for n in nodes[layer]]

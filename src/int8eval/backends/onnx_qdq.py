@@ -34,12 +34,13 @@ from onnxruntime.quantization import (
     save_tensors_data,
 )
 
+from int8eval.backends import ranges
 from int8eval.backends.base import CalibrationData
 from int8eval.backends.onnx_export import INPUT_NAME
 from int8eval.config import CalibMethod
 from int8eval.errors import ConfigError
 
-HIST_BINS = 2048  # as TensorRT's and pytorch-quantization's histogram calibrators
+HIST_BINS = ranges.HIST_BINS  # bins of |x| per activation, as TensorRT's histogram calibrator
 MAX_CALIB_BATCH = 8  # images per calibration run: every activation of the batch is held in memory at once
 _ACTIVATION_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 
@@ -220,78 +221,6 @@ def collect_activation_stats(
     return ActivationStats(target, model, stats, aliases, calib.num_images, elapsed, list(calib.image_ids))
 
 
-def _levels(s: TensorStats, symmetric: bool) -> int:
-    """Quantization steps over [0, threshold]: 255 for a non-negative tensor on an asymmetric grid, else 127."""
-    return 255 if s.min >= 0 and not symmetric else 127
-
-
-def _percentile_threshold(s: TensorStats, percentile: float) -> float:
-    cdf = np.cumsum(s.hist) / max(s.count, 1)
-    idx = int(np.searchsorted(cdf, percentile / 100.0))
-    return (min(idx, len(s.hist) - 1) + 1) * s.hist_max / len(s.hist)  # upper edge of the bin that crosses it
-
-
-def _xlogx(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
-
-
-def _entropy_threshold(s: TensorStats, levels: int) -> float:
-    """TensorRT's KL-divergence calibration (as pytorch-quantization's `_compute_amax_entropy`) on |x|.
-
-    Each bin count i from `levels + 1` to 2048 is a candidate threshold. P is the first i bins with everything
-    beyond folded into the last; Q merges those i bins into `levels + 1` quantized bins and spreads each one's mass
-    evenly over its non-empty bins. The threshold with the smallest KL(P || Q) wins (ties: the larger one).
-    Rather than expanding P and Q for each of ~1900 candidates (~0.4 s per tensor), KL is computed in closed form
-    from prefix sums, per quantized bin: the same numbers, for all candidates at once.
-    """
-    hist = s.hist.astype(np.float64)
-    hist[0] = hist[1]  # the zero spike of ReLU outputs would dominate the divergence; TensorRT ignores it the same way
-    nbins, nq = len(hist), levels + 1
-    if nbins <= nq:
-        return s.hist_max
-    total = hist.sum()
-    prefix = np.concatenate([[0.0], np.cumsum(hist)])  # prefix[m] = sum of hist[:m]
-    nonzero = np.concatenate([[0], np.cumsum(hist > 0)])
-    xlogx = np.concatenate([[0.0], np.cumsum(_xlogx(hist))])
-    i = np.arange(nq, nbins + 1)  # candidate bin counts
-    tail = total - prefix[i]  # mass beyond the threshold, folded into bin i - 1
-    last = hist[i - 1]
-    # Quantized bin k covers bins [ceil(k i / nq), ceil((k + 1) i / nq)): group sums and non-empty counts.
-    edges = (np.arange(nq + 1)[None, :] * i[:, None] + nq - 1) // nq
-    mass = prefix[edges[:, 1:]] - prefix[edges[:, :-1]]
-    filled = nonzero[edges[:, 1:]] - nonzero[edges[:, :-1]]
-    avg = mass / np.maximum(filled, 1)
-    # sum_j P_j log Q_j (unnormalised): each group's mass at its average, plus the tail at the last group's average.
-    p_log_q = _xlogx(mass).sum(axis=1) - (mass * np.log(np.maximum(filled, 1))).sum(axis=1)
-    p_log_q += tail * np.log(np.where(avg[:, -1] > 0, avg[:, -1], 1.0))
-    p_log_p = xlogx[i - 1] + _xlogx(last + tail)
-    with np.errstate(divide="ignore"):
-        kl = (p_log_p - p_log_q) / total + np.log((total - tail) / total)
-    # Infinite divergence: folded mass landing in an empty bin (Q is 0 there), or nothing left inside.
-    kl[((last == 0) & (tail > 0)) | (total - tail <= 0)] = np.inf
-    if not np.isfinite(kl).any():
-        return s.hist_max
-    best = len(kl) - 1 - int(np.argmin(kl[::-1]))
-    return float(i[best]) * s.hist_max / nbins
-
-
-def _mse_threshold(s: TensorStats, levels: int) -> float:
-    """The clipping threshold t minimising expected squared error: rounding (step^2/12) inside, (x - t)^2 beyond."""
-    nbins = len(s.hist)
-    width = s.hist_max / nbins
-    centres = (np.arange(nbins) + 0.5) * width
-    counts = s.hist.astype(np.float64)
-    counts[0] = max(counts[0] - s.zeros, 0.0)  # exact zeros quantize without error
-    t = (np.arange(nbins) + 1) * width  # candidate thresholds: every bin's upper edge
-    inside = np.cumsum(counts)
-    # Tail sums over bins beyond each candidate: sum c, sum c*x, sum c*x^2.
-    tail = [
-        np.concatenate([np.cumsum(v[::-1])[::-1][1:], [0.0]]) for v in (counts, counts * centres, counts * centres**2)
-    ]
-    err = inside * (t / levels) ** 2 / 12.0 + tail[2] - 2 * t * tail[1] + t**2 * tail[0]
-    return float(t[int(np.argmin(err))])
-
-
 def activation_ranges(
     stats: ActivationStats,
     method: CalibMethod,
@@ -304,7 +233,7 @@ def activation_ranges(
     minmax: the observed range. percentile: clip |x| at that percentile of the calibration values.
     entropy: TensorRT's KL-divergence threshold (2048 bins against a grid of as many levels as the real one).
     mse: the threshold minimising expected squared quantization error. A threshold t on |x| becomes the range
-    (max(min, -t), min(max, t)), so a non-negative tensor keeps 0 as its lower end.
+    (max(min, -t), min(max, t)), so a non-negative tensor keeps 0 as its lower end. The math is in `ranges`.
     """
     method = CalibMethod(method)
     out: dict[str, tuple[float, float]] = {}
@@ -312,13 +241,9 @@ def activation_ranges(
         if s.count == 0 or not np.isfinite(s.min) or s.hist_max == 0.0 or method is CalibMethod.minmax:
             out[name] = (s.min, s.max) if np.isfinite(s.min) else (0.0, 0.0)
             continue
-        if method is CalibMethod.percentile:
-            t = _percentile_threshold(s, percentile)
-        elif method is CalibMethod.entropy:
-            t = _entropy_threshold(s, _levels(s, symmetric))
-        else:
-            t = _mse_threshold(s, _levels(s, symmetric))
-        out[name] = (max(s.min, -t), min(s.max, t))
+        levels = ranges.steps(256, s.min >= 0 and not symmetric)
+        t = ranges.threshold(method.value, s.hist, s.hist_max, percentile=percentile, levels=levels, zeros=s.zeros)
+        out[name] = ranges.clip_range(t, s.min, s.max)
     for src, dst in stats.aliases.items():
         if dst in out:
             out[src] = out[dst]
@@ -337,6 +262,7 @@ def quantize_qdq(
     activation_type: Literal["int8", "uint8"] = "int8",
     weight_qdq_pair: bool = False,
     reduce_range: bool = False,
+    nodes_to_exclude: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Quantize `fp32_onnx` to a static INT8 QDQ model at `out_path` (signed, symmetric INT8 weights).
 
@@ -351,6 +277,7 @@ def quantize_qdq(
         symmetric_activations: zero-point 0 for activations, as TensorRT requires.
         activation_type: "int8" (S8S8) or "uint8" (U8S8: ~2x faster on x86 CPUs, not accepted by TensorRT).
         weight_qdq_pair: keep float weights behind a QuantizeLinear->DequantizeLinear pair instead of storing int8.
+        nodes_to_exclude: nodes left in FP32 (see `onnx_export.keep_fp32_nodes`).
 
     Example:
         >>> quantize_qdq(Path("m.onnx"), calib, Path("m.int8.onnx"), method=CalibMethod.percentile)
@@ -385,6 +312,7 @@ def quantize_qdq(
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             reduce_range=reduce_range,
+            nodes_to_exclude=list(nodes_to_exclude),
             activation_type=_ACTIVATION_TYPES[activation_type],
             weight_type=QuantType.QInt8,
             extra_options={

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from int8eval.backends.base import CalibrationData, Variant
-from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_fp32_nodes
 from int8eval.backends.onnx_qdq import ActivationStats, collect_activation_stats, quantize_qdq
 from int8eval.config import Backend, Precision, Recipe
 from int8eval.errors import ConfigError
@@ -141,6 +141,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
         method=recipe.calib,
         percentile=recipe.percentile,
         per_channel=recipe.per_channel,
+        nodes_to_exclude=keep_fp32_nodes(stats.model, loaded.module, recipe.keep_fp32),
     )
     variant = OrtVariant(recipe, path)
     variant.prepare_s = prepared.export_s + stats.collect_s + (time.perf_counter() - quant_start)

@@ -31,6 +31,7 @@ import numpy as np
 from int8eval.backends.base import CalibrationData, Variant
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.errors import ConfigError
+from int8eval.models import fold_batchnorm
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -45,7 +46,9 @@ FAST_BIAS_CORRECTION = False
 
 # Calibration methods whose activation ranges int8eval computes itself (see the module docstring).
 HISTOGRAM_METHODS = (CalibMethod.percentile, CalibMethod.entropy)
-HIST_BINS = 4096  # over the minmax range; entropy folds it to 2048 bins of |x|
+HIST_BINS = 4096  # over the minmax range; ranges.histogram_range folds it to 2048 bins of |x|
+
+_LAYER_OPS = ("Convolution", "GroupConvolution", "MatMul")  # what NNCF quantizes in a CNN
 
 # OpenVINO CPU plugin capability that each reduced float precision needs.
 _FLOAT_CAPABILITY = {Precision.bf16: "BF16", Precision.fp16: "FP16"}
@@ -135,11 +138,14 @@ def convert(loaded) -> ov.Model:
     cached = _CONVERTED.get(loaded.module)
     if cached is None or cached[0] != key:
         c, h, w = loaded.input_shape
+        # BatchNorm folded first: OpenVINO would fold it too, but then names each convolution after the BatchNorm's
+        # Multiply; folded here, convolutions keep their module paths, which `keep_fp32` needs to find them.
+        module, _ = fold_batchnorm(loaded.module)
         with warnings.catch_warnings():
             # OpenVINO traces nn.Modules with torch.jit.trace, which torch marks deprecated; the trace is exact.
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.trace")
             # A batch-2 example keeps the tracer from specialising on batch 1; `input` makes the batch dynamic.
-            model = ov.convert_model(loaded.module, example_input=loaded.example_input(2), input=[-1, c, h, w])
+            model = ov.convert_model(module, example_input=loaded.example_input(2), input=[-1, c, h, w])
         cached = _CONVERTED[loaded.module] = (key, model)
     return cached[1].clone()
 
@@ -176,12 +182,39 @@ def _images(calib: CalibrationData) -> list[np.ndarray]:
     return [np.ascontiguousarray(b[i : i + 1], dtype=np.float32) for b in calib.batches for i in range(len(b))]
 
 
+def layer_ops(ov_model: ov.Model, layers: tuple[str, ...] | list[str]) -> list[str]:
+    """Names of the Convolution/GroupConvolution/MatMul ops of `layers` (PyTorch module paths) in a model from
+    `convert`, which names them `__module.<path>/aten::<op>/<Type>`; every layer must be found."""
+    ops: dict[str, list[str]] = {}
+    for op in ov_model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if op.get_type_name() in _LAYER_OPS and name.startswith("__module.") and "/aten::" in name:
+            ops.setdefault(name.removeprefix("__module.").split("/aten::")[0], []).append(name)
+    missing = [layer for layer in layers if layer not in ops]
+    if missing:
+        raise ConfigError(
+            f"keep_fp32: no OpenVINO op found for {', '.join(missing)} (the model's BatchNorm could not be folded "
+            "before conversion, so OpenVINO renamed its convolutions)"
+        )
+    return [name for layer in layers for name in ops[layer]]
+
+
 def quantize(ov_model: ov.Model, recipe: Recipe, calib: CalibrationData) -> ov.Model:
     """INT8-quantize `ov_model` (FP32, left unchanged) with NNCF as `recipe` says; returns the quantized model."""
     import nncf
 
     images = _images(calib)
-    quantized = nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images), **nncf_options(recipe))
+    options = nncf_options(recipe)
+    if recipe.keep_fp32:
+        options["ignored_scope"] = nncf.IgnoredScope(names=layer_ops(ov_model, recipe.keep_fp32))
+    from nncf.common.logging import nncf_logger
+
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # else one INFO line per quantizer an ignored layer leaves out
+    try:
+        quantized = nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images), **options)
+    finally:
+        nncf_logger.setLevel(level)
     if recipe.calib in HISTOGRAM_METHODS:
         changed = narrow_activation_ranges(quantized, ov_model, calib, recipe)
         log.info("%s: %d activation ranges narrowed from minmax", recipe.name, changed)

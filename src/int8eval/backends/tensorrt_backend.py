@@ -100,6 +100,8 @@ def _check_recipe_options(recipe: Recipe) -> None:
         )
     if recipe.precision is Precision.int8 and not recipe.per_channel:
         raise ConfigError("TensorRT explicit quantization here uses per-channel weights; drop --per-tensor")
+    if recipe.legacy and recipe.keep_fp32:
+        raise ConfigError("keep_fp32 needs explicit Q/DQ quantization; the legacy implicit calibrator cannot keep layers in FP32")
 
 
 # --------------------------------------------------------------------------------------------- Q/DQ ONNX
@@ -112,6 +114,7 @@ def build_trt_qdq_onnx(
     *,
     method: CalibMethod = CalibMethod.entropy,
     percentile: float = 99.999,
+    nodes_to_exclude: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Quantize `fp32_onnx` into the Q/DQ ONNX that TensorRT's explicit quantization wants, at `out_path`.
 
@@ -123,6 +126,7 @@ def build_trt_qdq_onnx(
         fp32_onnx: the FP32 model as written by `export_onnx`.
         calib: CalibrationData or ActivationStats collected from `fp32_onnx` (see `onnx_qdq`).
         method, percentile: how activation ranges are chosen (entropy is TensorRT's own calibrator's method).
+        nodes_to_exclude: nodes left without Q/DQ, which a strongly typed engine then runs in FP32.
     """
     import onnx
 
@@ -138,6 +142,7 @@ def build_trt_qdq_onnx(
         per_channel=True,
         symmetric_activations=True,
         activation_type="int8",
+        nodes_to_exclude=nodes_to_exclude,
     )
     model = onnx.load(str(out_path))
     float_biases(model)
@@ -387,7 +392,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     """Build and load the TensorRT engine `recipe` describes (needs TensorRT and a GPU)."""
     import torch
 
-    from int8eval.backends.onnx_export import export_onnx
+    from int8eval.backends.onnx_export import export_onnx, keep_fp32_nodes
 
     check_recipe(recipe)
     start = time.perf_counter()
@@ -413,7 +418,8 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
                 build_engine(fp32, engine, timing_cache=timing_cache, calibrator=calibrator)
             else:
                 qdq = build_trt_qdq_onnx(
-                    fp32, calib, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile
+                    fp32, calib, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
+                    nodes_to_exclude=keep_fp32_nodes(fp32, loaded.module, recipe.keep_fp32),
                 )
                 build_engine(qdq, engine, timing_cache=timing_cache)
     torch.cuda.synchronize()
@@ -439,7 +445,7 @@ def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None
     biases): its accuracy is what a TensorRT INT8 engine should reach, up to TensorRT's own kernel numerics.
     The variant's name is `emulated_name(recipe)`, e.g. "tensorrt-int8-entropy@onnxruntime".
     """
-    from int8eval.backends.onnx_export import export_onnx
+    from int8eval.backends.onnx_export import export_onnx, keep_fp32_nodes
 
     check_emulated_recipe(recipe)
     start = time.perf_counter()
@@ -457,7 +463,8 @@ def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None
             if calib is None or calib.num_images == 0:
                 raise ConfigError(f"recipe {recipe.name} is INT8 and needs calibration images; none were given")
             path = build_trt_qdq_onnx(
-                path, calib, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile
+                path, calib, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
+                nodes_to_exclude=keep_fp32_nodes(path, loaded.module, recipe.keep_fp32),
             )
     variant = EmulatedVariant(recipe, path, input_dtype=input_dtype)
     variant.prepare_s = time.perf_counter() - start

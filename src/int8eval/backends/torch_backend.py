@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from int8eval.backends.base import CalibrationData, Variant
 from int8eval.backends.ranges import histogram_range
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
+
+# Inductor's oneDNN INT8 lowering warns once per quantized layer about its own tensor copy (torch 2.14).
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", module=r"torch\._inductor\.mkldnn_lowerings")
 
 # Smallest scale an observer may pick, as in torchao's default X86 inductor config.
 _EPS = 2**-12
@@ -252,6 +256,8 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
         ) from e
     ranges = int8_ranges()
     quantizer = X86InductorQuantizer().set_global(quantization_config(recipe, ranges=ranges))
+    for name in recipe.keep_fp32:
+        quantizer.set_module_name_qconfig(name, None)
     try:
         prepared = prepare_pt2e(exported.module(), quantizer)
     except ValueError as e:
@@ -310,7 +316,10 @@ def legacy_qconfig_mapping(recipe: Recipe):
         CalibMethod.entropy: LegacyHistogramRangeObserver.with_args(method="entropy", **seven_bits),
     }[recipe.calib]
     weight = ao.default_per_channel_weight_observer if recipe.per_channel else ao.default_weight_observer
-    return get_default_qconfig_mapping("x86").set_global(QConfig(activation=activation, weight=weight))
+    mapping = get_default_qconfig_mapping("x86").set_global(QConfig(activation=activation, weight=weight))
+    for name in recipe.keep_fp32:
+        mapping.set_module_name(name, None)
+    return mapping
 
 
 def _build_legacy(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path) -> Variant:

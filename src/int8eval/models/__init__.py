@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from int8eval.config import Preprocessing
-from int8eval.errors import ModelLoadError
+from int8eval.errors import ConfigError, ModelLoadError
+
+QUANT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers INT8 recipes quantize
 
 
 @dataclass
@@ -31,6 +33,22 @@ class LoadedModel:
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
+
+    @property
+    def quantizable_layers(self) -> list[str]:
+        """Module paths of the Conv/Linear layers, in model order: the names `keep_fp32` takes."""
+        return [n for n, m in self.module.named_modules() if isinstance(m, QUANT_TYPES)]
+
+    def check_layers(self, names: tuple[str, ...] | list[str]) -> None:
+        """Raise ConfigError naming every entry of `names` that is not a Conv/Linear layer of this model."""
+        layers = self.quantizable_layers
+        bad = [n for n in names if n not in layers]
+        if bad:
+            shown = ", ".join(layers[:8]) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
+            raise ConfigError(
+                f"--keep-fp32 {', '.join(bad)}: not a Conv/Linear layer of {self.name}. Its layers: {shown} "
+                "(`int8eval diagnose` ranks them by sensitivity)"
+            )
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,19 @@ def load_model(
         loaded.preprocessing = preprocessing
     loaded.module.eval()
     return loaded
+
+
+def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, bool]:
+    """An eval-mode copy with each Conv->BatchNorm folded into the convolution (module names unchanged), traced by
+    torch.fx; (an unfolded copy, False) when the model does not trace."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(module).eval(), True  # fuse deep-copies
+    except Exception:  # noqa: BLE001 - torch.fx raises many types for untraceable Python
+        return copy.deepcopy(module).eval(), False
 
 
 def load_state_dict_file(module: nn.Module, path: Path) -> None:
