@@ -61,6 +61,24 @@ def calib():
 
 
 @pytest.fixture(scope="session")
+def resnet50_random():
+    """torchvision's ResNet50 with random (seeded) weights, as no weights can be downloaded here, and two noise
+    images to calibrate it: (LoadedModel, CalibrationData). For structural tests, not accuracy."""
+    import torch
+    import torchvision
+
+    from int8eval.backends import CalibrationData
+    from int8eval.config import Preprocessing
+    from int8eval.models import LoadedModel
+
+    torch.manual_seed(0)
+    module = torchvision.models.resnet50(weights=None).eval()
+    loaded = LoadedModel("resnet50_random", module, Preprocessing(resize=224, crop=224), "random init")
+    rng = np.random.default_rng(0)
+    return loaded, CalibrationData([rng.standard_normal((2, 3, 224, 224)).astype(np.float32)])
+
+
+@pytest.fixture(scope="session")
 def outlier_calib():
     """Gaussian images with one huge pixel each: minmax spends its whole range on the outliers."""
     from int8eval.backends import CalibrationData

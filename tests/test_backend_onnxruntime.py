@@ -281,17 +281,8 @@ def test_int8_without_calibration_images_is_a_config_error(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet50_quantizes_every_conv_and_gemm(tmp_path):
-    import torchvision
-
-    from int8eval.config import Preprocessing
-    from int8eval.models import LoadedModel
-
-    torch.manual_seed(0)
-    module = torchvision.models.resnet50(weights=None).eval()  # no weights can be downloaded here
-    loaded = LoadedModel("resnet50_random", module, Preprocessing(resize=224, crop=224), "random init")
-    rng = np.random.default_rng(0)
-    calib = CalibrationData([rng.standard_normal((2, 3, 224, 224)).astype(np.float32)])
+def test_resnet50_quantizes_every_conv_and_gemm(resnet50_random, tmp_path):
+    loaded, calib = resnet50_random
     variant = build_variant(loaded, ort_recipe(calib=CalibMethod.percentile), calib, tmp_path)
     inputs = quantized_inputs(variant.artifact)
     assert len({q.node for q in inputs}) == 54  # 53 Conv + 1 Gemm

@@ -246,17 +246,8 @@ def test_lite0_fp32_parity_and_int8_agreement(shared_sample, tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet50_converts_quantizes_and_runs(tmp_path):
-    import torchvision
-
-    from int8eval.config import Preprocessing
-    from int8eval.models import LoadedModel
-
-    torch.manual_seed(0)
-    module = torchvision.models.resnet50(weights=None).eval()  # no weights can be downloaded here
-    loaded = LoadedModel("resnet50_random", module, Preprocessing(resize=224, crop=224), "random init")
-    rng = np.random.default_rng(0)
-    calib = CalibrationData([rng.standard_normal((2, 3, 224, 224)).astype(np.float32)])
+def test_resnet50_converts_quantizes_and_runs(resnet50_random, tmp_path):
+    loaded, calib = resnet50_random
     variant = build_variant(loaded, ov_recipe(calib=CalibMethod.minmax), calib, tmp_path)
     model = read(variant)
     convs = [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "MatMul")]
