@@ -11,6 +11,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import logging
 import math
 import os
 import shutil
@@ -29,8 +30,12 @@ from int8eval.backends.ranges import histogram_range
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
 
-# Inductor's oneDNN INT8 lowering warns once per quantized layer about its own tensor copy (torch 2.14).
+# Inductor's oneDNN INT8 lowering warns once per quantized layer about its own tensor copy (torch 2.14); torchao's
+# import registers an Enum that torch's pytree now handles natively; a CUDA build compiling CPU kernels says it found
+# no CUDA runtime. None of it concerns the user.
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", module=r"torch\._inductor\.mkldnn_lowerings")
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # Smallest scale an observer may pick, as in torchao's default X86 inductor config.
 _EPS = 2**-12
