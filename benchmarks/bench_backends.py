@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from int8eval import bench
-from int8eval.backends import BACKENDS, Variant
+from int8eval.backends import BACKENDS
+from int8eval.backends.torch_backend import TorchVariant
+from int8eval.bench import _f, _ratio
 from int8eval.environment import cpu_info, library_versions
 
 ROOT = Path(__file__).resolve().parent
@@ -58,31 +60,17 @@ def random_resnet50(tmp: Path, seed: int = 0) -> Path:
     return path
 
 
-class CompiledTorchFP32(Variant):
+class CompiledTorchFP32(TorchVariant):
     """The FP32 model compiled by inductor with frozen weights, as torch INT8 is: the like-for-like PyTorch
     baseline (the torch backend's own FP32 variant is eager, which flatters INT8's speedup)."""
-
-    def __init__(self, fp32: Variant) -> None:
-        import torch
-
-        super().__init__(fp32.recipe)
-        self.artifact = fp32.artifact  # the same weights
-        self.module = torch.compile(fp32.module, dynamic=False)
 
     @property
     def name(self) -> str:
         return "torch-fp32-compiled"
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        import torch
-        import torch._inductor.config as inductor_config
 
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
-            return self.module(torch.from_numpy(images)).numpy()
-
-
-def bench_model(model: str, args, tmp: Path) -> tuple[dict, list]:
-    """Build and time every variant of `model`; returns (run dict, live variants)."""
+def bench_model(model: str, args, tmp: Path) -> tuple[dict, list, tuple[int, int, int]]:
+    """Build and time every variant of `model`; returns (run dict, live variants, input shape)."""
     checkpoint = random_resnet50(tmp) if model == "resnet50" else None
     t = time.perf_counter()
     loaded, variants, not_built, warnings = bench.build_bench_variants(
@@ -91,7 +79,12 @@ def bench_model(model: str, args, tmp: Path) -> tuple[dict, list]:
     )
     torch_fp32 = next((v for v in variants if v.name == "torch-fp32"), None)
     if args.compiled_fp32 and torch_fp32 is not None:
-        compiled = CompiledTorchFP32(torch_fp32)
+        import torch
+
+        # The same weights (and artifact), compiled; inductor reads `freezing` when it compiles a batch shape.
+        compiled = CompiledTorchFP32(
+            torch_fp32.recipe, torch.compile(torch_fp32.module, dynamic=False), torch_fp32.artifact, freezing=True
+        )
         start = time.perf_counter()
         for batch in (1, args.batch):  # inductor compiles once per batch shape (dynamic=False): do it now
             compiled.predict(bench.make_input(loaded.input_shape, batch))
@@ -102,15 +95,13 @@ def bench_model(model: str, args, tmp: Path) -> tuple[dict, list]:
         variants, loaded.input_shape, on_progress=lambda n: print(f"  {model}: timing {n}", flush=True),
         **bench_kw(args),  # BF16 without BF16 hardware is timed at batch 1 only (bench.EMULATED_BF16)
     )
-    for name, message in not_built.items():
-        run.variants[name] = {"error": message}
+    bench.add_build_outcome(run, not_built, warnings)
     out = run.to_dict()
-    out["warnings"] += warnings
     out["model"] = model
     out["weights"] = "random (seed 0)" if checkpoint else loaded.source
     out["build_s"] = build_s
     out["prepare_s"] = {v.name: v.prepare_s for v in variants}
-    return out, variants
+    return out, variants, loaded.input_shape
 
 
 def bench_kw(args) -> dict:
@@ -203,10 +194,6 @@ def overhead_check(variants: list, shape: tuple[int, ...], args) -> list[dict]:
 # Tables
 
 
-def _f(x, fmt=".1f", none="—"):
-    return none if x is None else format(x, fmt)
-
-
 def variant_table(run: dict) -> list[str]:
     lines = [
         "| variant | threads | batch-1 p50 / p90 / p99 ms | runs | img/s @ batch | runs | × FP32 thr | × FP32 lat | × BF16 thr | size MB | size vs FP32 |",
@@ -246,17 +233,13 @@ def ratio_rows(runs: list[dict]) -> list[dict]:
                 "fp32_ms": fp32.get("latency_ms_p50"), "bf16_ms": bf16.get("latency_ms_p50"), "int8_ms": int8.get("latency_ms_p50"),
                 "int8_vs_fp32": int8.get("speedup_throughput_vs_fp32"), "int8_vs_bf16": int8.get("speedup_throughput_vs_bf16"),
                 "int8_lat_vs_bf16": int8.get("speedup_latency_vs_bf16"), "bf16_batch": bf16.get("throughput_batch"),
-                "int8_vs_fp32c": _div(int8.get("throughput_ips"), p.get("fp32_compiled", {}).get("throughput_ips")),
-                "int8_lat_vs_fp32c": _div(p.get("fp32_compiled", {}).get("latency_ms_p50"), int8.get("latency_ms_p50")),
+                "int8_vs_fp32c": _ratio(int8.get("throughput_ips"), p.get("fp32_compiled", {}).get("throughput_ips")),
+                "int8_lat_vs_fp32c": _ratio(p.get("fp32_compiled", {}).get("latency_ms_p50"), int8.get("latency_ms_p50")),
                 "int8_lat_vs_fp32": int8.get("speedup_latency_vs_fp32"),
                 "fp32_mb": fp32.get("size_mb"), "int8_mb": int8.get("size_mb"),
                 "bf16_note": None if bf16.get("throughput_ips") is not None else (bf16.get("error") or "not run"),
             })
     return rows
-
-
-def _div(a, b):
-    return None if a is None or not b else a / b
 
 
 def ratio_table(rows: list[dict], batch: int) -> list[str]:
@@ -447,10 +430,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="int8eval-bench-") as tmp:
         for model in args.models:
             print(f"{model}:", flush=True)
-            run, variants = bench_model(model, args, Path(tmp))
+            run, variants, shape = bench_model(model, args, Path(tmp))
             runs.append(run)
             if model == args.app_model:
-                overhead = overhead_check(variants, tuple(run["variants"][variants[0].name]["input_shape"]), args)
+                overhead = overhead_check(variants, tuple(shape), args)
             del variants
     loads["end"] = os.getloadavg()[0]
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: generated image folders (no images are committed) and the shared ImageNet sample."""
+"""Shared fixtures: generated image folders (no images are committed) and the shared ImageNet sample; and helpers
+the test modules import (`from conftest import torch_logits`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,25 @@ def write_image(path: Path, seed: int = 0, size=(48, 40), mode="RGB", fmt="JPEG"
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
     return path
+
+
+def torch_logits(loaded, x: np.ndarray) -> np.ndarray:
+    """The FP32 PyTorch logits of `loaded` for the batch `x`: the reference the backends are compared with."""
+    import torch
+
+    with torch.no_grad():
+        return loaded.module(torch.from_numpy(x)).numpy()
+
+
+def decode_sample(root: Path, loaded, n: int, seed: int = 0) -> np.ndarray:
+    """A seeded subset of `n` images of the folder `root`, decoded and preprocessed for `loaded`: [n, 3, H, W]."""
+    from int8eval.data import discover
+    from int8eval.data.decode import build_transform, load_rgb
+    from int8eval.data.layouts import subsample
+
+    tf = build_transform(loaded.preprocessing)
+    samples = subsample(discover(root).samples, n, seed=seed)
+    return np.stack([tf(load_rgb(s.path)).numpy() for s in samples])
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import decode_sample, torch_logits
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -13,7 +13,7 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from int8eval.backends import CalibrationData, build_variant, check_recipe  # noqa: E402
-from int8eval.backends import onnx_qdq, onnxruntime_backend, ranges  # noqa: E402
+from int8eval.backends import onnx_qdq, ranges  # noqa: E402
 from int8eval.backends.onnx_export import count_qdq, export_onnx, quantized_inputs  # noqa: E402
 from int8eval.backends.onnx_qdq import (  # noqa: E402
     TensorStats,
@@ -38,11 +38,6 @@ def fp32_onnx(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def outlier_stats(fp32_onnx, outlier_calib):
     return collect_activation_stats(fp32_onnx, outlier_calib)
-
-
-def torch_logits(loaded, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return loaded.module(torch.from_numpy(x)).numpy()
 
 
 def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -139,13 +134,13 @@ def test_recipes_share_one_export_and_one_calibration_pass(tiny, calib, tmp_path
     calls = []
     real = onnx_qdq.collect_activation_stats
     monkeypatch.setattr(
-        onnxruntime_backend, "collect_activation_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
+        onnx_qdq, "collect_activation_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     fresh = load_model("tiny_test")  # its own cache entry
     first = build_variant(fresh, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path)
     second = build_variant(fresh, ort_recipe(calib=CalibMethod.entropy), calib, tmp_path)
     assert len(calls) == 1
-    assert second.prepare_s >= onnxruntime_backend._PREPARED[fresh.module].export_s  # full cost still reported
+    assert second.prepare_s >= onnx_qdq._PREPARED[fresh.module].export_s  # full cost still reported
     assert first.artifact != second.artifact
 
 
@@ -294,14 +289,8 @@ def test_resnet50_quantizes_every_conv_and_gemm(resnet50_random, tmp_path):
 
 @pytest.mark.slow
 def test_lite0_fp32_parity_and_int8_agreement(shared_sample, tmp_path):
-    from int8eval.data import discover
-    from int8eval.data.decode import build_transform, load_rgb
-    from int8eval.data.layouts import subsample
-
     loaded = load_model("efficientnet_lite0")
-    tf = build_transform(loaded.preprocessing)
-    samples = subsample(discover(shared_sample).samples, 80, seed=0)
-    x = np.stack([tf(load_rgb(s.path)).numpy() for s in samples])
+    x = decode_sample(shared_sample, loaded, 80)
     calib, evals = CalibrationData([x[:16]]), x[16:]
     ref = torch_logits(loaded, evals)
     fp32 = build_variant(loaded, ort_recipe(precision=Precision.fp32), None, tmp_path)

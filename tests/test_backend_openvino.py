@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import decode_sample, torch_logits
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -34,11 +35,6 @@ def int8_variants(tiny, calib, tmp_path_factory):
     """One INT8 build per calibration method (built once: NNCF takes seconds per model)."""
     workdir = tmp_path_factory.mktemp("int8")
     return {m: ob.build(tiny, ov_recipe(calib=m), calib, workdir) for m in CalibMethod}
-
-
-def torch_logits(loaded, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return loaded.module(torch.from_numpy(x)).numpy()
 
 
 def read(variant) -> ov.Model:
@@ -226,14 +222,8 @@ def test_bf16_runs_where_the_cpu_has_it(tiny, images, tmp_path):
 
 @pytest.mark.slow
 def test_lite0_fp32_parity_and_int8_agreement(shared_sample, tmp_path):
-    from int8eval.data import discover
-    from int8eval.data.decode import build_transform, load_rgb
-    from int8eval.data.layouts import subsample
-
     loaded = load_model("efficientnet_lite0")
-    tf = build_transform(loaded.preprocessing)
-    samples = subsample(discover(shared_sample).samples, 64, seed=0)
-    x = np.stack([tf(load_rgb(s.path)).numpy() for s in samples])
+    x = decode_sample(shared_sample, loaded, 64)
     calib, evals = CalibrationData([x[:16]]), x[16:]  # small, to stay well under a minute
     ref = torch_logits(loaded, evals)
     fp32 = build_variant(loaded, ov_recipe(precision=Precision.fp32), None, tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import torch_logits
 from torch import nn
 
 from int8eval.config import Preprocessing
@@ -36,11 +37,6 @@ def tiny():
 @pytest.fixture
 def images(tiny) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((6, *tiny.input_shape)).astype(np.float32)
-
-
-def _reference(loaded, images):
-    with torch.no_grad():
-        return loaded.module(torch.from_numpy(images)).numpy()
 
 
 def _cosine(a, b):
@@ -97,7 +93,7 @@ def test_pt2e_qat_gives_an_int8_model_close_to_the_original(image_folder, tiny, 
     assert variant.name == "torch-int8-qat" and variant.recipe.precision.value == "int8"
     out = variant.predict(images)
     assert out.shape == (6, 1000) and np.isfinite(out).all()
-    assert _cosine(out, _reference(tiny, images)).min() > 0.99
+    assert _cosine(out, torch_logits(tiny, images)).min() > 0.99
     # The converted graph really quantizes, and holds INT8 weights rather than the float ones.
     targets = {str(n.target) for n in variant.module.graph.nodes}
     assert any("quantize_per_tensor" in t for t in targets)
@@ -113,7 +109,7 @@ def test_the_fp32_control_starts_from_the_original_model(image_folder, tiny, ima
     variant = build_finetuned_variant(tiny, samples, tmp_path, spec=STILL, quantize=False)
     assert variant.name == "torch-fp32-finetuned" and variant.recipe.precision.value == "fp32"
     # BatchNorm folded, trained with a negligible step: the same function as the original model.
-    np.testing.assert_allclose(variant.predict(images), _reference(tiny, images), atol=1e-4)
+    np.testing.assert_allclose(variant.predict(images), torch_logits(tiny, images), atol=1e-4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in variant.module.modules())
 
 
@@ -179,7 +175,7 @@ def test_legacy_eager_qat_runs_the_seed_api_on_resnet18(image_folder, tmp_path):
     images = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
     out = variant.predict(images)
     assert out.shape == (4, 1000) and np.isfinite(out).all()
-    assert _cosine(out, _reference(loaded, images)).min() > 0.9
+    assert _cosine(out, torch_logits(loaded, images)).min() > 0.9
     assert variant.size_mb < 0.5 * 46.8  # int8 weights: ResNet18 is 46.8 MB in FP32
 
 
@@ -193,7 +189,7 @@ def test_qat_on_lite0_and_the_shared_sample(shared_sample, tmp_path):
     spec = FinetuneSpec(epochs=1, lr=1e-5, batch_size=8)
     variant = build_finetuned_variant(loaded, train, tmp_path, spec=spec, quantize=True, compile=False)
     batch = next(iter(batches(rest[:32], loaded.preprocessing, batch_size=32, workers=0)))
-    agree = np.mean(variant.predict(batch.images).argmax(1) == _reference(loaded, batch.images).argmax(1))
+    agree = np.mean(variant.predict(batch.images).argmax(1) == torch_logits(loaded, batch.images).argmax(1))
     assert agree > 0.85, agree
 
 
@@ -226,4 +222,4 @@ def test_qat_starts_from_ptq_calibrated_activation_ranges(image_folder, tiny, im
     x = torch.from_numpy(images)
     with torch.no_grad():
         out = calibrated.module(x).numpy()
-    assert _cosine(out, _reference(tiny, images)).min() > 0.99
+    assert _cosine(out, torch_logits(tiny, images)).min() > 0.99

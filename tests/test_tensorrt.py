@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from int8eval.backends.base import CalibrationData
 from int8eval.config import Backend, CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError
-from int8eval.models import load_model
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -26,18 +24,6 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 def _recipe(**kw) -> Recipe:
     return Recipe(backend=Backend.tensorrt, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny_test")
-
-
-@pytest.fixture(scope="module")
-def calib(tiny) -> CalibrationData:
-    rng = np.random.default_rng(0)
-    batches = [rng.standard_normal((8, *tiny.input_shape)).astype(np.float32) for _ in range(2)]
-    return CalibrationData(batches, [f"img{i}" for i in range(16)])
 
 
 @pytest.fixture(scope="module")

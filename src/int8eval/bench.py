@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import sys
 import time
@@ -106,10 +107,6 @@ class BenchResult:
     @property
     def latency_ms_p90(self) -> float:
         return self.latency.percentile_ms(90)
-
-    @property
-    def latency_ms_p99(self) -> float:
-        return self.latency.percentile_ms(99)
 
     @property
     def throughput_ips(self) -> float:
@@ -306,6 +303,12 @@ def benchmark(
     return BenchResult(getattr(variant, "name", type(variant).__name__), tuple(input_shape), timings, used, warmup, kind)
 
 
+# `benchmark`'s keyword defaults, the one source of what a run uses when not told (batch sizes, warm-up, runs, ...).
+BENCH_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(benchmark).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Comparison: speedups and size against the same backend's baselines
 
@@ -492,10 +495,11 @@ def bench_run(
     """
     variants = list(variants)
     overrides = dict(overrides or {})
+    machine = machine_info()  # reads /proc/cpuinfo once, for the BF16 check and the report
     if bf16_hardware is None:
-        bf16_hardware = cpu_info()["bf16_acceleration"]
+        bf16_hardware = machine["cpu"]["bf16_acceleration"]
     if not bf16_hardware:
-        smallest = min(bench_kw.get("batch_sizes", (1, 32)))
+        smallest = min(bench_kw.get("batch_sizes", BENCH_DEFAULTS["batch_sizes"]))
         for v in variants:
             if _precision_of(v) == "bf16" and v.name not in overrides:
                 overrides[v.name] = {**EMULATED_BF16, "batch_sizes": (smallest,)}
@@ -511,22 +515,21 @@ def bench_run(
             entry.error = f"{type(e).__name__}: {e}"
         entries.append(entry)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    machine = machine_info()
     machine["load_avg_1m"] = {"before": load_before, "after": load_after}
     warnings = list(machine["warnings"])
     shared = load_warning(load_before, load_after, machine["cpu"].get("logical_cores"))
     if shared:
         warnings.append(shared)
-    kw = {k: v for k, v in bench_kw.items() if k not in ("images", "clock")}
+    kw = {**BENCH_DEFAULTS, **bench_kw}
     settings = {
-        "batch_sizes": list(kw.get("batch_sizes", (1, 32))),
-        "warmup": kw.get("warmup", 3),
-        "throughput_warmup": kw.get("throughput_warmup", kw.get("warmup", 3)),
-        "max_seconds": kw.get("max_seconds"),
-        "min_runs": kw.get("min_runs", 20),
-        "throughput_min_runs": kw.get("throughput_min_runs", 3),
-        "min_seconds": kw.get("min_seconds", 1.0),
-        "threads_requested": kw.get("threads"),
+        "batch_sizes": list(kw["batch_sizes"]),
+        "warmup": kw["warmup"],
+        "throughput_warmup": bench_kw.get("throughput_warmup", kw["warmup"]),
+        "max_seconds": kw["max_seconds"],
+        "min_runs": kw["min_runs"],
+        "throughput_min_runs": kw["throughput_min_runs"],
+        "min_seconds": kw["min_seconds"],
+        "threads_requested": kw["threads"],
         "input": "given images" if bench_kw.get("images") is not None else "seeded random noise",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -662,7 +665,7 @@ def add_bench(results, variants: Iterable, loaded, *, reference: str | None = No
 # Rendering
 
 
-def _f(x: float | None, fmt: str) -> str:
+def _f(x: float | None, fmt: str = ".1f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
@@ -699,11 +702,12 @@ def render_markdown(variants: Iterable[Any], section: Mapping | None) -> list[st
         )
     section = section or {}
     settings = section.get("settings") or {}
+    sizes = settings.get("batch_sizes", BENCH_DEFAULTS["batch_sizes"])
     if settings:
         lines += [
             "",
-            f"Latency over ≥{settings.get('min_runs')} calls at batch {min(settings.get('batch_sizes', [1]))}, throughput "
-            f"over ≥{settings.get('throughput_min_runs')} calls at batch {max(settings.get('batch_sizes', [32]))}, "
+            f"Latency over ≥{settings.get('min_runs')} calls at batch {min(sizes)}, throughput "
+            f"over ≥{settings.get('throughput_min_runs')} calls at batch {max(sizes)}, "
             f"after {settings.get('warmup')} and {settings.get('throughput_warmup')} warm-up calls, on "
             f"{settings.get('input')}; data loading excluded. Speedups (×) compare with the same backend's FP32 and "
             "BF16 variants: above 1 is faster.",
@@ -713,7 +717,7 @@ def render_markdown(variants: Iterable[Any], section: Mapping | None) -> list[st
         lines += [
             "",
             f"**Fastest variant** ({fastest['criterion']}): {fastest['throughput']} at batch "
-            f"{max(settings.get('batch_sizes', [32]))} ({fastest['throughput_ips']:.1f} images/s); "
+            f"{max(sizes)} ({fastest['throughput_ips']:.1f} images/s); "
             f"{fastest['latency']} at batch 1 ({fastest['latency_ms_p50']:.2f} ms p50).",
         ]
     machine = section.get("machine") or {}
@@ -790,6 +794,13 @@ def build_bench_variants(
     return loaded, variants, not_built, warnings
 
 
+def add_build_outcome(run: BenchRun, not_built: Mapping[str, str], warnings: Iterable[str]) -> None:
+    """Record in `run` what `build_bench_variants` reported: each variant not built, with why, and its warnings."""
+    for name, message in not_built.items():
+        run.variants[name] = {"error": message}
+    run.warnings += warnings
+
+
 def bench_command(
     model: str,
     backends: Sequence[str] = (),
@@ -823,9 +834,7 @@ def bench_command(
         checkpoint=checkpoint, weights=weights, keeps=keeps, on_progress=on_progress,
     )
     run = bench_run(variants, loaded.input_shape, on_progress=on_progress, **bench_kw)
-    for name, message in not_built.items():
-        run.variants[name] = {"error": message}
-    run.warnings += warnings
+    add_build_outcome(run, not_built, warnings)
     run.settings["model"] = loaded.name
     if out:
         out = Path(out)
@@ -842,17 +851,14 @@ def _bench_calibration(loaded, data: Path | None, calib_size: int, seed: int):
     from int8eval.errors import DatasetError
 
     try:
-        from int8eval.data.decode import batches
+        from int8eval.data.decode import decode_samples
         from int8eval.data.fetch import default_data_root
         from int8eval.data.layouts import discover, subsample
 
         found = discover(data or default_data_root())
         samples = subsample(found.samples, calib_size, seed)
-        calib = CalibrationData(batches=[], image_ids=[])
-        for b in batches(samples, loaded.preprocessing, batch_size=32, workers=0):
-            if len(b.indices):
-                calib.batches.append(b.images)
-                calib.image_ids += [samples[i].id for i in b.indices]
+        images, _, ids = decode_samples(samples, loaded.preprocessing, batch_size=32, workers=0)
+        calib = CalibrationData(batches=images, image_ids=ids)
         if calib.num_images:
             return calib, None
     except DatasetError:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from int8eval.config import Backend, CalibMethod, OnBadImage, Precision, Recipe, RunConfig
 from int8eval.errors import Int8EvalError
+from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
 
 console = Console()
@@ -95,6 +96,26 @@ def acceptance_options(fn):
     return fn
 
 
+_KEEP_HELP = ("Leave layers in FP32 in every INT8 recipe: 'a,b' (module paths), 'topN' (from --sensitivity), or "
+              "'none'. Repeatable: one variant per value (add 'none' to also get the fully quantized one).")
+
+
+def keep_options(keep_help: str = _KEEP_HELP):
+    """`--keep-fp32 LAYERS` (repeatable, as `keeps`) and `--sensitivity FILE`; resolve them with `resolve_keep`."""
+    options = (
+        click.option("--keep-fp32", "keeps", multiple=True, metavar="LAYERS", help=keep_help),
+        click.option("--sensitivity", type=click.Path(path_type=Path),
+                     help="sensitivity.json for --keep-fp32 topN (default: OUT/sensitivity.json)."),
+    )
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @main.command()
 @click.option("--model", "-m", required=True, help="efficientnet_lite0, a torchvision name (resnet50), timm:NAME, tiny_test.")
 @click.option("--data", type=click.Path(path_type=Path), help="Image folder. Default: $INT8EVAL_DATA, else the cached sample.")
@@ -121,10 +142,7 @@ def acceptance_options(fn):
 @click.option("--train-size", default=300, show_default=True, help="Training images for QAT.")
 @click.option("--lr", default=1e-5, show_default=True, help="QAT learning rate.")
 @click.option("--tensorrt-on-cpu", is_flag=True, help="Run the ONNX that TensorRT would get with ONNX Runtime (no GPU needed).")
-@click.option("--keep-fp32", "keeps", multiple=True, metavar="LAYERS",
-              help="Leave layers in FP32 in every INT8 recipe: 'a,b' (module paths), 'topN' (from --sensitivity), or "
-                   "'none'. Repeatable: one variant per value (add 'none' to also get the fully quantized one).")
-@click.option("--sensitivity", type=click.Path(path_type=Path), help="sensitivity.json for --keep-fp32 topN (default: OUT/sensitivity.json).")
+@keep_options()
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @acceptance_options
 @_friendly
@@ -136,7 +154,7 @@ def run(**kw) -> None:
     recipes = build_recipes(
         kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
         kw.pop("precisions"), kw.pop("fp32_only"), kw.pop("qat_epochs"), kw.pop("lr"), kw.pop("tensorrt_on_cpu"),
-        resolve_keep(kw.pop("keeps"), kw.pop("sensitivity") or Path(kw["out"]) / "sensitivity.json"),
+        resolve_keep(kw.pop("keeps"), kw.pop("sensitivity"), kw["out"]),
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
@@ -146,14 +164,16 @@ def run(**kw) -> None:
     _print_summary(report, config.out)
 
 
-def resolve_keep(values: tuple[str, ...], sensitivity: Path) -> tuple[tuple[str, ...], ...]:
+def resolve_keep(values: tuple[str, ...], sensitivity: Path | None, out: Path) -> tuple[tuple[str, ...], ...]:
     """`--keep-fp32` values -> sets of layer names: "none" (quantize every layer), "a,b,c" (module paths), or
-    "topN" (the N most sensitive layers in `sensitivity`, a sensitivity.json that `int8eval diagnose` wrote)."""
+    "topN" (the N most sensitive layers in `sensitivity`, a sensitivity.json that `int8eval diagnose` wrote;
+    default: OUT/sensitivity.json)."""
     import json
     import re
 
     if not values:
         return ((),)
+    sensitivity = sensitivity or Path(out) / "sensitivity.json"
     keeps = []
     for value in values:
         value = value.strip()
@@ -180,9 +200,8 @@ def _print_summary(report, out: Path) -> None:
     table.add_column("variant", overflow="fold")  # names carry the recipe: never cut them
     for col in ("status", "top-1 %", "top-5 %", "agreement %", "size MB"):
         table.add_column(col)
-    fmt = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
     for v in report.variants:
-        table.add_row(v.name, v.status, fmt(v.top1), fmt(v.top5), fmt(v.agreement_top1), "—" if v.size_mb is None else f"{v.size_mb:.1f}")
+        table.add_row(v.name, v.status, pct(v.top1), pct(v.top5), pct(v.agreement_top1), num(v.size_mb))
     console.print(table)
     for v in report.variants:
         if v.error:
@@ -190,7 +209,7 @@ def _print_summary(report, out: Path) -> None:
     if report.data.num_skipped:
         console.print(f"[yellow]{report.data.num_skipped} images or folders skipped[/yellow] (reasons in report.md)")
     for v in report.variants:
-        if getattr(v, "verdict", None):
+        if v.verdict:
             console.print(f"{v.name}: [bold]{v.verdict['verdict']}[/bold] ({v.verdict['reason']})")
     console.print(f"report: {out / 'report.json'} (rendered: report.md, report.html)")
 
@@ -258,13 +277,16 @@ def prepare_cmd(source: Path, labels: Path, out: Path, copy: bool) -> None:
 @_friendly
 def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool) -> None:
     """Re-render RUN_DIR's report from its report.json, without re-running; with a budget, re-judge the verdicts."""
-    from int8eval.report import render
+    from int8eval.report import render, rendered_paths
     from int8eval.verdict import apply_to_run_dir
 
     acceptance = acceptance_from_flags(max_drop, drop, mlperf)
-    if acceptance is not None:
-        apply_to_run_dir(run_dir, acceptance)
-    for path in render(run_dir):
+    if acceptance is None:
+        paths = render(run_dir)
+    else:
+        apply_to_run_dir(run_dir, acceptance)  # re-judges, rewrites report.json and renders it
+        paths = rendered_paths(run_dir)
+    for path in paths:
         console.print(f"wrote {path}")
 
 
@@ -276,8 +298,7 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path))
 @click.option("--weights")
-@click.option("--keep-fp32", "keeps", multiple=True, metavar="LAYERS", help="As for `run`: 'a,b', 'topN' or 'none'; repeatable.")
-@click.option("--sensitivity", type=click.Path(path_type=Path), help="sensitivity.json for --keep-fp32 topN (default: OUT/sensitivity.json).")
+@keep_options("As for `run`: 'a,b', 'topN' or 'none'; repeatable.")
 @click.option("--threads", type=click.IntRange(min=1), help="PyTorch intra-op threads while timing (default: PyTorch's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Batch size for throughput (latency is batch 1).")
 @_friendly
@@ -287,7 +308,7 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
 
     bench_command(
         model, backends, precisions or ("fp32", "int8"), out=out, data=data, checkpoint=checkpoint, weights=weights,
-        keeps=resolve_keep(keeps, sensitivity or Path(out) / "sensitivity.json"), threads=threads,
+        keeps=resolve_keep(keeps, sensitivity, out), threads=threads,
         batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(msg),
     )
     console.print((out / "bench.md").read_text())  # its warnings included
@@ -323,9 +344,9 @@ def diagnose(**kw) -> None:
         symmetric_activations=kw.pop("symmetric_activations"),
     )
     data = kw.pop("data") or default_data_root()
-    model, out = kw["model"], kw["out"]
+    model, out = kw.pop("model"), kw.pop("out")
     result = run_diagnose(
-        kw.pop("model"), data, kw.pop("out"), spec=spec, split_effects=not kw.pop("no_split_effects"),
+        model, data, out, spec=spec, split_effects=not kw.pop("no_split_effects"),
         console=Console(stderr=True), **kw,
     )
     onnx = {entry["module"]: entry.get("onnx_node") or "" for entry in result["layers"]}
@@ -337,8 +358,8 @@ def diagnose(**kw) -> None:
     console.print(table)
     keep, whole = result["keep_fp32"], result["all_quantized"]
     console.print(
-        f"agreement with FP32: all INT8 {100 * whole['agreement']:.2f}%, top {len(result['top_k'])} kept in FP32 "
-        f"{100 * keep['agreement']:.2f}% ({result['num_images']} images); details in sensitivity.json"
+        f"agreement with FP32: all INT8 {pct(whole['agreement'])}%, top {len(result['top_k'])} kept in FP32 "
+        f"{pct(keep['agreement'])}% ({result['num_images']} images); details in sensitivity.json"
     )
     console.print(
         f"to measure the real INT8 models with them in FP32: int8eval run -m {model} --data {data} --out {out} "

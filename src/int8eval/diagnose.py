@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -379,6 +380,17 @@ class _Sweep:
         return self.tallies.setdefault(key, _Tally())
 
 
+@contextmanager
+def _forward_hooks(fq: FakeQuantModel, names: Iterable[str], make_hook) -> Iterator[None]:
+    """`make_hook(name)` as a forward hook on each named layer inside the block."""
+    handles = [fq.layer(n).module.register_forward_hook(make_hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _batches(images: torch.Tensor | np.ndarray | Iterable, batch_size: int) -> list[torch.Tensor]:
     if isinstance(images, (np.ndarray, torch.Tensor)):
         t = torch.as_tensor(images, dtype=torch.float32)
@@ -402,6 +414,7 @@ def diagnose(
     example_input: torch.Tensor | None = None,
     batch_size: int = 32,
     progress=None,
+    fq: FakeQuantModel | None = None,
 ) -> dict:
     """Per-layer INT8 sensitivity of `model` (a PyTorch module, FP32, eval mode; a LoadedModel's `.module`).
 
@@ -417,6 +430,8 @@ def diagnose(
         layers: sweep only these layers (module paths; default all); the others are still quantized in "all but".
         onnx_names: export to ONNX (legacy exporter) and name each layer's Conv/Gemm node.
         example_input: for the ONNX export; default: the first evaluation image.
+        fq: `model` as a FakeQuantModel with `spec`, already calibrated on `calib` (default: built and calibrated
+            here); it is left configured for the last check.
 
     Returns a JSON-ready dict (see `run_diagnose`): per-layer results in execution order, the ranking, the top-k,
     and the agreement with the top-k kept in FP32 (`keep_fp32`).
@@ -434,8 +449,9 @@ def diagnose(
     label_batches = None
     if labels is not None:
         label_batches = list(torch.as_tensor(np.asarray(labels), dtype=torch.long).split(batch_size))
-    fq = FakeQuantModel(model, spec)
-    fq.calibrate(calib_batches)
+    if fq is None:
+        fq = FakeQuantModel(model, spec)
+        fq.calibrate(calib_batches)
     names = fq.names
     swept = names
     if layers is not None:
@@ -476,19 +492,11 @@ def diagnose(
         for chunk in range(0, len(x), 8):  # every layer's FP32 output is held at once: keep chunks small
             xs, ys = x[chunk : chunk + 8], None if y is None else y[chunk : chunk + 8]
             fq.configure()
-            handles = [fq.layer(n).module.register_forward_hook(fp32_hook(n)) for n in names]
-            try:
+            with _forward_hooks(fq, names, fp32_hook):
                 logits = fq(xs)
-            finally:
-                for h in handles:
-                    h.remove()
             fq.configure(weights=every, acts=every)
-            handles = [fq.layer(n).module.register_forward_hook(quant_hook(n)) for n in names]
-            try:
+            with _forward_hooks(fq, names, quant_hook):
                 quant_logits = fq(xs)
-            finally:
-                for h in handles:
-                    h.remove()
             outputs.clear()
             logps.append(torch.log_softmax(logits.double(), dim=1))
             sweep[("fp32", "")].add(logps[-1], logits, ys)
@@ -595,13 +603,15 @@ def diagnose(
 
 
 def keep_fp32_check(model: nn.Module, spec: FakeQuantSpec | Recipe, calib: Iterable, eval_images, keep: list[str], *,
-                    labels: np.ndarray | None = None, batch_size: int = 32) -> dict:
+                    labels: np.ndarray | None = None, batch_size: int = 32, fq: FakeQuantModel | None = None) -> dict:
     """Agreement with FP32 of the fully fake-quantized model and of the one with `keep` layers in FP32, on
-    `eval_images` (e.g. more images than the sweep used, to confirm its top-k)."""
-    if isinstance(spec, Recipe):
-        spec = FakeQuantSpec.from_recipe(spec)
-    fq = FakeQuantModel(model, spec)
-    fq.calibrate(_batches(list(calib), batch_size))
+    `eval_images` (e.g. more images than the sweep used, to confirm its top-k). `fq`: `model` as a FakeQuantModel
+    with `spec`, already calibrated on `calib` (e.g. the one `diagnose` used); default: built and calibrated here."""
+    if fq is None:
+        if isinstance(spec, Recipe):
+            spec = FakeQuantSpec.from_recipe(spec)
+        fq = FakeQuantModel(model, spec)
+        fq.calibrate(_batches(list(calib), batch_size))
     every = set(fq.names)
     tallies = {"reference": _Tally(), "all_quantized": _Tally(), "keep_fp32": _Tally()}
     label_batches = None if labels is None else list(torch.as_tensor(np.asarray(labels)).split(batch_size))
@@ -654,54 +664,51 @@ def run_diagnose(
     Example:
         >>> run_diagnose("efficientnet_lite0", Path("imagenet-sample"), Path("runs/lite0"), max_images=64, top_k=5)
     """
-    from int8eval.data.decode import batches as decode_batches
+    from int8eval.bench import torch_threads
+    from int8eval.data.decode import decode_samples
     from int8eval.data.layouts import discover, split, subsample
     from int8eval.models import load_model
 
-    if threads:
-        torch.set_num_threads(threads)
-    say = (lambda msg: console.log(msg)) if console is not None else (lambda msg: None)
-    if spec is None:
-        spec = FakeQuantSpec.from_recipe(recipe) if recipe is not None else FakeQuantSpec()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(model_name, checkpoint=checkpoint, weights=weights)
-    found = discover(data_root, labels)
-    calib_samples, rest = split(found.samples, calib_size, seed)
-    sweep_samples = subsample(rest, max_images, seed)
+    with torch_threads(threads or None):  # restored on the way out
+        say = (lambda msg: console.log(msg)) if console is not None else (lambda msg: None)
+        if spec is None:
+            spec = FakeQuantSpec.from_recipe(recipe) if recipe is not None else FakeQuantSpec()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        loaded = load_model(model_name, checkpoint=checkpoint, weights=weights)
+        found = discover(data_root, labels)
+        calib_samples, rest = split(found.samples, calib_size, seed)
+        sweep_samples = subsample(rest, max_images, seed)
 
-    def decode(samples) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        images, ys, ids = [], [], []
-        for batch in decode_batches(samples, loaded.preprocessing, batch_size=batch_size, workers=workers):
-            if len(batch.indices):
-                images.append(batch.images)
-                ys += [samples[i].label for i in batch.indices]
-                ids += [samples[i].id for i in batch.indices]
-        if not images:
-            raise ConfigError("none of the images could be read")
-        return np.concatenate(images), np.asarray(ys), ids
+        def decode(samples) -> tuple[np.ndarray, np.ndarray, list[str]]:
+            images, ys, ids = decode_samples(samples, loaded.preprocessing, batch_size=batch_size, workers=workers)
+            if not images:
+                raise ConfigError("none of the images could be read")
+            return np.concatenate(images), ys, ids
 
-    calib_images, _, calib_ids = decode(calib_samples)
-    eval_images, eval_labels, eval_ids = decode(sweep_samples)
-    say(f"diagnose {model_name}: {len(calib_ids)} calibration, {len(eval_ids)} evaluation images; {spec.describe()}")
-    result = diagnose(
-        loaded.module, spec, [calib_images], eval_images, labels=eval_labels, top_k=top_k, rank_by=rank_by,
-        split_effects=split_effects, layers=layers, example_input=loaded.example_input(1), batch_size=batch_size,
-        progress=say,
-    )
-    if confirm_images:
-        used = {s.id for s in sweep_samples}
-        pool = [s for s in rest if s.id not in used] or rest
-        confirm_set = subsample(pool, confirm_images, seed + 1)
-        images, ys, _ = decode(confirm_set)
-        say(f"confirming the top {top_k} on {len(ys)} more images")
-        result["confirm"] = keep_fp32_check(loaded.module, spec, [calib_images], images, result["top_k"], labels=ys,
-                                            batch_size=batch_size)
-    result |= {"model": loaded.name, "data": str(Path(data_root).resolve()), "seed": seed,
-               "calib_image_ids": calib_ids, "image_ids": eval_ids}
-    (out_dir / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
-    _attach_to_report(out_dir, result)
-    return result
+        calib_images, _, calib_ids = decode(calib_samples)
+        eval_images, eval_labels, eval_ids = decode(sweep_samples)
+        say(f"diagnose {model_name}: {len(calib_ids)} calibration, {len(eval_ids)} evaluation images; {spec.describe()}")
+        fq = FakeQuantModel(loaded.module, spec)  # calibrated once, for the sweep and the confirmation
+        fq.calibrate(_batches([calib_images], batch_size))
+        result = diagnose(
+            loaded.module, spec, [calib_images], eval_images, labels=eval_labels, top_k=top_k, rank_by=rank_by,
+            split_effects=split_effects, layers=layers, example_input=loaded.example_input(1), batch_size=batch_size,
+            progress=say, fq=fq,
+        )
+        if confirm_images:
+            used = {s.id for s in sweep_samples}
+            pool = [s for s in rest if s.id not in used] or rest
+            confirm_set = subsample(pool, confirm_images, seed + 1)
+            images, ys, _ = decode(confirm_set)
+            say(f"confirming the top {top_k} on {len(ys)} more images")
+            result["confirm"] = keep_fp32_check(loaded.module, spec, [calib_images], images, result["top_k"], labels=ys,
+                                                batch_size=batch_size, fq=fq)
+        result |= {"model": loaded.name, "data": str(Path(data_root).resolve()), "seed": seed,
+                   "calib_image_ids": calib_ids, "image_ids": eval_ids}
+        (out_dir / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+        _attach_to_report(out_dir, result)
+        return result
 
 
 def _attach_to_report(out_dir: Path, result: dict) -> None:

@@ -70,11 +70,26 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def _kl_and_cosine(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lp, lq = _log_softmax(ref), _log_softmax(other)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
-    r, o = ref.astype(np.float64), other.astype(np.float64)
-    cos = (r * o).sum(axis=1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-12)
+@dataclass
+class _RefStats:
+    """What KL and cosine need of the reference's logits for one batch, computed once for every variant."""
+
+    logits: np.ndarray  # float64
+    log_p: np.ndarray  # log-softmax
+    p: np.ndarray  # softmax
+    norm: np.ndarray  # L2 norm per image
+
+    @classmethod
+    def of(cls, ref: np.ndarray) -> _RefStats:
+        r, lp = ref.astype(np.float64), _log_softmax(ref)
+        return cls(r, lp, np.exp(lp), np.linalg.norm(r, axis=1))
+
+
+def _kl_and_cosine(ref: _RefStats, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lq = _log_softmax(other)
+    kl = (ref.p * (ref.log_p - lq)).sum(axis=1)
+    o = other.astype(np.float64)
+    cos = (ref.logits * o).sum(axis=1) / np.maximum(ref.norm * np.linalg.norm(o, axis=1), 1e-12)
     return kl.astype(np.float32), cos.astype(np.float32)
 
 
@@ -127,9 +142,10 @@ def evaluate(
                 logits[name] = out
                 top5[name].append(np.argsort(-out, axis=1, kind="stable")[:, :TOPK].astype(np.int16))
             if reference in logits:
+                ref_stats = _RefStats.of(logits[reference])
                 for name in kl:
                     if name in logits:
-                        k, c = _kl_and_cosine(logits[reference], logits[name])
+                        k, c = _kl_and_cosine(ref_stats, logits[name])
                         kl[name].append(k)
                         cos[name].append(c)
             kept.append(batch.indices)

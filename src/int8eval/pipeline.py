@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from int8eval import backends, stats
 from int8eval.backends import CalibrationData, Variant
 from int8eval.config import Backend, Precision, Recipe, RunConfig
-from int8eval.data.decode import batches
+from int8eval.data.decode import decode_samples
 from int8eval.data.layouts import discover, split, subsample
 from int8eval.environment import environment
 from int8eval.errors import DatasetError
@@ -44,10 +44,6 @@ def _check(recipe: Recipe) -> None:
         from int8eval import qat
 
         qat.check_recipe(recipe)
-    elif recipe.emulate:
-        from int8eval.backends.tensorrt_backend import check_emulated_recipe
-
-        check_emulated_recipe(recipe)
     else:
         backends.check_recipe(recipe)
 
@@ -65,11 +61,6 @@ def _build(recipe: Recipe, loaded: LoadedModel, calib, train, config: RunConfig)
         return qat.build_finetuned_variant(
             loaded, train, workdir, spec=spec, quantize=quantize, legacy=recipe.legacy, calib=calib, recipe=recipe
         )
-    if recipe.emulate:
-        from int8eval.backends.tensorrt_backend import build_qdq_onnx_variant
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        return build_qdq_onnx_variant(loaded, recipe, calib, workdir)
     return backends.build_variant(loaded, recipe, calib, workdir)
 
 
@@ -85,7 +76,7 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _calibration(config: RunConfig, loaded: LoadedModel, found, progress: Progress):
+def _calibration(config: RunConfig, found):
     """(calibration samples, source label, evaluation samples). Calibration images are never evaluated."""
     if not config.needs_calibration:
         return [], None, found.samples
@@ -99,14 +90,13 @@ def _calibration(config: RunConfig, loaded: LoadedModel, found, progress: Progre
     return calib, f"seeded split of {config.data}", rest
 
 
-def _decode_calibration(samples, loaded: LoadedModel, config: RunConfig, progress: Progress) -> CalibrationData:
+def _decode_calibration(samples, preprocessing, config: RunConfig, progress: Progress) -> CalibrationData:
     task = progress.add_task("decoding calibration images", total=len(samples))
-    data = CalibrationData(batches=[], image_ids=[])
-    for batch in batches(samples, loaded.preprocessing, batch_size=config.batch_size, workers=config.workers):
-        if len(batch.indices):
-            data.batches.append(batch.images)
-            data.image_ids += [samples[i].id for i in batch.indices]
-        progress.update(task, advance=len(batch.indices) + len(batch.bad))
+    images, _, ids = decode_samples(
+        samples, preprocessing, batch_size=config.batch_size, workers=config.workers,
+        on_batch=lambda b: progress.update(task, advance=len(b.indices) + len(b.bad)),
+    )
+    data = CalibrationData(batches=images, image_ids=ids)
     if not data.num_images:
         raise DatasetError("none of the calibration images could be read")
     return data
@@ -130,9 +120,10 @@ def _variant_result(recipe: Recipe, variant: Variant | None, error: str | None) 
 
 def _fill_accuracy(result: VariantResult, preds, reference: str) -> None:
     name = result.name
-    result.top1, result.top1_ci95 = stats.accuracy_ci(preds.correct1(name))
+    correct1 = preds.correct1(name)
+    result.top1, result.top1_ci95 = stats.accuracy_ci(correct1)
     result.top5, result.top5_ci95 = stats.accuracy_ci(preds.correct5(name))
-    result.per_class_top1 = stats.per_class_accuracy(preds.labels, preds.correct1(name))
+    result.per_class_top1 = stats.per_class_accuracy(preds.labels, correct1)
     if name != reference and reference in preds.top5:
         result.agreement_top1 = stats.agreement(preds.top1(name), preds.top1(reference))
         result.delta_top1 = result.top1 - float(np.mean(preds.correct1(reference)))
@@ -168,9 +159,9 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
                 found.samples, size=config.train_size, seed=config.seed, train_root=config.train_data
             )
             found.samples = rest
-        calib_samples, calib_source, eval_samples = _calibration(config, loaded, found, progress)
+        calib_samples, calib_source, eval_samples = _calibration(config, found)
         eval_samples = subsample(eval_samples, config.max_images, config.seed)
-        calib = _decode_calibration(calib_samples, loaded, config, progress) if calib_samples else None
+        calib = _decode_calibration(calib_samples, loaded.preprocessing, config, progress) if calib_samples else None
 
         variants: list[Variant] = []
         results: dict[str, VariantResult] = {}

@@ -49,7 +49,14 @@ import torch
 from torch import nn
 
 from int8eval.backends.base import CalibrationData
-from int8eval.backends.torch_backend import TorchVariant, _drop_unused_tensors, untie_reused_modules
+from int8eval.backends.torch_backend import (
+    TorchVariant,
+    _calibrate,
+    _drop_unused_tensors,
+    _export,
+    save_program,
+    untie_reused_modules,
+)
 from int8eval.config import Backend, Precision, Preprocessing, Recipe
 from int8eval.data.decode import _INTERPOLATION, ImageDataset, collate
 from int8eval.data.layouts import Sample, discover
@@ -254,10 +261,6 @@ def _check_bn_eps(module: nn.Module) -> None:
         )
 
 
-def _export_program(module: nn.Module, example: torch.Tensor):
-    return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-
 def _pt2e_prepare(gm: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
     try:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
@@ -268,7 +271,7 @@ def _pt2e_prepare(gm: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.G
     except ImportError as e:
         raise BackendUnavailable("PT2E QAT needs torchao: pip install 'int8eval[pt2e]'") from e
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-    return prepare_qat_pt2e(_export_program(gm, example).module(), quantizer)
+    return prepare_qat_pt2e(_export(gm, example).module(), quantizer)
 
 
 def _ptq_activation_qparams(gm: torch.fx.GraphModule, example: torch.Tensor, calib: CalibrationData) -> dict:
@@ -281,10 +284,8 @@ def _ptq_activation_qparams(gm: torch.fx.GraphModule, example: torch.Tensor, cal
     )
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(_export_program(gm, example).module(), quantizer)
-    with torch.no_grad():
-        for batch in calib.batches:
-            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+    prepared = prepare_pt2e(_export(gm, example).module(), quantizer)
+    _calibrate(prepared, calib)
     return {
         name: obs.calculate_qparams()
         for name, obs in prepared.named_modules()
@@ -538,10 +539,7 @@ class FinetunedVariant(TorchVariant):
 def _save_artifact(result: FinetuneResult, example: torch.Tensor, path: Path) -> Path:
     """The deployable file: an exported program (.pt2) for PT2E INT8, else a state_dict (its size is reported)."""
     if result.method is QATMethod.pt2e:
-        program = _export_program(result.module, example)
-        program.example_inputs = None  # else the .pt2 carries the example images too
-        torch.export.save(program, path.with_suffix(".pt2"))
-        return path.with_suffix(".pt2")
+        return save_program(result.module, example, path.with_suffix(".pt2"))
     torch.save(result.module.state_dict(), path.with_suffix(".pt"))
     return path.with_suffix(".pt")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from statsmodels.stats.proportion import proportion_confint
 
-from int8eval.data.synsets import synsets
+from int8eval.data.synsets import synsets, wnid_to_name
 
 
 def accuracy_ci(correct: np.ndarray, alpha: float = 0.05) -> tuple[float, tuple[float, float]]:
@@ -25,11 +25,10 @@ def agreement(top1_a: np.ndarray, top1_b: np.ndarray) -> float:
 def per_class_accuracy(labels: np.ndarray, correct: np.ndarray) -> dict[str, dict]:
     """Top-1 per class present, keyed by wnid: {"n": images, "top1": fraction}."""
     wnids = synsets()[0]
-    out = {}
-    for c in np.unique(labels):
-        mask = labels == c
-        out[wnids[int(c)]] = {"n": int(mask.sum()), "top1": float(correct[mask].mean())}
-    return out
+    labels = np.asarray(labels, dtype=np.int64)
+    n = np.bincount(labels)
+    right = np.bincount(labels, weights=correct, minlength=len(n))  # float64 sums, exact for 0/1
+    return {wnids[c]: {"n": int(n[c]), "top1": float(right[c] / n[c])} for c in np.flatnonzero(n)}
 
 
 # --- Paired FP32-vs-INT8 statistics -------------------------------------------------------------------------------
@@ -102,15 +101,13 @@ def class_flips(labels: np.ndarray, correct_ref: np.ndarray, correct_var: np.nda
     wnids = synsets()[0]
     r, v = np.asarray(correct_ref, bool), np.asarray(correct_var, bool)
     lost, gained = r & ~v, ~r & v
-    out: dict[str, dict] = {}
-    for cls in np.unique(labels[lost | gained]):
-        mask = labels == cls
-        out[wnids[int(cls)]] = {
-            "n": int(mask.sum()),
-            "lost": int(lost[mask].sum()),
-            "gained": int(gained[mask].sum()),
-        }
-    return out
+    labels = np.asarray(labels, dtype=np.int64)
+    n = np.bincount(labels)
+    n_lost, n_gained = np.bincount(labels[lost], minlength=len(n)), np.bincount(labels[gained], minlength=len(n))
+    return {
+        wnids[c]: {"n": int(n[c]), "lost": int(n_lost[c]), "gained": int(n_gained[c])}
+        for c in np.flatnonzero(n_lost + n_gained)
+    }
 
 
 def paired_stats(
@@ -159,7 +156,7 @@ def paired_stats(
         out["cos_min"] = float(np.min(cos))
     if labels is not None:
         flips = class_flips(np.asarray(labels), correct_ref, correct_var)
-        names = dict(zip(*synsets()))
+        names = wnid_to_name()
         ranked = sorted(flips.items(), key=lambda kv: (-(kv[1]["lost"] - kv[1]["gained"]), -kv[1]["lost"], kv[0]))
         out["flips_by_class"] = flips
         out["classes_lost_most"] = [

@@ -83,10 +83,6 @@ def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool
     return Acceptance(max_drop=max_drop, drop=DropKind(drop or DropKind.absolute.value))
 
 
-def _pts(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
 def _images_to_settle(n: int | None, drop: float, half_width: float, budget: float) -> str:
     # The interval narrows roughly as 1/sqrt(n) if the flip rate stays the same: a rough guide, not a promise.
     gap = abs(budget - drop)
@@ -105,14 +101,16 @@ def decide(
     fail: the whole CI is beyond the budget; inconclusive: the CI straddles it (or starts exactly at it).
     Returns {"verdict", "reason", "budget", "drop", "drop_ci95", "criterion"}; drops are fractions.
     """
+    from int8eval.report.format import pct  # not at the top: int8eval.report imports config, which imports us
+
     budget = acceptance.budget(ref_top1)
     drop = -diff
     lo, hi = -diff_ci[1], -diff_ci[0]  # the drop's CI is the difference's, mirrored
-    shown = f"drop {_pts(drop)} pts (95% CI {_pts(lo)} to {_pts(hi)})"
+    shown = f"drop {pct(drop)} pts (95% CI {pct(lo)} to {pct(hi)})"
     if acceptance.drop is DropKind.relative:
-        limit = f"the {_pts(budget)}-pt budget ({acceptance.max_drop:g}% of FP32's {_pts(ref_top1)}%)"
+        limit = f"the {pct(budget)}-pt budget ({acceptance.max_drop:g}% of FP32's {pct(ref_top1)}%)"
     else:
-        limit = f"the {_pts(budget)}-pt budget"
+        limit = f"the {pct(budget)}-pt budget"
     if hi <= budget + _TOL:
         verdict, reason = Verdict.passed, f"{shown} is within {limit}"
     elif lo > budget + _TOL:
@@ -180,7 +178,8 @@ def _verdict_for(v: VariantResult, acceptance: Acceptance) -> dict:
 
 def apply_to_run_dir(run_dir: Path, acceptance: Acceptance | None) -> Report:
     """Recompute paired statistics and verdicts of a finished run from RUN_DIR/predictions.npz (e.g. with another
-    budget), rewrite report.json and re-render report.md/.html. Nothing is re-evaluated."""
+    budget), rewrite report.json and re-render report.md/.html (`int8eval.report.rendered_paths`). Nothing is
+    re-evaluated."""
     from int8eval.evaluate import Predictions
     from int8eval.report import Report, render
 

@@ -64,12 +64,23 @@ def _module(backend: Backend):
     return importlib.import_module(f"int8eval.backends.{backend_info(backend).module}")
 
 
+def _emulated():
+    # TensorRT's ONNX run by ONNX Runtime on the CPU (`recipe.emulate`) needs no TensorRT: no `require`.
+    return importlib.import_module("int8eval.backends.tensorrt_backend")
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Fail before any work starts if the backend cannot do this recipe (raises ConfigError)."""
+    if recipe.emulate:
+        _emulated().check_emulated_recipe(recipe)
+        return
     _module(recipe.backend).check_recipe(recipe)
 
 
 def build_variant(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
-    """Build the variant `recipe` describes for `loaded` (a LoadedModel), writing artifacts under `workdir`."""
+    """Build the variant `recipe` describes for `loaded` (a LoadedModel), writing artifacts under `workdir`.
+    An `emulate` recipe gets TensorRT's ONNX run by ONNX Runtime on the CPU."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if recipe.emulate:
+        return _emulated().build_qdq_onnx_variant(loaded, recipe, calib, workdir)
     return _module(recipe.backend).build(loaded, recipe, calib, workdir)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from int8eval.config import Recipe
+from int8eval.config import Precision, Recipe
+from int8eval.errors import ConfigError
 
 
 @dataclass
@@ -24,6 +25,12 @@ class CalibrationData:
     @property
     def num_images(self) -> int:
         return sum(len(b) for b in self.batches)
+
+
+def require_calibration(recipe: Recipe, calib: CalibrationData | None) -> None:
+    """Raise ConfigError if `recipe` is INT8 and `calib` holds no images (call before any export or conversion)."""
+    if recipe.precision is Precision.int8 and (calib is None or calib.num_images == 0):
+        raise ConfigError(f"recipe {recipe.name} is INT8 and needs calibration images; none were given")
 
 
 class Variant(ABC):

@@ -6,6 +6,7 @@ the convolutions in eval mode, and its logits match PyTorch's to ~1e-5 on the mo
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ def export_onnx(
             do_constant_folding=True,
         )
     return path
+
+
+def export_onnx_fp16(loaded, path: Path) -> Path:
+    """Export a half-precision copy of `loaded.module` (a LoadedModel's; left unchanged) to `path`, with a float16
+    input: runtimes then run their fp16 kernels, as the types are in the graph."""
+    half = copy.deepcopy(loaded.module).half()
+    return export_onnx(half, loaded.example_input(1).half(), path)
 
 
 def _load(model) -> "onnx.ModelProto":  # noqa: F821 - onnx is imported lazily
@@ -174,6 +182,8 @@ def keep_fp32_nodes(onnx_path: Path, module: torch.nn.Module, layers: tuple[str,
     be found, or the variant would silently quantize it."""
     from int8eval.errors import ConfigError
 
+    if not layers:
+        return []  # nothing kept: no need to load the model
     nodes = module_nodes(onnx_path, module)
     missing = [layer for layer in layers if layer not in nodes]
     if missing:

@@ -8,6 +8,9 @@ histogram per activation itself (one pass, shared by every method), computes the
 `quantize_static` through its calibration cache (`calibration_cache_path`), ORT's own way to supply ranges.
 
 The same QDQ model feeds TensorRT's explicit quantization (`symmetric_activations=True`, per-channel weights).
+
+The ONNX backends (onnxruntime, tensorrt and its CPU emulation) share one FP32 export and one calibration pass per
+(model, calibration set): `cached_fp32_export` and `cached_activation_stats`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
@@ -36,9 +40,12 @@ from onnxruntime.quantization import (
 
 from int8eval.backends import ranges
 from int8eval.backends.base import CalibrationData
-from int8eval.backends.onnx_export import INPUT_NAME
+from int8eval.backends.onnx_export import INPUT_NAME, export_onnx
 from int8eval.config import CalibMethod
 from int8eval.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 HIST_BINS = ranges.HIST_BINS  # bins of |x| per activation, as TensorRT's histogram calibrator
 MAX_CALIB_BATCH = 8  # images per calibration run: every activation of the batch is held in memory at once
@@ -323,3 +330,41 @@ def quantize_qdq(
         )
     return out_path
 
+
+# --- shared per model: the FP32 export and its activation statistics ---------------------------------------------
+
+
+@dataclass
+class PreparedOnnx:
+    """What the recipes of one model share: the FP32 export and the calibration statistics per calibration set."""
+
+    fp32: Path
+    export_s: float
+    stats: dict[int, tuple[CalibrationData, ActivationStats]] = field(default_factory=dict)
+
+
+# Keyed by the model's module, so the cache goes away with the model.
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, PreparedOnnx] = weakref.WeakKeyDictionary()
+
+
+def cached_fp32_export(loaded, workdir: Path) -> PreparedOnnx:
+    """`loaded`'s FP32 ONNX export (`workdir`/<model>.fp32.onnx), written once per model while the file exists.
+    Its `export_s` is the export's cost, for the `prepare_s` of every variant built from it."""
+    prepared = _PREPARED.get(loaded.module)
+    if prepared is None or not prepared.fp32.exists():
+        start = time.perf_counter()
+        path = export_onnx(loaded.module, loaded.example_input(1), Path(workdir) / f"{loaded.name}.fp32.onnx")
+        prepared = PreparedOnnx(path, time.perf_counter() - start)
+        _PREPARED[loaded.module] = prepared
+    return prepared
+
+
+def cached_activation_stats(prepared: PreparedOnnx, calib: CalibrationData, workdir: Path) -> ActivationStats:
+    """`collect_activation_stats` of `prepared.fp32` over `calib`, collected once per calibration set."""
+    # The pipeline hands every recipe the same CalibrationData object; holding it keeps its id from being reused.
+    cached = prepared.stats.get(id(calib))
+    if cached is not None and cached[0] is calib and cached[1].model.exists():
+        return cached[1]
+    stats = collect_activation_stats(prepared.fp32, calib, workdir=workdir)
+    prepared.stats[id(calib)] = (calib, stats)
+    return stats

@@ -1,29 +1,24 @@
 """ONNX Runtime on the CPU: FP32 and FP16 from the exported model, INT8 as a static QDQ model (signed INT8).
 
-INT8 recipes share one ONNX export and one calibration pass per (model, calibration set): `onnx_qdq` collects a
-histogram of every activation once and each recipe only derives its ranges from it. `prepare_s` still reports the
-full cost of building the recipe on its own (export + calibration + quantization + session creation).
+INT8 recipes share one ONNX export and one calibration pass per (model, calibration set), cached in `onnx_qdq`
+(and shared with the TensorRT backend): a histogram of every activation is collected once and each recipe only
+derives its ranges from it. `prepare_s` still reports the full cost of building the recipe on its own (export +
+calibration + quantization + session creation).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import platform
-import re
 import time
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
-from int8eval.backends.base import CalibrationData, Variant
-from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, keep_fp32_nodes
-from int8eval.backends.onnx_qdq import ActivationStats, collect_activation_stats, quantize_qdq
+from int8eval.backends.base import CalibrationData, Variant, require_calibration
+from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_fp16, keep_fp32_nodes
+from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, quantize_qdq
 from int8eval.config import Backend, Precision, Recipe
+from int8eval.environment import int8_dot_saturates
 from int8eval.errors import ConfigError
 
 
@@ -36,7 +31,7 @@ class OrtVariant(Variant):
         self.input_dtype = input_dtype
         # Otherwise ORT's defaults on purpose: all graph optimisations (QDQ -> integer kernels), its own thread count.
         opts = ort.SessionOptions()
-        self.exact_int8 = recipe.precision is Precision.int8 and int8_kernels_saturate()
+        self.exact_int8 = recipe.precision is Precision.int8 and int8_dot_saturates()
         if self.exact_int8:
             # Without VNNI, ORT's x86 U8S8 kernels add pairs of products in saturating int16 (vpmaddubsw):
             # measured on an AVX2 EPYC, Lite0's top-1 agreement with FP32 fell from 98% to 89%. This option makes
@@ -48,18 +43,6 @@ class OrtVariant(Variant):
     def predict(self, images: np.ndarray) -> np.ndarray:
         feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=self.input_dtype)}
         return self.session.run([OUTPUT_NAME], feed)[0].astype(np.float32, copy=False)
-
-
-@functools.cache
-def int8_kernels_saturate() -> bool:
-    """True on an x86 CPU without VNNI (AVX2 or AVX-512 alone), where ORT's default INT8 kernels can overflow."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
-        return False  # ARM's int8 dot products do not saturate
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # cannot tell: choose the exact kernels over the fast ones
-    return not re.search(r"\bavx(512)?_vnni\b", flags)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -77,62 +60,27 @@ def check_recipe(recipe: Recipe) -> None:
         )
 
 
-@dataclass
-class _Prepared:
-    """What INT8 recipes of one model share: the FP32 export and the calibration statistics per calibration set."""
-
-    fp32: Path
-    export_s: float
-    stats: dict[int, tuple[CalibrationData, ActivationStats]] = field(default_factory=dict)
-
-
-# Keyed by the model's module, so the cache goes away with the model.
-_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, _Prepared] = weakref.WeakKeyDictionary()
-
-
-def _fp32_export(loaded, workdir: Path) -> _Prepared:
-    prepared = _PREPARED.get(loaded.module)
-    if prepared is None or not prepared.fp32.exists():
-        start = time.perf_counter()
-        path = export_onnx(loaded.module, loaded.example_input(1), workdir / f"{loaded.name}.fp32.onnx")
-        prepared = _Prepared(path, time.perf_counter() - start)
-        _PREPARED[loaded.module] = prepared
-    return prepared
-
-
-def _activation_stats(prepared: _Prepared, calib: CalibrationData, workdir: Path) -> ActivationStats:
-    # The pipeline hands every recipe the same CalibrationData object; holding it keeps its id from being reused.
-    cached = prepared.stats.get(id(calib))
-    if cached is not None and cached[0] is calib and cached[1].model.exists():
-        return cached[1]
-    stats = collect_activation_stats(prepared.fp32, calib, workdir=workdir)
-    prepared.stats[id(calib)] = (calib, stats)
-    return stats
-
-
 def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
     """Build the ONNX Runtime variant `recipe` describes; artifacts are written under `workdir`."""
     check_recipe(recipe)
-    if recipe.precision is Precision.int8 and (calib is None or calib.num_images == 0):
-        raise ConfigError(f"recipe {recipe.name} is INT8 and needs calibration images; none were given")
+    require_calibration(recipe, calib)
     workdir = Path(workdir)
     if recipe.precision is Precision.fp16:
         start = time.perf_counter()
         # Export the half-precision module: ORT then runs its fp16 kernels (slower than fp32 on x86 CPUs).
-        half = copy.deepcopy(loaded.module).half()
-        path = export_onnx(half, loaded.example_input(1).half(), workdir / f"{recipe.name}.onnx")
+        path = export_onnx_fp16(loaded, workdir / f"{recipe.name}.onnx")
         variant = OrtVariant(recipe, path, input_dtype=np.float16)
         variant.prepare_s = time.perf_counter() - start
         return variant
 
-    prepared = _fp32_export(loaded, workdir)
+    prepared = cached_fp32_export(loaded, workdir)
     if recipe.precision is Precision.fp32:
         session_start = time.perf_counter()
         variant = OrtVariant(recipe, prepared.fp32)
         variant.prepare_s = prepared.export_s + (time.perf_counter() - session_start)
         return variant
 
-    stats = _activation_stats(prepared, calib, workdir)
+    stats = cached_activation_stats(prepared, calib, workdir)
     quant_start = time.perf_counter()
     path = quantize_qdq(
         prepared.fp32,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import platform
 import time
 import warnings
 import weakref
@@ -28,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from int8eval.backends.base import CalibrationData, Variant
+from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.config import CalibMethod, Precision, Recipe
+from int8eval.environment import int8_dot_saturates
 from int8eval.errors import ConfigError
 from int8eval.models import fold_batchnorm
 
@@ -65,21 +65,12 @@ def cpu_capabilities() -> tuple[str, frozenset[str]]:
     )
 
 
-@lru_cache(maxsize=1)
 def x86_without_vnni() -> bool:
-    """True on an x86 CPU without VNNI/AMX int8 instructions (or when that cannot be told).
-
-    There oneDNN multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums saturate: measured on an AVX2-only
+    """True on an x86 CPU without VNNI/AMX int8 instructions (or when that cannot be told): see
+    `environment.int8_dot_saturates`. There oneDNN's u8 x s8 int16 pair sums saturate: measured on an AVX2-only
     EPYC, EfficientNet-Lite0 INT8 agrees with FP32 on 93% of images as executed against 98% as simulated.
-    NNCF's overflow fix (weights on 7 bits) removes the saturation.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
-        return False
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # cannot tell; 7-bit weights are correct everywhere, only slightly less precise
-    return not any(flag in cpuinfo for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    NNCF's overflow fix (weights on 7 bits) removes the saturation."""
+    return int8_dot_saturates()
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -199,12 +190,15 @@ def layer_ops(ov_model: ov.Model, layers: tuple[str, ...] | list[str]) -> list[s
     return [name for layer in layers for name in ops[layer]]
 
 
-def quantize(ov_model: ov.Model, recipe: Recipe, calib: CalibrationData) -> ov.Model:
-    """INT8-quantize `ov_model` (FP32, left unchanged) with NNCF as `recipe` says; returns the quantized model."""
+def quantize(
+    ov_model: ov.Model, recipe: Recipe, calib: CalibrationData, *, options: dict[str, Any] | None = None
+) -> ov.Model:
+    """INT8-quantize `ov_model` (FP32, left unchanged) with NNCF as `recipe` says; returns the quantized model.
+    `options`: `nncf_options(recipe)` if the caller already has it (not changed here)."""
     import nncf
 
     images = _images(calib)
-    options = nncf_options(recipe)
+    options = dict(nncf_options(recipe) if options is None else options)
     if recipe.keep_fp32:
         options["ignored_scope"] = nncf.IgnoredScope(names=layer_ops(ov_model, recipe.keep_fp32))
     from nncf.common.logging import nncf_logger
@@ -320,17 +314,16 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     import openvino as ov
 
     check_recipe(recipe)
-    if recipe.precision is Precision.int8 and (calib is None or calib.num_images == 0):
-        raise ConfigError(f"recipe {recipe.name} needs calibration images; none were given")
+    require_calibration(recipe, calib)
     details: dict[str, Any] = {}
     start = time.perf_counter()
     model = convert(loaded)
     details["convert_s"] = time.perf_counter() - start
     if recipe.precision is Precision.int8:
         t = time.perf_counter()
-        model = quantize(model, recipe, calib)
-        details["quantize_s"] = time.perf_counter() - t
         opts = nncf_options(recipe)
+        model = quantize(model, recipe, calib, options=opts)
+        details["quantize_s"] = time.perf_counter() - t
         details["nncf"] = {
             "preset": opts["preset"].value,
             "fast_bias_correction": opts["fast_bias_correction"],

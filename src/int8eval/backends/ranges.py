@@ -95,17 +95,21 @@ def mse_threshold(abs_hist: np.ndarray, hist_max: float, levels: int, zeros: flo
     return float(t[int(np.argmin(err))])
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown histogram range method {method!r}; choose one of {', '.join(METHODS)}")
+
+
 def threshold(method: str, abs_hist: np.ndarray, hist_max: float, *, percentile: float = 99.999,
               levels: int = 127, zeros: float = 0) -> float:
     """The threshold on |x| that `method` (percentile, entropy or mse) picks from a histogram of |x| over
     [0, hist_max]; `levels` (steps over [0, t]) for entropy and mse, `zeros` (exact zeros in bin 0) for mse."""
+    _check_method(method)
     if method == "percentile":
         return percentile_threshold(abs_hist, hist_max, percentile)
     if method == "entropy":
         return entropy_threshold(abs_hist, hist_max, levels)
-    if method == "mse":
-        return mse_threshold(abs_hist, hist_max, levels, zeros)
-    raise ValueError(f"unknown histogram range method {method!r}; choose one of {', '.join(METHODS)}")
+    return mse_threshold(abs_hist, hist_max, levels, zeros)
 
 
 def _cdf_at(counts: np.ndarray, edges: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -138,8 +142,7 @@ def histogram_range(method: str, counts: np.ndarray, edges: np.ndarray, *, perce
     non-negative tensor gets all `num_levels` levels over [0, t], a signed one half. The caller turns the range
     into scale and zero point with its own library's code.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown histogram range method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)  # up front: a constant tensor returns before `threshold` would check it
     lo, hi = _extent(counts, edges)
     if lo == hi:
         return lo, hi

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from int8eval.backends.base import CalibrationData, Variant
+from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.config import Backend, CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
 
@@ -388,43 +388,48 @@ def legacy_calibrator(calib: CalibrationData, cache: Path, *, method: CalibMetho
     return _Calibrator()
 
 
+def _recipe_onnx(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> tuple[Path, float]:
+    """The ONNX TensorRT is given for `recipe` and the seconds it cost: the FP16 export, the FP32 export (FP32 and the
+    legacy calibrator), or the explicit-quantization Q/DQ model. The FP32 export and the activation statistics are
+    shared with the other recipes of the model (`onnx_qdq`'s cache, as onnxruntime's) and counted in full here."""
+    from int8eval.backends.onnx_export import export_onnx_fp16, keep_fp32_nodes
+    from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export
+
+    if recipe.precision is Precision.fp16:
+        start = time.perf_counter()
+        path = export_onnx_fp16(loaded, workdir / f"{loaded.name}.fp16.onnx")
+        return path, time.perf_counter() - start
+    prepared = cached_fp32_export(loaded, workdir)
+    if recipe.precision is not Precision.int8 or recipe.legacy:
+        return prepared.fp32, prepared.export_s
+    stats = cached_activation_stats(prepared, calib, workdir)
+    start = time.perf_counter()
+    qdq = build_trt_qdq_onnx(
+        prepared.fp32, stats, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
+        nodes_to_exclude=keep_fp32_nodes(prepared.fp32, loaded.module, recipe.keep_fp32),
+    )
+    return qdq, prepared.export_s + stats.collect_s + (time.perf_counter() - start)
+
+
 def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
     """Build and load the TensorRT engine `recipe` describes (needs TensorRT and a GPU)."""
     import torch
 
-    from int8eval.backends.onnx_export import export_onnx, keep_fp32_nodes
-
     check_recipe(recipe)
-    start = time.perf_counter()
+    require_calibration(recipe, calib)
     workdir = Path(workdir)
     timing_cache = workdir / TIMING_CACHE
     engine = workdir / f"{recipe.name}.engine"
-    if recipe.precision is Precision.fp16:
-        import copy
-
-        half = copy.deepcopy(loaded.module).half()
-        onnx_path = export_onnx(half, loaded.example_input(1).half(), workdir / f"{loaded.name}.fp16.onnx")
-        build_engine(onnx_path, engine, timing_cache=timing_cache)
-    else:
-        fp32 = export_onnx(loaded.module, loaded.example_input(1), workdir / f"{loaded.name}.fp32.onnx")
-        if recipe.precision is Precision.fp32:
-            build_engine(fp32, engine, timing_cache=timing_cache)
-        else:
-            if calib is None or calib.num_images == 0:
-                raise ConfigError(f"recipe {recipe.name} is INT8 and needs calibration images; none were given")
-            if recipe.legacy:
-                cache = workdir / f"{recipe.name}.{_calibration_key(calib, recipe)}.calib-cache"
-                calibrator = legacy_calibrator(calib, cache, method=recipe.calib)
-                build_engine(fp32, engine, timing_cache=timing_cache, calibrator=calibrator)
-            else:
-                qdq = build_trt_qdq_onnx(
-                    fp32, calib, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
-                    nodes_to_exclude=keep_fp32_nodes(fp32, loaded.module, recipe.keep_fp32),
-                )
-                build_engine(qdq, engine, timing_cache=timing_cache)
+    onnx_path, onnx_s = _recipe_onnx(loaded, recipe, calib, workdir)
+    start = time.perf_counter()
+    calibrator = None
+    if recipe.legacy:  # int8 only (check_recipe): TensorRT's implicit calibrator on the FP32 export
+        cache = workdir / f"{recipe.name}.{_calibration_key(calib, recipe)}.calib-cache"
+        calibrator = legacy_calibrator(calib, cache, method=recipe.calib)
+    build_engine(onnx_path, engine, timing_cache=timing_cache, calibrator=calibrator)
     torch.cuda.synchronize()
     variant = TensorRTVariant(recipe, engine)
-    variant.prepare_s = time.perf_counter() - start
+    variant.prepare_s = onnx_s + (time.perf_counter() - start)
     variant.details = {"tensorrt": _tensorrt().__version__, "mode": "implicit (legacy calibrator)" if recipe.legacy
                        else "strongly typed", "gpu": torch.cuda.get_device_name()}
     return variant
@@ -445,29 +450,14 @@ def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None
     biases): its accuracy is what a TensorRT INT8 engine should reach, up to TensorRT's own kernel numerics.
     The variant's name is `emulated_name(recipe)`, e.g. "tensorrt-int8-entropy@onnxruntime".
     """
-    from int8eval.backends.onnx_export import export_onnx, keep_fp32_nodes
-
     check_emulated_recipe(recipe)
-    start = time.perf_counter()
+    require_calibration(recipe, calib)
     workdir = Path(workdir)
-    input_dtype = np.float32
-    if recipe.precision is Precision.fp16:
-        import copy
-
-        half = copy.deepcopy(loaded.module).half()
-        path = export_onnx(half, loaded.example_input(1).half(), workdir / f"{loaded.name}.fp16.onnx")
-        input_dtype = np.float16
-    else:
-        path = export_onnx(loaded.module, loaded.example_input(1), workdir / f"{loaded.name}.fp32.onnx")
-        if recipe.precision is Precision.int8:
-            if calib is None or calib.num_images == 0:
-                raise ConfigError(f"recipe {recipe.name} is INT8 and needs calibration images; none were given")
-            path = build_trt_qdq_onnx(
-                path, calib, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
-                nodes_to_exclude=keep_fp32_nodes(path, loaded.module, recipe.keep_fp32),
-            )
+    path, onnx_s = _recipe_onnx(loaded, recipe, calib, workdir)
+    start = time.perf_counter()
+    input_dtype = np.float16 if recipe.precision is Precision.fp16 else np.float32
     variant = EmulatedVariant(recipe, path, input_dtype=input_dtype)
-    variant.prepare_s = time.perf_counter() - start
+    variant.prepare_s = onnx_s + (time.perf_counter() - start)
     variant.details = {"runs_on": "onnxruntime CPUExecutionProvider, not TensorRT", "onnx": str(path)}
     return variant
 

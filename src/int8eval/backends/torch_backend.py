@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.ao.quantization.observer import UniformQuantizationObserverBase
 
-from int8eval.backends.base import CalibrationData, Variant
+from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.backends.ranges import histogram_range
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
@@ -110,10 +110,9 @@ def build(
     runs its quantize/dequantize ops in FP32: the same numbers, none of the speed; for tests).
     """
     check_recipe(recipe)
+    require_calibration(recipe, calib)
     workdir.mkdir(parents=True, exist_ok=True)
     if recipe.precision is Precision.int8:
-        if calib is None or calib.num_images == 0:
-            raise ConfigError(f"{recipe.name} needs calibration images; none were given")
         return _build_legacy(loaded, recipe, calib, workdir) if recipe.legacy else _build_pt2e(
             loaded, recipe, calib, workdir, compile=compile
         )
@@ -190,6 +189,14 @@ def _example(calib: CalibrationData) -> torch.Tensor:
 def _export(module: nn.Module, example: torch.Tensor):
     batch = torch.export.Dim("batch")
     return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+
+
+def save_program(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """Export `module` (dynamic batch) and save the program to `path` (a .pt2), without the example inputs."""
+    program = _export(module, example)
+    program.example_inputs = None  # else the .pt2 carries the example images too
+    torch.export.save(program, path)
+    return path
 
 
 def int8_ranges() -> tuple[int, int]:
@@ -275,10 +282,7 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
     _calibrate(prepared, calib)
     converted = convert_pt2e(prepared)
     _drop_unused_tensors(converted)
-    artifact = workdir / f"{recipe.name}.pt2"
-    program = _export(converted, example)
-    program.example_inputs = None  # else the .pt2 carries the example images too
-    torch.export.save(program, artifact)
+    artifact = save_program(converted, example, workdir / f"{recipe.name}.pt2")
     module = torch.compile(converted, dynamic=False) if compile else converted
     variant = TorchVariant(recipe, module, artifact, freezing=compile)
     variant.details = {"flow": "pt2e-x86-inductor", "compiled": compile, "act_qmax": ranges[0], "weight_qmax": ranges[1]}

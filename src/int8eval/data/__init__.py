@@ -1,6 +1,6 @@
 """ImageNet data: label space, layouts, seeded calibration/eval splits, decoding."""
 
 from int8eval.data.layouts import Sample, SampleSet, discover
-from int8eval.data.synsets import class_name, synsets, wnid_to_index
+from int8eval.data.synsets import synsets, wnid_to_index, wnid_to_name
 
-__all__ = ["Sample", "SampleSet", "class_name", "discover", "synsets", "wnid_to_index"]
+__all__ = ["Sample", "SampleSet", "discover", "synsets", "wnid_to_index", "wnid_to_name"]

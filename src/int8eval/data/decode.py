@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,3 +88,26 @@ def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, worke
         multiprocessing_context="spawn" if workers > 0 else None,
     )
     yield from loader
+
+
+def decode_samples(
+    samples: list[Sample],
+    pre: Preprocessing,
+    *,
+    batch_size: int,
+    workers: int,
+    on_batch: Callable[[Batch], None] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """(image batches, int64 labels, image ids) of the samples that decode; batches with no readable image are
+    left out. `on_batch` sees every batch, empty ones included (e.g. to advance a progress bar)."""
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    ids: list[str] = []
+    for batch in batches(samples, pre, batch_size=batch_size, workers=workers):
+        if len(batch.indices):
+            images.append(batch.images)
+            labels.append(batch.labels)
+            ids += [samples[i].id for i in batch.indices]
+        if on_batch is not None:
+            on_batch(batch)
+    return images, np.concatenate(labels) if labels else np.zeros(0, np.int64), ids

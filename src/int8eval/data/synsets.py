@@ -22,5 +22,7 @@ def wnid_to_index() -> dict[str, int]:
     return {w: i for i, w in enumerate(synsets()[0])}
 
 
-def class_name(index: int) -> str:
-    return synsets()[1][index]
+@cache
+def wnid_to_name() -> dict[str, str]:
+    """WordNet id -> class name ("n01443537" -> "goldfish"); shared, do not modify."""
+    return dict(zip(*synsets()))

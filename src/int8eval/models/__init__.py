@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +20,6 @@ class LoadedModel:
     module: nn.Module
     preprocessing: Preprocessing
     source: str  # where the weights came from, for the report
-    num_classes: int = 1000
-    extra: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

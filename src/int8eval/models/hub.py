@@ -85,7 +85,7 @@ def _load_torchvision(name: str, checkpoint: Path | None, weights: str | None):
             target = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
             raise ModelLoadError(_offline_message(w.url, e, f"Put the file at {target}")) from e
         source = f"torchvision {w} ({w.url})"
-    return LoadedModel(name, module.eval(), pre, source, num_classes=len(w.meta["categories"]))
+    return LoadedModel(name, module.eval(), pre, source)
 
 
 def _load_timm(name: str, checkpoint: Path | None, weights: str | None):
@@ -120,4 +120,4 @@ def _load_timm(name: str, checkpoint: Path | None, weights: str | None):
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
     )
-    return LoadedModel(f"timm:{name}", module.eval(), pre, source, num_classes=module.num_classes)
+    return LoadedModel(f"timm:{name}", module.eval(), pre, source)

@@ -176,19 +176,21 @@ def requirements(
             f"QAT ({recipe.finetune.epochs} epochs) and its FP32 control",
         )
     )
-    trt = importlib.util.find_spec("tensorrt") is not None
     needs.append(
         Requirement(
             "TensorRT and an NVIDIA GPU",
             "pip install 'int8eval[tensorrt]' on a machine with a GPU",
-            trt and _cuda(),
+            _tensorrt_gpu(),
             "TensorRT engines (else the CPU backends and TensorRT's Q/DQ ONNX under ONNX Runtime)",
         )
     )
     return needs
 
 
-def _cuda() -> bool:
+def _tensorrt_gpu() -> bool:
+    """Whether TensorRT is installed and a CUDA GPU is available."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
     import torch
 
     return torch.cuda.is_available()
@@ -302,7 +304,7 @@ def _seed_tensorrt_recipe(recipe: ReproRecipe) -> Recipe | None:
 
 
 def _use_gpu(gpu: bool | None) -> bool:
-    available = importlib.util.find_spec("tensorrt") is not None and _cuda()
+    available = _tensorrt_gpu()
     if gpu and not available:
         raise ConfigError("--gpu asks for TensorRT, but TensorRT or a CUDA GPU is missing; leave it out to use the CPU")
     return available if gpu is None else gpu
@@ -332,8 +334,8 @@ def reproduce(
     """
     from int8eval import backends, qat
     from int8eval.backends import CalibrationData
-    from int8eval.backends.tensorrt_backend import build_qdq_onnx_variant
-    from int8eval.data.decode import batches
+    from int8eval.backends.tensorrt_backend import build_qdq_onnx_variant, emulated_name
+    from int8eval.data.decode import decode_samples
     from int8eval.data.layouts import discover, split, subsample
     from int8eval.evaluate import evaluate
     from int8eval.models import load_model
@@ -358,10 +360,8 @@ def reproduce(
         size = train_size or recipe.finetune.train_size or (qat.DEFAULT_TRAIN_SIZE if same else 10**9)
         train_samples, rest = qat.split_training(rest, size=size, seed=recipe.seed, train_root=None if same else train_data)
     eval_samples = subsample(rest, max_images, recipe.seed)
-    calib = CalibrationData(batches=[], image_ids=[])
-    for batch in batches(calib_samples, loaded.preprocessing, batch_size=recipe.batch_size, workers=workers):
-        calib.batches.append(batch.images)
-        calib.image_ids += [calib_samples[i].id for i in batch.indices]
+    calib_images, _, calib_ids = decode_samples(calib_samples, loaded.preprocessing, batch_size=recipe.batch_size, workers=workers)
+    calib = CalibrationData(batches=calib_images, image_ids=calib_ids)
 
     variants, errors = [], {}
 
@@ -377,7 +377,7 @@ def reproduce(
         attempt(r.name, lambda r=r: backends.build_variant(loaded, r, calib, artifacts))
     trt_cpu = recipe.tensorrt_on_cpu
     if not on_gpu and trt_cpu is not None:
-        attempt(f"{trt_cpu.name}@onnxruntime", lambda: build_qdq_onnx_variant(loaded, trt_cpu, calib, artifacts))
+        attempt(emulated_name(trt_cpu), lambda: build_qdq_onnx_variant(loaded, trt_cpu, calib, artifacts))
         notes.append("No TensorRT or no GPU here: TensorRT's Q/DQ ONNX ran under ONNX Runtime on the CPU instead.")
 
     plan = recipe.finetune
@@ -399,7 +399,7 @@ def reproduce(
             tuned = dataclasses.replace(loaded, module=qat_float)
             target = _seed_tensorrt_recipe(recipe) if on_gpu else trt_cpu
             if target is not None:
-                label = f"{target.name}{'' if on_gpu else '@onnxruntime'}+qat-weights"
+                label = f"{target.name if on_gpu else emulated_name(target)}+qat-weights"
                 build = backends.build_variant if on_gpu else build_qdq_onnx_variant
                 attempt(label, lambda: _Renamed(build(tuned, target, calib, artifacts / "qat-weights"), label))
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 from int8eval.report.markdown import render_markdown
 from int8eval.report.schema import SCHEMA_VERSION, Report
 
-__all__ = ["SCHEMA_VERSION", "Report", "render", "render_html", "render_markdown"]
+__all__ = ["SCHEMA_VERSION", "Report", "render", "render_html", "render_markdown", "rendered_paths"]
 
 
 def render_html(report: Report) -> str:
@@ -17,10 +17,15 @@ def render_html(report: Report) -> str:
     return _render_html(report)
 
 
+def rendered_paths(run_dir: Path) -> list[Path]:
+    """The files `render` writes: RUN_DIR/report.md and RUN_DIR/report.html."""
+    return [Path(run_dir) / "report.md", Path(run_dir) / "report.html"]
+
+
 def render(run_dir: Path) -> list[Path]:
     """(Re-)render report.md and report.html from RUN_DIR/report.json without re-running anything."""
     report = Report.read(Path(run_dir) / "report.json")
-    md, html = Path(run_dir) / "report.md", Path(run_dir) / "report.html"
+    md, html = rendered_paths(run_dir)
     md.write_text(render_markdown(report))
     html.write_text(render_html(report))
     return [md, html]

@@ -6,7 +6,16 @@ import base64
 from html import escape
 
 from int8eval.report import plots
-from int8eval.report.markdown import verdict_label
+from int8eval.report.content import (
+    classes_lost_most,
+    environment_items,
+    keep_fp32_sentences,
+    overview_items,
+    sensitivity_rows,
+    skipped_items,
+    verdict_label,
+)
+from int8eval.report.format import ci, num, p_value, pct, pts
 from int8eval.report.schema import Report
 
 CSS = """
@@ -27,27 +36,16 @@ ul.reasons li { margin: 0.25em 0; }
 """
 
 
-def _pct(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{100 * x:.{digits}f}"
+def _code(text: str) -> str:
+    return f"<code>{escape(text)}</code>"
 
 
-def _pts(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:+.2f}"
+def _bold(text: str) -> str:
+    return f"<b>{text}</b>"
 
 
-def _ci(ci, signed: bool = False) -> str:
-    if ci is None:
-        return "—"
-    f = "+.2f" if signed else ".1f"
-    return f"[{100 * ci[0]:{f}}, {100 * ci[1]:{f}}]"
-
-
-def _num(x: float | None, fmt: str = ".1f") -> str:
-    return "—" if x is None else format(x, fmt)
-
-
-def _p(p: float | None) -> str:
-    return "—" if p is None else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
+def _items(items: list[str]) -> str:
+    return "".join(f"<li>{i}</li>" for i in items)
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -93,12 +91,12 @@ def _summary(report: Report) -> str:
         status = v.status if v.parity is None or v.parity.passed else f"{v.status} (parity failed)"
         row = [
             v.name + (" (reference)" if v.reference else ""), v.backend, v.precision, status, _verdict_cell(v),
-            _pct(v.top1), _ci(v.top1_ci95), _pct(v.top5), _pts(t1.get("diff", v.delta_top1)),
-            _ci(t1.get("diff_ci95"), signed=True), str(t1.get("ref_right_var_wrong", "—")),
-            str(t1.get("ref_wrong_var_right", "—")), _p(t1.get("mcnemar_p")), _pct(v.agreement_top1), _num(v.size_mb),
+            pct(v.top1), ci(v.top1_ci95), pct(v.top5), pts(t1.get("diff", v.delta_top1)),
+            ci(t1.get("diff_ci95"), signed=True), str(t1.get("ref_right_var_wrong", "—")),
+            str(t1.get("ref_wrong_var_right", "—")), p_value(t1.get("mcnemar_p")), pct(v.agreement_top1), num(v.size_mb),
         ]
         if key == "throughput_ips":
-            row.append(_num((v.bench or {}).get("throughput_ips")))
+            row.append(num((v.bench or {}).get("throughput_ips")))
         rows.append(row)
         classes.append("reference" if v.reference else "")
     return _table(header, rows, left=5, row_classes=classes)
@@ -127,18 +125,13 @@ def _paired_details(report: Report) -> str:
         s = v.paired
         t5 = s.get("top5") or {}
         rows.append([
-            v.name, str(s["n"]), _pct(s["agreement_top1"]), _ci(s["agreement_top1_ci95"]), _pts(t5.get("diff")),
-            _ci(t5.get("diff_ci95"), signed=True), _p(t5.get("mcnemar_p")), _num(s.get("kl_mean"), ".2e"),
-            _num(s.get("cos_mean"), ".5f"),
+            v.name, str(s["n"]), pct(s["agreement_top1"]), ci(s["agreement_top1_ci95"]), pts(t5.get("diff")),
+            ci(t5.get("diff_ci95"), signed=True), p_value(t5.get("mcnemar_p")), num(s.get("kl_mean"), ".2e"),
+            num(s.get("cos_mean"), ".5f"),
         ])
     table = _table(["variant", "images", "agreement %", "95% CI", "Δ top-5 pts", "Δ 95% CI", "McNemar p (top-5)",
                     "KL mean", "cosine mean"], rows)
-    losers = []
-    for v in paired:
-        worst = v.paired.get("classes_lost_most") or []
-        if worst:
-            text = ", ".join(f"{c['name']} ({c['wnid']}) −{c['net']} of {c['n']}" for c in worst[:8])
-            losers.append(f"<li><b>{escape(v.name)}</b>: {escape(text)}</li>")
+    losers = [f"<li><b>{escape(name)}</b>: {escape(text)}</li>" for name, text in classes_lost_most(paired, limit=8)]
     note = (f'<p class="note">Paired over the same images; CIs: {escape(paired[0].paired["ci_method"])}; '
             f'test: {escape(paired[0].paired["test"])}.</p>')
     out = note + table
@@ -152,41 +145,23 @@ def _sensitivity(report: Report) -> str:
     if not s:
         return ""
     whole = s.get("all_quantized") or {}
-    layers = {layer["module"]: layer for layer in s.get("layers") or []}
-    split = any("only_weight" in layer for layer in layers.values())  # network-level weight/activation runs
+    split = any("only_weight" in layer for layer in s.get("layers") or [])  # network-level weight/activation runs
     rows = []
-    for i, name in enumerate(s.get("ranking", [])[: max(len(s.get("top_k") or []), 10)], 1):
-        layer = layers[name]
-        only, allbut = layer.get("only") or {}, layer.get("all_but") or {}
-        ow, oa, q = layer.get("only_weight") or {}, layer.get("only_act") or {}, layer.get("sqnr_db") or {}
-        row = [
-            str(i), f"<code>{escape(name)}</code>", f"<code>{escape(layer.get('onnx_node') or '—')}</code>",
-            layer.get("type", ""), _pct(only.get("agreement")), _num(only.get("kl"), ".2e"), _pct(allbut.get("agreement")),
-        ]
+    for r in sensitivity_rows(s, min_rows=10):
+        row = [r.rank, _code(r.module), _code(r.onnx_node), r.type, r.only_agreement, r.only_kl, r.all_but_agreement]
         if split:
-            row += [_num(ow.get("kl"), ".2e"), _num(oa.get("kl"), ".2e")]
-        rows.append(row + [_num(q.get("local")), _num(q.get("local_weight")), _num(q.get("local_act")),
-                           _num(q.get("accumulated"))])
+            row += [r.only_weight_kl, r.only_act_kl]
+        rows.append(row + [r.sqnr_local, r.sqnr_local_weight, r.sqnr_local_act, r.sqnr_accumulated])
     header = ["#", "PyTorch module", "ONNX node", "type", "only this INT8: agree %", "KL", "all but this: agree %"]
     if split:
         header += ["only weights INT8: KL", "only input INT8: KL"]
     header += ["SQNR dB, local w+a", "local w", "local a", "in the INT8 model"]
     table = _table(header, rows, left=4)
-    keep = s.get("keep_fp32")
-    keep_text = ""
-    if keep:
-        keep_text = (f"<p>Keeping the top {len(keep['layers'])} in FP32: agreement {_pct(whole.get('agreement'))}% → "
-                     f"<b>{_pct(keep.get('agreement'))}%</b>, mean KL {_num(whole.get('kl'), '.2e')} → "
-                     f"{_num(keep.get('kl'), '.2e')}.</p>")
-    confirm = s.get("confirm")
-    if confirm:
-        a, k = confirm["all_quantized"], confirm["keep_fp32"]
-        keep_text += (f"<p>On {k['n']} other images: agreement {_pct(a['agreement'])}% with every layer INT8, "
-                      f"<b>{_pct(k['agreement'])}%</b> with the top {len(confirm['layers'])} in FP32.</p>")
+    keep_text = "".join(f"<p>{text}</p>" for text in keep_fp32_sentences(s, strong=_bold) if text)
     intro = (f"<p>Fake INT8 in PyTorch ({escape(str(s.get('spec_description', '')))}), {s.get('num_calib')} calibration "
              f"images, {s.get('num_images')} evaluation images. Everything quantized: agreement with FP32 "
-             f"{_pct(whole.get('agreement'))}%; weights only {_pct((s.get('weights_only') or {}).get('agreement'))}%; "
-             f"activations only {_pct((s.get('activations_only') or {}).get('agreement'))}%. Ranked by "
+             f"{pct(whole.get('agreement'))}%; weights only {pct((s.get('weights_only') or {}).get('agreement'))}%; "
+             f"activations only {pct((s.get('activations_only') or {}).get('agreement'))}%. Ranked by "
              f"{escape(str(s.get('rank_by')))}. Output SQNR: local = the layer's own error with FP32 inputs (w: its "
              "weights only, a: its input only); in the INT8 model = the error accumulated up to its output when "
              "every layer is INT8.</p>")
@@ -194,20 +169,7 @@ def _sensitivity(report: Report) -> str:
 
 
 def _overview(report: Report) -> str:
-    m, d = report.model, report.data
-    p = m.preprocessing
-    items = [
-        f"Weights: {escape(m.source)} ({m.num_params / 1e6:.2f} M parameters)",
-        f"Preprocessing: resize {p.resize} ({p.interpolation.value}), center-crop {p.crop}, mean {list(p.mean)}, std {list(p.std)}",
-        f"Data: <code>{escape(d.root)}</code> ({escape(d.layout)}): {d.num_images} images evaluated, {d.num_skipped} skipped",
-    ]
-    if d.calibration:
-        c = d.calibration
-        items.append(f"Calibration: {c.num_images} images from {escape(c.source)} (seed {c.seed}), excluded from evaluation")
-    if report.timing:
-        t = report.timing
-        items.append(f"Run: {t.get('total_s', 0):.1f} s in all, {t.get('images_per_s', 0):.1f} images/s for the evaluation pass")
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+    return "<ul>" + _items(overview_items(report, esc=escape, code=_code)) + "</ul>"
 
 
 def _footer(report: Report) -> str:
@@ -216,20 +178,9 @@ def _footer(report: Report) -> str:
     if errors:
         parts.append("<h2>Errors</h2><ul>" + "".join(f"<li><b>{escape(v.name)}</b>: {escape(v.error)}</li>" for v in errors) + "</ul>")
     if report.data.skipped:
-        shown = report.data.skipped[:50]
-        more = f"<li>… and {len(report.data.skipped) - 50} more (see report.json)</li>" if len(report.data.skipped) > 50 else ""
-        parts.append(f"<h2>Skipped ({report.data.num_skipped})</h2><ul>"
-                     + "".join(f"<li><code>{escape(s['path'])}</code>: {escape(s['reason'])}</li>" for s in shown) + more + "</ul>")
-    env = report.environment
-    cpu = env.get("cpu", {})
-    isa = ", ".join(k for k, on in cpu.get("isa", {}).items() if on) or "none of note"
-    libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
-    parts.append(
-        "<h2>Environment</h2><ul>"
-        f"<li>CPU: {escape(str(cpu.get('model')))} ({cpu.get('logical_cores')} logical cores); ISA: {escape(isa)}</li>"
-        f"<li>GPU: {escape(str(env.get('gpu') or 'none'))}</li><li>Libraries: {escape(libs)}</li>"
-        f"<li>Schema {escape(report.schema_version)}, created {escape(report.created)}</li></ul>"
-    )
+        skipped = skipped_items(report.data.skipped, limit=50, esc=escape, code=_code)
+        parts.append(f"<h2>Skipped ({report.data.num_skipped})</h2><ul>" + _items(skipped) + "</ul>")
+    parts.append("<h2>Environment</h2><ul>" + _items(environment_items(report, esc=escape)) + "</ul>")
     return "\n".join(parts)
 
 

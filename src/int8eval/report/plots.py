@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # no display: must be set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from int8eval.data.synsets import wnid_to_name  # noqa: E402
 from int8eval.report.schema import Report  # noqa: E402
 
 VERDICT_COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#ef6c00", None: "#546e7a"}
@@ -115,7 +116,7 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
         len(rows), 1, figsize=(8, 1.2 + 0.25 * sum(heights) + 0.5 * len(rows)), squeeze=False,
         gridspec_kw={"height_ratios": heights},
     )
-    names = report_names()
+    names = wnid_to_name()
     for ax, (v, ranked) in zip(axes[:, 0], rows):
         labels = [f"{(names.get(w) or w)[:28]} ({w})" for w, _ in ranked]
         ys = range(len(ranked))
@@ -137,9 +138,3 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     axes[-1, 0].set_xlabel("images per class")
     return _png(fig)
-
-
-def report_names() -> dict[str, str]:
-    from int8eval.data.synsets import synsets
-
-    return dict(zip(*synsets()))

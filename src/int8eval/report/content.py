@@ -1,0 +1,135 @@
+"""What report.md and report.html both say, as plain strings: each writer only escapes and wraps them.
+
+Helpers whose text carries markup take it as callables: `esc` escapes a value taken from report.json, `code` shows
+one as inline code, `strong` emphasises one; the defaults are Markdown's (no escaping, backticks, no emphasis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from int8eval.report.format import DASH, num, pct
+from int8eval.report.schema import Report
+
+Wrap = Callable[[str], str]
+
+VERDICT_MARK = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def _backticks(text: str) -> str:
+    return f"`{text}`"
+
+
+def verdict_label(v) -> str:
+    """Short verdict text for a variant (shared by the Markdown and HTML writers)."""
+    if v.reference:
+        return "reference"
+    if v.verdict:
+        return VERDICT_MARK.get(v.verdict["verdict"], v.verdict["verdict"])
+    return DASH
+
+
+def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks) -> list[str]:
+    """The overview list: weights, preprocessing, data, calibration and run time."""
+    m, d = report.model, report.data
+    p = m.preprocessing
+    items = [
+        f"Weights: {esc(m.source)} ({m.num_params / 1e6:.2f} M parameters)",
+        f"Preprocessing: resize {p.resize} ({p.interpolation.value}), center-crop {p.crop}, "
+        f"mean {list(p.mean)}, std {list(p.std)}",
+        f"Data: {code(d.root)} ({esc(d.layout)}): {d.num_images} images evaluated, {d.num_skipped} skipped",
+    ]
+    if d.calibration:
+        c = d.calibration
+        items.append(f"Calibration: {c.num_images} images from {esc(c.source)} (seed {c.seed}), excluded from evaluation")
+    t = report.timing
+    if t:
+        items.append(f"Run: {t.get('total_s', 0):.1f} s in all, {t.get('images_per_s', 0):.1f} images/s for the evaluation pass")
+    return items
+
+
+def classes_lost_most(variants, limit: int) -> list[tuple[str, str]]:
+    """(variant name, its `limit` classes that lost most, as text) for each paired variant that lost any."""
+    out = []
+    for v in variants:
+        worst = (v.paired or {}).get("classes_lost_most") or []
+        if worst:
+            out.append((v.name, ", ".join(f"{c['name']} ({c['wnid']}) −{c['net']} of {c['n']}" for c in worst[:limit])))
+    return out
+
+
+class LayerRow(NamedTuple):
+    """One ranked layer of the sensitivity table, every value formatted."""
+
+    rank: str
+    module: str
+    onnx_node: str
+    type: str
+    only_agreement: str
+    only_kl: str
+    all_but_agreement: str
+    only_weight_kl: str
+    only_act_kl: str
+    sqnr_local: str
+    sqnr_local_weight: str
+    sqnr_local_act: str
+    sqnr_accumulated: str
+
+
+def sensitivity_rows(sensitivity: dict, min_rows: int) -> list[LayerRow]:
+    """The most sensitive layers in ranking order: the top-k kept in FP32, and at least `min_rows` of them."""
+    layers = {layer["module"]: layer for layer in sensitivity.get("layers") or []}
+    rows = []
+    for i, name in enumerate(sensitivity.get("ranking", [])[: max(len(sensitivity.get("top_k") or []), min_rows)], 1):
+        layer = layers[name]
+        only, allbut = layer.get("only") or {}, layer.get("all_but") or {}
+        ow, oa, q = layer.get("only_weight") or {}, layer.get("only_act") or {}, layer.get("sqnr_db") or {}
+        rows.append(LayerRow(
+            str(i), name, layer.get("onnx_node") or DASH, layer.get("type", ""), pct(only.get("agreement")),
+            num(only.get("kl"), ".2e"), pct(allbut.get("agreement")), num(ow.get("kl"), ".2e"), num(oa.get("kl"), ".2e"),
+            num(q.get("local")), num(q.get("local_weight")), num(q.get("local_act")), num(q.get("accumulated")),
+        ))
+    return rows
+
+
+def keep_fp32_sentences(sensitivity: dict, *, strong: Wrap = _same) -> tuple[str | None, str | None]:
+    """What keeping the top-k in FP32 gave on the sweep's images, and on the confirmation images (None: not run)."""
+    whole = sensitivity.get("all_quantized") or {}
+    keep, confirm = sensitivity.get("keep_fp32"), sensitivity.get("confirm")
+    keep_text = confirm_text = None
+    if keep:
+        keep_text = (f"Keeping the top {len(keep['layers'])} in FP32: agreement {pct(whole.get('agreement'))}% → "
+                     f"{strong(pct(keep.get('agreement')) + '%')}, mean KL {num(whole.get('kl'), '.2e')} → "
+                     f"{num(keep.get('kl'), '.2e')}.")
+    if confirm:
+        a, k = confirm["all_quantized"], confirm["keep_fp32"]
+        confirm_text = (f"On {k['n']} other images: agreement {pct(a['agreement'])}% with every layer INT8, "
+                        f"{strong(pct(k['agreement']) + '%')} with the top {len(confirm['layers'])} in FP32.")
+    return keep_text, confirm_text
+
+
+def skipped_items(skipped: list[dict], limit: int, *, esc: Wrap = _same, code: Wrap = _backticks) -> list[str]:
+    """The first `limit` skipped images with their reasons, and a line counting the rest."""
+    items = [f"{code(s['path'])}: {esc(s['reason'])}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        items.append(f"… and {len(skipped) - limit} more (see report.json)")
+    return items
+
+
+def environment_items(report: Report, *, esc: Wrap = _same) -> list[str]:
+    """CPU with its instruction sets of note, GPU, library versions, schema and creation time."""
+    env = report.environment
+    cpu = env.get("cpu", {})
+    isa = ", ".join(k for k, on in cpu.get("isa", {}).items() if on) or "none of note"
+    libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
+    return [
+        f"CPU: {esc(str(cpu.get('model')))} ({cpu.get('logical_cores')} logical cores); ISA: {esc(isa)}",
+        f"GPU: {esc(str(env.get('gpu') or 'none'))}",
+        f"Libraries: {esc(libs)}",
+        f"Schema {esc(report.schema_version)}, created {esc(report.created)}",
+    ]
