@@ -223,3 +223,10 @@ def test_qat_starts_from_ptq_calibrated_activation_ranges(image_folder, tiny, im
     with torch.no_grad():
         out = calibrated.module(x).numpy()
     assert _cosine(out, torch_logits(tiny, images)).min() > 0.99
+
+
+def test_training_workers_are_spawned_not_forked(image_folder):
+    # By the time QAT trains, ONNX Runtime / OpenVINO / inductor thread pools exist; a forked worker can crash.
+    samples, pre = discover(image_folder).samples, load_model("tiny_test").preprocessing
+    assert _loader(samples, pre, FinetuneSpec(batch_size=4, workers=1)).multiprocessing_context.get_start_method() == "spawn"
+    assert _loader(samples, pre, FinetuneSpec(batch_size=4)).num_workers == 0

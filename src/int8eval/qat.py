@@ -58,7 +58,8 @@ from int8eval.backends.torch_backend import (
     untie_reused_modules,
 )
 from int8eval.config import Backend, Precision, Preprocessing, Recipe
-from int8eval.data.decode import _INTERPOLATION, ImageDataset, collate
+from int8eval.data.decode import _INTERPOLATION, ImageDataset
+from int8eval.data.decode import loader as image_loader
 from int8eval.data.layouts import Sample, discover
 from int8eval.errors import BackendUnavailable, ConfigError, DatasetError
 
@@ -208,14 +209,12 @@ def train_transform(pre: Preprocessing):
 def _loader(samples: list[Sample], pre: Preprocessing, spec: FinetuneSpec):
     # A seeded generator drives both the shuffling and (through the workers' seeds or the global RNG reset in
     # _train) the augmentation, so the QAT run and its control see the same crops in the same order.
-    return torch.utils.data.DataLoader(
+    return image_loader(
         ImageDataset(samples, train_transform(pre)),
         batch_size=spec.batch_size,
+        workers=spec.workers,
         shuffle=True,
-        num_workers=spec.workers,
-        collate_fn=collate,
         generator=torch.Generator().manual_seed(spec.seed),
-        drop_last=False,
     )
 
 

@@ -75,19 +75,23 @@ def collate(items) -> Batch:
     return Batch(np.asarray(idx, dtype=np.int64), np.asarray(ys, dtype=np.int64), images, bad)
 
 
-def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, workers: int) -> Iterator[Batch]:
-    """Decoded, preprocessed batches in sample order (workers decode ahead while the variants run)."""
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, build_transform(pre)),
+def loader(dataset: ImageDataset, *, batch_size: int, workers: int, **kw) -> torch.utils.data.DataLoader:
+    """A DataLoader of `dataset` collated into Batches; `kw` (shuffle, generator, ...) goes to DataLoader."""
+    return torch.utils.data.DataLoader(
+        dataset,
         batch_size=batch_size,
-        shuffle=False,
         num_workers=workers,
         collate_fn=collate,
         # Spawned, not forked: by now backends (OpenVINO, ONNX Runtime, inductor) have started thread pools, and
         # forking a process that holds them can crash the child.
         multiprocessing_context="spawn" if workers > 0 else None,
+        **kw,
     )
-    yield from loader
+
+
+def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, workers: int) -> Iterator[Batch]:
+    """Decoded, preprocessed batches in sample order (workers decode ahead while the variants run)."""
+    yield from loader(ImageDataset(samples, build_transform(pre)), batch_size=batch_size, workers=workers, shuffle=False)
 
 
 def decode_samples(
