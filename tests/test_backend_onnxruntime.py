@@ -110,9 +110,14 @@ def test_int8_qdq_structure(tiny, calib, images, tmp_path, per_channel):
 
 def test_keep_fp32_layers_have_no_qdq(tiny, calib, tmp_path):
     variant = build_variant(tiny, ort_recipe(keep_fp32=("features.3", "fc")), calib, tmp_path)
-    weights = {q.node: q.kind for q in quantized_inputs(onnx.load(str(variant.artifact))) if q.index == 1}
-    assert weights == {"/features/features.0/Conv": "dq", "/features/features.3/Conv": "float",
-                       "/features/features.6/Conv": "dq", "/fc/Gemm": "float"}
+    inputs = quantized_inputs(onnx.load(str(variant.artifact)))
+    expected = {"/features/features.0/Conv": "dq", "/features/features.3/Conv": "float",
+                "/features/features.6/Conv": "dq", "/fc/Gemm": "float"}
+    assert {q.node: q.kind for q in inputs if q.index == 1} == expected  # weights
+    # ...and activations: a kept layer reads the float tensor, not the Q/DQ its neighbours share.
+    activations = {node: "qdq" if kind == "dq" else kind for node, kind in expected.items()}
+    assert {q.node: q.kind for q in inputs if q.index == 0} == activations
+    assert variant.predict(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 1000)
 
 
 def _weight_out_channels(model: onnx.ModelProto, node: onnx.NodeProto) -> int:

@@ -97,13 +97,22 @@ def test_int8_ranges_follow_the_cpu(caps, expected, monkeypatch):
     assert tb.int8_ranges() == expected
 
 
-def test_activations_use_the_range_for_this_cpu(tiny, calib, tmp_path):
+@pytest.mark.parametrize("act_qmax", [127, 255])
+def test_activations_use_the_range_for_this_cpu(act_qmax, tiny, calib, tmp_path, monkeypatch):
+    # 7-bit activations where oneDNN's dense INT8 kernels would saturate, except into depthwise convolutions,
+    # whose kernel is exact with 8 bits.
+    monkeypatch.setattr(tb, "int8_ranges", lambda: (act_qmax, 127))
     variant = tb.build(tiny, Recipe(backend="torch"), calib, tmp_path, compile=False)
-    act_qmax, _ = tb.int8_ranges()
     quant = torch.ops.quantized_decomposed.quantize_per_tensor.default
-    ranges = {n.args[3:5] for n in variant.module.graph.nodes if n.target is quant}
-    assert ranges == {(0, act_qmax)}
+    seen = {}
+    for node in variant.module.graph.nodes:
+        if node.target is quant:
+            convs = [c for dq in node.users for c in dq.users if c.target is torch.ops.aten.conv2d.default]
+            depthwise = any(len(c.args) > 6 and c.args[6] > 1 for c in convs)
+            seen.setdefault(depthwise, set()).add(node.args[3:5])
+    assert seen == {False: {(0, act_qmax)}, True: {(0, 255)}}
     assert variant.details["act_qmax"] == act_qmax
+    assert variant.details["depthwise_act_qmax"] == 255
 
 
 def test_per_tensor_weights_share_one_scale(tiny, calib, tmp_path):

@@ -178,3 +178,22 @@ def test_screenshot_in_headless_chromium(tmp_path):
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(png) > 20_000  # a rendered page, not a blank one
+
+
+def test_both_reports_say_how_each_int8_variant_was_built(tmp_path):
+    from int8eval.config import Recipe
+    from int8eval.report.html import render_html
+    from int8eval.report.markdown import render_markdown
+
+    report, _ = synthetic_run(tmp_path)
+    v = next(v for v in report.variants if v.name == "onnxruntime-int8-percentile99.999")
+    v.recipe = Recipe(backend="onnxruntime", calib="percentile", keep_fp32=("a.b", "c", "d", "e")).model_dump(mode="json")
+    v.details = {"exact_int8_kernels": True, "ignored": 1}
+    row = "| onnxruntime-int8-percentile99.999 |"  # the row is the variant's; its recipe says what was kept
+    md = render_markdown(report)
+    assert "## How the INT8 variants were built" in md
+    line = next(line for line in md.splitlines() if line.startswith(row) and "percentile 99.999" in line)
+    assert "| int8eval's |" in line and "4: a.b, c, d, ..." in line and "exact_int8_kernels True" in line
+    assert "ignored" not in line
+    html = render_html(report)
+    assert "How the INT8 variants were built" in html and "int8eval&#x27;s" in html

@@ -54,9 +54,10 @@ def build_recipes(
     lr: float = 1e-5,
     tensorrt_on_cpu: bool = False,
     keeps: tuple[tuple[str, ...], ...] = ((),),
+    bias_correction: bool = True,
 ) -> tuple[Recipe, ...]:
     """One INT8 recipe per backend x calibration method x set of layers kept in FP32 (`keeps`, () for none),
-    plus any extra precision baselines (bf16, fp16)."""
+    plus any extra precision baselines (bf16, fp16). `bias_correction=False` turns it off in the INT8 recipes."""
     from int8eval.backends import BACKENDS, default_calib
 
     if fp32_only:
@@ -70,7 +71,7 @@ def build_recipes(
             for keep in keeps:
                 common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor,
                               emulate=emulate, keep_fp32=keep)
-                recipes.append(Recipe(**common))
+                recipes.append(Recipe(**common, bias_correction=None if bias_correction else False))
                 if legacy and backend is Backend.torch:
                     recipes.append(Recipe(**common, legacy=True))
         for p in precisions:
@@ -127,6 +128,7 @@ def keep_options(keep_help: str = _KEEP_HELP):
 @click.option("--calib", "calibs", multiple=True, type=click.Choice([c.value for c in CalibMethod]), help="Repeatable.")
 @click.option("--percentile", default=99.999, show_default=True, help="For --calib percentile.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales (default: per-channel).")
+@click.option("--no-bias-correction", is_flag=True, help="INT8 without bias correction (names end in -nobc).")
 @click.option("--legacy", is_flag=True, help="Also the seed's torch.ao.quantization path, labelled legacy.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["bf16", "fp16"]), help="Extra baselines per backend.")
 @click.option("--fp32-only", is_flag=True, help="Only the FP32 reference, no INT8 variants.")
@@ -154,7 +156,7 @@ def run(**kw) -> None:
     recipes = build_recipes(
         kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
         kw.pop("precisions"), kw.pop("fp32_only"), kw.pop("qat_epochs"), kw.pop("lr"), kw.pop("tensorrt_on_cpu"),
-        resolve_keep(kw.pop("keeps"), kw.pop("sensitivity"), kw["out"]),
+        resolve_keep(kw.pop("keeps"), kw.pop("sensitivity"), kw["out"]), not kw.pop("no_bias_correction"),
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
@@ -326,6 +328,7 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
 @click.option("--percentile", default=99.999, show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales (default: per-channel).")
 @click.option("--symmetric-activations", is_flag=True, help="Signed symmetric activations, as TensorRT wants.")
+@click.option("--no-bias-correction", is_flag=True, help="Rank without bias correction (as run --no-bias-correction).")
 @click.option("--calib-size", default=100, show_default=True)
 @click.option("--max-images", default=64, show_default=True, help="Images for the per-layer sweep.")
 @click.option("--confirm-images", type=int, help="Re-check the top-k kept in FP32 on this many other images.")
@@ -341,7 +344,7 @@ def diagnose(**kw) -> None:
 
     spec = FakeQuantSpec(
         per_channel=not kw.pop("per_tensor"), calib=kw.pop("calib"), percentile=kw.pop("percentile"),
-        symmetric_activations=kw.pop("symmetric_activations"),
+        symmetric_activations=kw.pop("symmetric_activations"), bias_correction=not kw.pop("no_bias_correction"),
     )
     data = kw.pop("data") or default_data_root()
     model, out = kw.pop("model"), kw.pop("out")

@@ -69,6 +69,11 @@ class Preprocessing(_Strict):
         return self
 
 
+def _is_ptq(precision, legacy, qat_epochs) -> bool:
+    """Whether a recipe is INT8 post-training quantization by a current (not legacy) API."""
+    return precision in (Precision.int8, Precision.int8.value) and not legacy and not qat_epochs
+
+
 class Recipe(_Strict):
     """How one variant is built: the backend, its precision and, for INT8, the calibration recipe."""
 
@@ -83,6 +88,18 @@ class Recipe(_Strict):
     emulate: bool = False  # TensorRT only: run the ONNX TensorRT would get with ONNX Runtime on the CPU
     # INT8 only: Conv/Linear layers (PyTorch module paths) left in FP32, e.g. the top of `int8eval diagnose`
     keep_fp32: tuple[str, ...] = ()
+    # INT8 post-training quantization only (not legacy, not QAT): subtract each layer's mean output shift from
+    # its INT8 weights from its bias (int8eval's for PT2E and the ONNX Q/DQ path, NNCF's own for OpenVINO).
+    # Left out, it is on wherever it applies.
+    bias_correction: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bias_correction_where_it_applies(cls, data):
+        if isinstance(data, dict) and data.get("bias_correction") is None:
+            ptq = _is_ptq(data.get("precision", Precision.int8), data.get("legacy"), data.get("qat_epochs"))
+            data = {**data, "bias_correction": ptq}
+        return data
 
     @field_validator("keep_fp32")
     @classmethod
@@ -100,10 +117,24 @@ class Recipe(_Strict):
             raise ValueError(f"keep_fp32 applies to int8 recipes, not {self.precision.value}")
         return self
 
+    @model_validator(mode="after")
+    def _bias_correction_needs_ptq(self) -> Recipe:
+        if self.bias_correction and not self._ptq:
+            raise ValueError(
+                f"bias_correction applies to INT8 post-training quantization, not to {self._base_name} "
+                "(legacy, QAT and non-INT8 recipes have none); leave it out"
+            )
+        return self
+
     @property
     def name(self) -> str:
         keep = f"-keep{len(self.keep_fp32)}" if self.keep_fp32 else ""
-        return self._base_name + keep + ("@onnxruntime" if self.emulate else "")
+        no_bc = "-nobc" if self._ptq and not self.bias_correction else ""
+        return self._base_name + keep + no_bc + ("@onnxruntime" if self.emulate else "")
+
+    @property
+    def _ptq(self) -> bool:
+        return _is_ptq(self.precision, self.legacy, self.qat_epochs)
 
     @property
     def _base_name(self) -> str:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from int8eval.backends.bias_correction import output_shifts
 from int8eval.config import CalibMethod, Recipe
 from int8eval.errors import ConfigError
 from int8eval.models import QUANT_TYPES, fold_batchnorm
@@ -58,6 +59,7 @@ class FakeQuantSpec:
     calib: Literal["minmax", "percentile"] = "minmax"
     percentile: float = 99.999
     symmetric_activations: bool = False
+    bias_correction: bool = True  # as the backends' INT8 recipes (`backends.bias_correction`)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, symmetric_activations: bool | None = None) -> FakeQuantSpec:
@@ -69,13 +71,14 @@ class FakeQuantSpec:
             )
         if symmetric_activations is None:
             symmetric_activations = recipe.backend.value == "tensorrt"
-        return cls(recipe.per_channel, recipe.calib.value, recipe.percentile, symmetric_activations)
+        return cls(recipe.per_channel, recipe.calib.value, recipe.percentile, symmetric_activations, recipe.bias_correction)
 
     def describe(self) -> str:
         act = "symmetric int8" if self.symmetric_activations else "asymmetric uint8"
         rng = "min/max" if self.calib == "minmax" else f"{self.percentile:g}th-percentile"
         w = "per-channel" if self.per_channel else "per-tensor"
-        return f"{w} symmetric int8 weights, per-tensor {act} activations with {rng} ranges, BatchNorm folded"
+        bc = ", biases corrected for the weights' mean error" if self.bias_correction else ""
+        return f"{w} symmetric int8 weights, per-tensor {act} activations with {rng} ranges, BatchNorm folded{bc}"
 
 
 def quantize_weight(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -101,6 +104,8 @@ class _Layer:
     module: nn.Module
     w_fp: torch.Tensor
     w_q: torch.Tensor
+    b_fp: torch.Tensor
+    b_q: torch.Tensor  # the bias to use with w_q (bias-corrected once calibrated, if the spec says so)
     lo: float = math.inf
     hi: float = -math.inf
     hist: torch.Tensor | None = None
@@ -112,10 +117,11 @@ class _Layer:
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
 
     def forward_with(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        m = self.module
+        """The layer with weights `w` (w_q or w_fp) and the bias that goes with them."""
+        m, b = self.module, self.b_q if w is self.w_q else self.b_fp
         if isinstance(m, nn.Linear):
-            return F.linear(x, w, m.bias)
-        return m._conv_forward(x, w, m.bias)
+            return F.linear(x, w, b)
+        return m._conv_forward(x, w, b)
 
 
 def _fold_batchnorm(module: nn.Module) -> tuple[nn.Module, bool]:
@@ -163,7 +169,10 @@ class FakeQuantModel:
             for name, m in self.model.named_modules():
                 if isinstance(m, QUANT_TYPES):
                     w = m.weight.detach().clone()
-                    self._layers[name] = _Layer(name, m, w, quantize_weight(w, spec.per_channel))
+                    if m.bias is None:  # bias correction needs one
+                        m.bias = nn.Parameter(torch.zeros(len(w)), requires_grad=False)
+                    b = m.bias.detach().clone()
+                    self._layers[name] = _Layer(name, m, w, quantize_weight(w, spec.per_channel), b, b)
         if not self._layers:
             raise ConfigError("the model has no Conv or Linear layer to quantize")
         self._acts: set[str] = set()
@@ -216,6 +225,7 @@ class FakeQuantModel:
         with torch.no_grad():
             for name, layer in self._layers.items():
                 layer.module.weight.data = layer.w_q if name in weights else layer.w_fp
+                layer.module.bias.data = layer.b_q if name in weights else layer.b_fp
         self._acts = acts
 
     def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
@@ -242,6 +252,10 @@ class FakeQuantModel:
                 layer.qparams = activation_qparams(layer.lo, layer.hi, self.spec.symmetric_activations)
         # Layers never called (dead modules) are not part of the model's computation.
         self._layers = {n: self._layers[n] for n in self._order}
+        if self.spec.bias_correction:
+            errors = {n: layer.w_q - layer.w_fp for n, layer in self._layers.items()}
+            for n, shift in output_shifts(self.model, errors, batches).items():
+                self._layers[n].b_q = self._layers[n].b_fp - torch.as_tensor(shift, dtype=self._layers[n].b_fp.dtype)
 
     def _percentile_range(self, layer: _Layer) -> tuple[float, float]:
         # The backends' own percentile (|x| clipped at that percentile), so the diagnosis ranks what they run.

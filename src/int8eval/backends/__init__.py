@@ -20,7 +20,10 @@ class BackendInfo:
     module: str  # our module under int8eval.backends
     requires: tuple[str, ...]  # importable top-level packages it needs
     extra: str  # pip extra that installs them
-    default_calib: CalibMethod  # the recipe used when --calib is not given (the best measured on Lite0)
+    # The recipe used when --calib is not given: the lowest mean KL to the FP32 logits measured on Lite0 (700 images,
+    # two calibration seeds, bias-corrected), a steadier guide than top-1 agreement, which moves by single images.
+    # PyTorch: mse (torchao's own default HistogramObserver) beats minmax with its 7-bit activations on AVX2 CPUs.
+    default_calib: CalibMethod
     default: bool = True  # part of a run with no --backend, when installed
 
     @property
@@ -30,7 +33,7 @@ class BackendInfo:
 
 
 BACKENDS: dict[Backend, BackendInfo] = {
-    Backend.torch: BackendInfo(Backend.torch, "torch_backend", ("torch",), "pt2e", CalibMethod.minmax),
+    Backend.torch: BackendInfo(Backend.torch, "torch_backend", ("torch",), "pt2e", CalibMethod.mse),
     Backend.onnxruntime: BackendInfo(
         Backend.onnxruntime, "onnxruntime_backend", ("onnx", "onnxruntime"), "onnxruntime", CalibMethod.percentile
     ),

@@ -21,6 +21,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -270,6 +271,7 @@ def quantize_qdq(
     weight_qdq_pair: bool = False,
     reduce_range: bool = False,
     nodes_to_exclude: list[str] | tuple[str, ...] = (),
+    bias_shifts: BiasShifts | None = None,
 ) -> Path:
     """Quantize `fp32_onnx` to a static INT8 QDQ model at `out_path` (signed, symmetric INT8 weights).
 
@@ -285,6 +287,10 @@ def quantize_qdq(
         activation_type: "int8" (S8S8) or "uint8" (U8S8: ~2x faster on x86 CPUs, not accepted by TensorRT).
         weight_qdq_pair: keep float weights behind a QuantizeLinear->DequantizeLinear pair instead of storing int8.
         nodes_to_exclude: nodes left in FP32 (see `onnx_export.keep_fp32_nodes`).
+        bias_shifts: bias correction (see `bias_correction`, e.g. `module_bias_shifts`): given each quantized
+            Conv/Gemm node's weight error (its INT8 weights as ONNX Runtime wrote them, dequantized, minus the FP32
+            ones), the mean output shift per channel to take off its bias; the model is then quantized again
+            from the corrected FP32 biases (the weights, and so their error, do not change).
 
     Example:
         >>> quantize_qdq(Path("m.onnx"), calib, Path("m.int8.onnx"), method=CalibMethod.percentile)
@@ -309,26 +315,134 @@ def quantize_qdq(
     with tempfile.TemporaryDirectory(prefix="int8eval-ort-") as tmp:
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(tensors, cache)
-        # The cache's method must match `calibrate_method`; the ranges in it are ours whatever the method.
-        quantize_static(
-            str(stats.model),
-            str(out_path),
-            calibration_data_reader=None,
-            calibration_cache_path=cache,
-            calibrate_method=CalibrationMethod.MinMax,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            nodes_to_exclude=list(nodes_to_exclude),
-            activation_type=_ACTIVATION_TYPES[activation_type],
-            weight_type=QuantType.QInt8,
-            extra_options={
-                "ActivationSymmetric": symmetric_activations,
-                "WeightSymmetric": True,
-                "AddQDQPairToWeight": weight_qdq_pair,
-            },
-        )
+
+        def quantize(model: Path) -> None:
+            # The cache's method must match `calibrate_method`; the ranges in it are ours whatever the method.
+            quantize_static(
+                str(model),
+                str(out_path),
+                calibration_data_reader=None,
+                calibration_cache_path=cache,
+                calibrate_method=CalibrationMethod.MinMax,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                nodes_to_exclude=list(nodes_to_exclude),
+                activation_type=_ACTIVATION_TYPES[activation_type],
+                weight_type=QuantType.QInt8,
+                extra_options={
+                    "ActivationSymmetric": symmetric_activations,
+                    "WeightSymmetric": True,
+                    "AddQDQPairToWeight": weight_qdq_pair,
+                },
+            )
+
+        quantize(stats.model)
+        if bias_shifts is not None:
+            fp32 = onnx.load(str(stats.model))
+            shifts = bias_shifts(weight_errors(fp32, onnx.load(str(out_path))))
+            corrected = Path(tmp) / "bias_corrected.onnx"
+            onnx.save(_subtract_from_biases(fp32, shifts), str(corrected))
+            quantize(corrected)
+    if nodes_to_exclude:
+        model = onnx.load(str(out_path))
+        _float_inputs(model, set(nodes_to_exclude))
+        onnx.save(model, str(out_path))
     return out_path
+
+
+def _float_inputs(model, nodes: set[str]) -> None:
+    """Feed `nodes` (left out of quantization) the float tensor behind any QuantizeLinear->DequantizeLinear pair on
+    their inputs, in place. `quantize_static` quantizes a tensor once for all its consumers, so an excluded Conv
+    would still read quantized activations (and only its weights would be FP32); PT2E and diagnose keep both."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    for node in model.graph.node:
+        if node.name not in nodes:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    # Q/DQ pairs no longer read by anything: drop them (a DequantizeLinear first, then its QuantizeLinear).
+    for _ in range(2):
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+        for n in dead:
+            model.graph.node.remove(n)
+        used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+
+
+# --- bias correction ---------------------------------------------------------------------------------------------
+
+BiasShifts = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # node: Q(W) - W  ->  node: output shift
+
+
+def weight_errors(fp32, qdq) -> dict[str, np.ndarray]:
+    """Per Conv (and Gemm with transB=1, weights shaped like torch's) node whose weights `qdq` (an ONNX model from
+    `quantize_static`) stores as INT8 behind a DequantizeLinear: the dequantized weights minus `fp32`'s."""
+    from onnx import numpy_helper
+
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {out: n for n in qdq.graph.node for out in n.output}
+    errors = {}
+    for node in qdq.graph.node:
+        transposed = node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        if node.op_type not in ("Conv", "Gemm") or transposed or node.name not in fp32_nodes:
+            continue
+        dq = producer.get(node.input[1])
+        w_name = fp32_nodes[node.name].input[1]
+        if dq is None or dq.op_type != "DequantizeLinear" or w_name not in fp32_inits:
+            continue
+        if not all(name in inits for name in dq.input):
+            continue  # a Q->DQ pair on float weights (weight_qdq_pair) is not read here
+        q, scale, *zp = (numpy_helper.to_array(inits[name]).astype(np.float32) for name in dq.input)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [-1 if d == axis else 1 for d in range(q.ndim)] if scale.ndim else []
+        zero = zp[0].reshape(shape) if zp else 0.0
+        errors[node.name] = (q - zero) * scale.reshape(shape) - numpy_helper.to_array(fp32_inits[w_name])
+    return errors
+
+
+def _subtract_from_biases(model, shifts: dict[str, np.ndarray]):
+    """`model` (FP32 ONNX) with bias -= shift for each named Conv/Gemm node (a node without a bias gets one)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in shifts:
+            continue
+        shift = np.asarray(shifts[node.name], dtype=np.float32)
+        has_bias = len(node.input) > 2 and node.input[2]
+        # Always a new initializer: exporters share equal constants (e.g. the zero biases of folded BatchNorms).
+        name = f"{node.name}.bias_corrected"
+        model.graph.initializer.append(numpy_helper.from_array((inits[node.input[2]] if has_bias else 0) - shift, name))
+        if has_bias:
+            node.input[2] = name
+        else:
+            node.input.extend([""] * (2 - len(node.input)) + [name])
+    return model
+
+
+def module_bias_shifts(module: torch.nn.Module, onnx_path: Path, calib: CalibrationData) -> BiasShifts:
+    """`bias_shifts` for `quantize_qdq` of a model `export_onnx` wrote from `module`: each node's output shift
+    measured on the calibration images with the FP32 inputs `module` gives the layer it came from."""
+    import torch
+
+    from int8eval.backends.bias_correction import output_shifts
+    from int8eval.backends.onnx_export import module_nodes
+
+    # A module exported as several nodes (called more than once) has no single input to measure: left as is.
+    path_of = {nodes[0]: path for path, nodes in module_nodes(onnx_path, module).items() if len(nodes) == 1}
+
+    def shifts(errors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        by_path = {path_of[n]: torch.from_numpy(e) for n, e in errors.items() if n in path_of}
+        node_of = {path: node for node, path in path_of.items()}
+        return {node_of[path]: s for path, s in output_shifts(module, by_path, calib).items()}
+
+    return shifts
 
 
 # --- shared per model: the FP32 export and its activation statistics ---------------------------------------------

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_fp16, keep_fp32_nodes
-from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, quantize_qdq
+from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, module_bias_shifts, quantize_qdq
 from int8eval.config import Backend, Precision, Recipe
 from int8eval.environment import int8_dot_saturates
 from int8eval.errors import ConfigError
@@ -90,7 +90,9 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
         percentile=recipe.percentile,
         per_channel=recipe.per_channel,
         nodes_to_exclude=keep_fp32_nodes(stats.model, loaded.module, recipe.keep_fp32),
+        bias_shifts=module_bias_shifts(loaded.module, stats.model, calib) if recipe.bias_correction else None,
     )
     variant = OrtVariant(recipe, path)
+    variant.details["bias_correction"] = "int8eval" if recipe.bias_correction else None
     variant.prepare_s = prepared.export_s + stats.collect_s + (time.perf_counter() - quant_start)
     return variant

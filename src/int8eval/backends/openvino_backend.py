@@ -159,6 +159,7 @@ def nncf_options(recipe: Recipe) -> dict[str, Any]:
         activations_range_estimator_params=estimator,
         weights_quantization_params=QuantizationParameters(per_channel=recipe.per_channel),
         overflow_fix=OverflowFix.ENABLE if x86_without_vnni() else OverflowFix.FIRST_LAYER,
+        disable_bias_correction=not recipe.bias_correction,  # NNCF's own (accurate) bias correction
     )
     return {
         "preset": nncf.QuantizationPreset.PERFORMANCE,
@@ -190,6 +191,12 @@ def layer_ops(ov_model: ov.Model, layers: tuple[str, ...] | list[str]) -> list[s
     return [name for layer in layers for name in ops[layer]]
 
 
+def _per_channel_rollback(record: logging.LogRecord) -> bool:
+    # With the HISTOGRAM estimator (mse) NNCF warns once per calibration image and per-channel activation quantizer
+    # (depthwise inputs) that it uses minmax there: hundreds of identical lines about what the recipe already says.
+    return not record.getMessage().startswith("Rollback to RangeEstimatorParametersSet.MINMAX")
+
+
 def quantize(
     ov_model: ov.Model, recipe: Recipe, calib: CalibrationData, *, options: dict[str, Any] | None = None
 ) -> ov.Model:
@@ -205,10 +212,12 @@ def quantize(
 
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)  # else one INFO line per quantizer an ignored layer leaves out
+    nncf_logger.addFilter(_per_channel_rollback)
     try:
         quantized = nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images), **options)
     finally:
         nncf_logger.setLevel(level)
+        nncf_logger.removeFilter(_per_channel_rollback)
     if recipe.calib in HISTOGRAM_METHODS:
         changed = narrow_activation_ranges(quantized, ov_model, calib, recipe)
         log.info("%s: %d activation ranges narrowed from minmax", recipe.name, changed)
@@ -326,6 +335,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
         details["quantize_s"] = time.perf_counter() - t
         details["nncf"] = {
             "preset": opts["preset"].value,
+            "bias_correction": not opts["advanced_parameters"].disable_bias_correction,
             "fast_bias_correction": opts["fast_bias_correction"],
             "overflow_fix": opts["advanced_parameters"].overflow_fix.value,
             "calibration_images": calib.num_images,

@@ -115,6 +115,7 @@ def build_trt_qdq_onnx(
     method: CalibMethod = CalibMethod.entropy,
     percentile: float = 99.999,
     nodes_to_exclude: list[str] | tuple[str, ...] = (),
+    bias_shifts=None,
 ) -> Path:
     """Quantize `fp32_onnx` into the Q/DQ ONNX that TensorRT's explicit quantization wants, at `out_path`.
 
@@ -127,6 +128,7 @@ def build_trt_qdq_onnx(
         calib: CalibrationData or ActivationStats collected from `fp32_onnx` (see `onnx_qdq`).
         method, percentile: how activation ranges are chosen (entropy is TensorRT's own calibrator's method).
         nodes_to_exclude: nodes left without Q/DQ, which a strongly typed engine then runs in FP32.
+        bias_shifts: bias correction, as in `onnx_qdq.quantize_qdq`.
     """
     import onnx
 
@@ -143,6 +145,7 @@ def build_trt_qdq_onnx(
         symmetric_activations=True,
         activation_type="int8",
         nodes_to_exclude=nodes_to_exclude,
+        bias_shifts=bias_shifts,
     )
     model = onnx.load(str(out_path))
     float_biases(model)
@@ -393,7 +396,7 @@ def _recipe_onnx(loaded, recipe: Recipe, calib: CalibrationData | None, workdir:
     legacy calibrator), or the explicit-quantization Q/DQ model. The FP32 export and the activation statistics are
     shared with the other recipes of the model (`onnx_qdq`'s cache, as onnxruntime's) and counted in full here."""
     from int8eval.backends.onnx_export import export_onnx_fp16, keep_fp32_nodes
-    from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export
+    from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, module_bias_shifts
 
     if recipe.precision is Precision.fp16:
         start = time.perf_counter()
@@ -407,6 +410,7 @@ def _recipe_onnx(loaded, recipe: Recipe, calib: CalibrationData | None, workdir:
     qdq = build_trt_qdq_onnx(
         prepared.fp32, stats, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
         nodes_to_exclude=keep_fp32_nodes(prepared.fp32, loaded.module, recipe.keep_fp32),
+        bias_shifts=module_bias_shifts(loaded.module, stats.model, calib) if recipe.bias_correction else None,
     )
     return qdq, prepared.export_s + stats.collect_s + (time.perf_counter() - start)
 

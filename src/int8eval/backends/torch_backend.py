@@ -26,6 +26,7 @@ from torch import nn
 from torch.ao.quantization.observer import UniformQuantizationObserverBase
 
 from int8eval.backends.base import CalibrationData, Variant, require_calibration
+from int8eval.backends.bias_correction import output_shifts, subtract_from_biases
 from int8eval.backends.ranges import histogram_range
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
@@ -213,6 +214,31 @@ def int8_ranges() -> tuple[int, int]:
     return 127, 127
 
 
+class _DepthwiseFullRange:
+    """Wraps an X86InductorQuantizer whose activations are 7-bit (`int8_ranges`) and gives the inputs of depthwise
+    convolutions 8 bits again: oneDNN's INT8 depthwise kernel widens every product to 32 bits (measured exact
+    against the reference with 8-bit inputs on an AVX2-only CPU, where dense convolutions saturate), and these
+    inputs are the widest activations of a MobileNet-style block."""
+
+    def __init__(self, quantizer, spec):
+        self.quantizer, self.spec = quantizer, spec
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = self.quantizer.annotate(model)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if annotation is None or node.target is not torch.ops.aten.conv2d.default:
+                continue
+            groups = node.args[6] if len(node.args) > 6 else 1
+            activation = node.args[0]
+            if groups > 1 and activation.meta["val"].shape[1] == groups and activation in annotation.input_qspec_map:
+                annotation.input_qspec_map[activation] = self.spec
+        return model
+
+    def __getattr__(self, name):  # transform_for_annotation, validate, ...: the wrapped quantizer's
+        return getattr(self.quantizer, name)
+
+
 def quantization_config(recipe: Recipe, *, ranges: tuple[int, int] | None = None):
     """The X86InductorQuantizer config for `recipe`: uint8 affine activations observed with `recipe.calib`,
     int8 symmetric weights (min/max, per output channel unless `per_channel` is off); integer ranges from
@@ -259,17 +285,22 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
 
     start = time.perf_counter()
     example = _example(calib)
+    ranges = int8_ranges()
+    config = quantization_config(recipe, ranges=ranges)
+    module = _bias_corrected(loaded.module, config.weight, recipe, calib) if recipe.bias_correction else loaded.module
     try:
-        exported = _export(untie_reused_modules(loaded.module), example)
+        exported = _export(untie_reused_modules(module), example)
     except Exception as e:  # noqa: BLE001 - export raises many types
         raise Int8EvalError(
             f"torch.export failed for {loaded.name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "PT2E needs an exportable model with a dynamic batch dimension. Try the legacy FX path."
         ) from e
-    ranges = int8_ranges()
-    quantizer = X86InductorQuantizer().set_global(quantization_config(recipe, ranges=ranges))
+    quantizer = X86InductorQuantizer().set_global(config)
     for name in recipe.keep_fp32:
         quantizer.set_module_name_qconfig(name, None)
+    if ranges[0] < 255:
+        full_range = quantization_config(recipe, ranges=(255, ranges[1])).input_activation
+        quantizer = _DepthwiseFullRange(quantizer, full_range)
     try:
         prepared = prepare_pt2e(exported.module(), quantizer)
     except ValueError as e:
@@ -285,11 +316,42 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
     artifact = save_program(converted, example, workdir / f"{recipe.name}.pt2")
     module = torch.compile(converted, dynamic=False) if compile else converted
     variant = TorchVariant(recipe, module, artifact, freezing=compile)
-    variant.details = {"flow": "pt2e-x86-inductor", "compiled": compile, "act_qmax": ranges[0], "weight_qmax": ranges[1]}
+    variant.details = {
+        "flow": "pt2e-x86-inductor",
+        "compiled": compile,
+        "act_qmax": ranges[0],
+        "weight_qmax": ranges[1],
+        "bias_correction": "int8eval" if recipe.bias_correction else None,
+        "depthwise_act_qmax": 255 if isinstance(quantizer, _DepthwiseFullRange) else ranges[0],
+    }
     if compile:  # compile now (lazy otherwise) so that prepare_s counts it
         variant.predict(calib.batches[0])
     variant.prepare_s = time.perf_counter() - start
     return variant
+
+
+def _bias_corrected(module: nn.Module, weight_spec, recipe: Recipe, calib: CalibrationData) -> nn.Module:
+    """A BatchNorm-folded copy of `module` whose Conv/Linear biases absorb the mean output shift of their INT8
+    weights (`bias_correction`); Q(W) comes from `weight_spec`'s own observer, as `convert_pt2e` will compute it."""
+    # prepare_pt2e's own way from a spec to an observer (dtype, range, scheme, axis filled in from the spec)
+    from torchao.quantization.pt2e.prepare import _create_obs_or_fq_from_qspec
+
+    from int8eval.models import fold_batchnorm
+
+    folded, _ = fold_batchnorm(module)  # PT2E would fold it anyway; the correction must see the folded weights
+    errors = {}
+    for name, layer in folded.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and name not in recipe.keep_fp32:
+            observer = _create_obs_or_fq_from_qspec(weight_spec, {}, False)
+            w = layer.weight.detach()
+            observer(w)
+            scale, zero_point = observer.calculate_qparams()
+            q = torch.fake_quantize_per_channel_affine(
+                w, scale.float(), zero_point.int(), 0, weight_spec.quant_min, weight_spec.quant_max
+            )
+            errors[name] = q - w
+    subtract_from_biases(folded, output_shifts(folded, errors, calib))
+    return folded
 
 
 def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:

@@ -133,3 +133,38 @@ def environment_items(report: Report, *, esc: Wrap = _same) -> list[str]:
         f"Libraries: {esc(libs)}",
         f"Schema {esc(report.schema_version)}, created {esc(report.created)}",
     ]
+
+
+RECIPE_HEADER = ["variant", "calibration", "weights", "bias correction", "kept in FP32", "backend specifics", "build s"]
+
+# Keys of a variant's `details` worth a reader's eye (the rest stays in report.json).
+_DETAIL_KEYS = ("flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "exact_int8_kernels", "nncf")
+
+
+def recipe_rows(report: Report) -> list[list[str]]:
+    """One row per INT8 variant: how it was built, from its recipe and the backend's `details` in report.json."""
+    rows = []
+    for v in report.variants:
+        r = v.recipe or {}
+        if v.precision != "int8" or not r:
+            continue
+        calib = r.get("calib", DASH)
+        if calib == "percentile":
+            calib = f"percentile {r.get('percentile', 0):g}"
+        details = v.details or {}
+        bc = r.get("bias_correction")
+        bc_text = DASH if bc is None else ("NNCF's" if bc and v.backend == "openvino" else "int8eval's" if bc else "off")
+        kept = r.get("keep_fp32") or []
+        kept_text = DASH if not kept else f"{len(kept)}: " + ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        specifics = "; ".join(f"{k} {_short(details[k])}" for k in _DETAIL_KEYS if details.get(k) is not None)
+        rows.append([
+            v.name, calib, "per-channel" if r.get("per_channel", True) else "per-tensor", bc_text, kept_text,
+            specifics or DASH, num(v.prepare_s),
+        ])
+    return rows
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={val}" for k, val in value.items() if k != "calibration_images")
+    return str(value)

@@ -7,10 +7,12 @@ from html import escape
 
 from int8eval.report import plots
 from int8eval.report.content import (
+    RECIPE_HEADER,
     classes_lost_most,
     environment_items,
     keep_fp32_sentences,
     overview_items,
+    recipe_rows,
     sensitivity_rows,
     skipped_items,
     verdict_label,
@@ -209,6 +211,10 @@ def render_html(report: Report) -> str:
     flips = plots.flips_per_class(report)
     if flips:
         body += ["<h2>Flips per class</h2>", _img(flips, "flips per class")]
+    recipes = recipe_rows(report)
+    if recipes:
+        body += ["<h2>How the INT8 variants were built</h2>",
+                 _table(RECIPE_HEADER, recipes, left=6)]
     sens = _sensitivity(report)
     if sens:
         body += ["<h2>Per-layer sensitivity</h2>", sens]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from int8eval.report.content import (
+    RECIPE_HEADER,
     classes_lost_most,
     environment_items,
     keep_fp32_sentences,
     overview_items,
+    recipe_rows,
     sensitivity_rows,
     skipped_items,
     verdict_label,
@@ -55,6 +57,15 @@ def _paired_section(report: Report) -> list[str]:
         lines += ["", "### Classes that lost most (net images, reference right → variant wrong minus the reverse)", ""]
         lines += [f"- {name}: {worst}" for name, worst in losers]
     return lines
+
+
+def _recipe_section(report: Report) -> list[str]:
+    rows = recipe_rows(report)
+    if not rows:
+        return []
+    lines = ["", "## How the INT8 variants were built", "", "| " + " | ".join(RECIPE_HEADER) + " |",
+             "|" + "---|" * len(RECIPE_HEADER)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _sensitivity_section(report: Report) -> list[str]:
@@ -111,6 +122,7 @@ def render_markdown(report: Report) -> str:
             f"{num(v.size_mb)} |"
         )
     lines += _paired_section(report)
+    lines += _recipe_section(report)
     lines += _sensitivity_section(report)
     if report.bench or any(v.bench for v in report.variants):
         from int8eval.bench import render_markdown as bench_markdown  # the speed section is bench's to render
