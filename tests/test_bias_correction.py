@@ -132,28 +132,28 @@ def test_onnxruntime_variant_reports_it(tiny, calib, tmp_path):
     assert on.details["bias_correction"] == "int8eval" and off.details["bias_correction"] is None
 
 
-def test_pt2e_correction_removes_the_mean_error_of_its_weights(small_calib, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_each_backend_removes_the_mean_error_of_its_weights(backend, small_calib, tmp_path):
     # Per-tensor weights round coarsely, so their mean error dominates the single convolution's output error.
-    from int8eval.backends import torch_backend as tb
+    from int8eval.backends import build_variant
     from int8eval.config import Preprocessing
     from int8eval.models import LoadedModel
 
+    pytest.importorskip({"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "nncf"}[backend])
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
     with torch.no_grad():
         conv[0].weight.mul_(torch.linspace(0.05, 1, 8).view(8, 1, 1, 1))  # small channels: large relative error
     loaded = LoadedModel("conv", conv, Preprocessing(resize=8, crop=8), "test")
-    x = torch.from_numpy(np.concatenate(small_calib.batches))
+    x = np.concatenate(small_calib.batches)
     with torch.no_grad():
-        ref = conv(x)
+        ref = conv(torch.from_numpy(x)).numpy()
 
     def mean_error(bias_correction: bool) -> float:
-        recipe = Recipe(backend="torch", per_channel=False, bias_correction=bias_correction)
-        variant = tb.build(loaded, recipe, small_calib, tmp_path / str(bias_correction), compile=False)
+        recipe = Recipe(backend=backend, per_channel=False, bias_correction=bias_correction)
+        variant = build_variant(loaded, recipe, small_calib, tmp_path / str(bias_correction))
         assert variant.details["bias_correction"] == ("int8eval" if bias_correction else None)
-        with torch.no_grad():
-            out = variant.module(x)
-        return float((out - ref).mean([0, 2, 3]).abs().max())
+        return float(np.abs((variant.predict(x) - ref).mean((0, 2, 3))).max())
 
     assert mean_error(True) < 0.5 * mean_error(False)
 

@@ -88,9 +88,8 @@ class Recipe(_Strict):
     emulate: bool = False  # TensorRT only: run the ONNX TensorRT would get with ONNX Runtime on the CPU
     # INT8 only: Conv/Linear layers (PyTorch module paths) left in FP32, e.g. the top of `int8eval diagnose`
     keep_fp32: tuple[str, ...] = ()
-    # INT8 post-training quantization only (not legacy, not QAT): subtract each layer's mean output shift from
-    # its INT8 weights from its bias (int8eval's for PT2E and the ONNX Q/DQ path, NNCF's own for OpenVINO).
-    # Left out, it is on wherever it applies.
+    # INT8 post-training quantization only (not legacy, not QAT): subtract from each layer's bias the mean shift
+    # that its INT8 weights add to its output (`backends.bias_correction`). Left out, it is on wherever it applies.
     bias_correction: bool = False
 
     @model_validator(mode="before")

@@ -354,23 +354,75 @@ def quantize_qdq(
 def _float_inputs(model, nodes: set[str]) -> None:
     """Feed `nodes` (left out of quantization) the float tensor behind any QuantizeLinear->DequantizeLinear pair on
     their inputs, in place. `quantize_static` quantizes a tensor once for all its consumers, so an excluded Conv
-    would still read quantized activations (and only its weights would be FP32); PT2E and diagnose keep both."""
+    would still read quantized activations (and only its weights would be FP32); PT2E and diagnose keep both.
+
+    The float tensor is clamped to the pair's range: ONNX Runtime drops a Relu/Clip after a quantized Conv and lets
+    the QuantizeLinear's saturation do its work, so only the rounding may go."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
-    for node in model.graph.node:
-        if node.name not in nodes:
-            continue
-        for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
-    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
-    # Q/DQ pairs no longer read by anything: drop them (a DequantizeLinear first, then its QuantizeLinear).
+
+    def clamped_float(name: str) -> str | None:
+        dq = producer.get(name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            return None
+        scale, zero = inits.get(dq.input[1]), inits.get(dq.input[2]) if len(dq.input) > 2 else None
+        if scale is None or zero is None or scale.size != 1:
+            return None  # per-tensor activation pairs only
+        info = np.iinfo(zero.dtype)
+        twin = f"{name}.float"
+        for bound, value in (("min", info.min), ("max", info.max)):
+            limit = scale * (np.float32(value) - zero.astype(np.float32))
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(limit, np.float32), f"{twin}.{bound}"))
+        model.graph.node.append(helper.make_node("Clip", [q.input[0], f"{twin}.min", f"{twin}.max"], [twin], name=twin))
+        return twin
+
+    twins: dict[str, str | None] = {}  # a DequantizeLinear output -> its clamped float twin (one per tensor)
+    for node in list(model.graph.node):
+        if node.name in nodes:
+            for i, name in enumerate(node.input):
+                if name not in twins:
+                    twins[name] = clamped_float(name)
+                if twins[name] is not None:
+                    node.input[i] = twins[name]
+    _drop_unused_qdq(model)
+    _sort_topologically(model)
+
+
+def _drop_unused_qdq(model) -> None:
+    # Q/DQ pairs no longer read by anything (a DequantizeLinear first, then its QuantizeLinear), and their scales and
+    # zero points (ONNX Runtime warns about every unused initializer when it loads the model).
+    freed: set[str] = set()
     for _ in range(2):
-        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
-        for n in dead:
-            model.graph.node.remove(n)
         used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+        for n in [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]:
+            if n.output[0] not in used:
+                freed.update(n.input)
+                model.graph.node.remove(n)
+    used = {name for n in model.graph.node for name in n.input}
+    for init in [i for i in model.graph.initializer if i.name in freed and i.name not in used]:
+        model.graph.initializer.remove(init)
+
+
+def _sort_topologically(model) -> None:
+    # ONNX wants every node after the producers of its inputs; the Clips were appended at the end.
+    ready = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    pending, order = list(model.graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"the quantized graph has a cycle or a missing input at {rest[0].name}")
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(order)
 
 
 # --- bias correction ---------------------------------------------------------------------------------------------
@@ -411,6 +463,7 @@ def _subtract_from_biases(model, shifts: dict[str, np.ndarray]):
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    replaced: set[str] = set()
     for node in model.graph.node:
         if node.name not in shifts:
             continue
@@ -420,9 +473,13 @@ def _subtract_from_biases(model, shifts: dict[str, np.ndarray]):
         name = f"{node.name}.bias_corrected"
         model.graph.initializer.append(numpy_helper.from_array((inits[node.input[2]] if has_bias else 0) - shift, name))
         if has_bias:
+            replaced.add(node.input[2])
             node.input[2] = name
         else:
             node.input.extend([""] * (2 - len(node.input)) + [name])
+    used = {name for n in model.graph.node for name in n.input}
+    for init in [i for i in model.graph.initializer if i.name in replaced and i.name not in used]:
+        model.graph.initializer.remove(init)
     return model
 
 

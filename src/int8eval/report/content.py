@@ -138,7 +138,7 @@ def environment_items(report: Report, *, esc: Wrap = _same) -> list[str]:
 RECIPE_HEADER = ["variant", "calibration", "weights", "bias correction", "kept in FP32", "backend specifics", "build s"]
 
 # Keys of a variant's `details` worth a reader's eye (the rest stays in report.json).
-_DETAIL_KEYS = ("flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "exact_int8_kernels", "nncf")
+_DETAIL_KEYS = ("flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "exact_int8_kernels", "bias_corrected_layers", "nncf")
 
 
 def recipe_rows(report: Report) -> list[list[str]]:
@@ -153,7 +153,7 @@ def recipe_rows(report: Report) -> list[list[str]]:
             calib = f"percentile {r.get('percentile', 0):g}"
         details = v.details or {}
         bc = r.get("bias_correction")
-        bc_text = DASH if bc is None else ("NNCF's" if bc and v.backend == "openvino" else "int8eval's" if bc else "off")
+        bc_text = DASH if bc is None else ("int8eval's" if bc else "off")
         kept = r.get("keep_fp32") or []
         kept_text = DASH if not kept else f"{len(kept)}: " + ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         specifics = "; ".join(f"{k} {_short(details[k])}" for k in _DETAIL_KEYS if details.get(k) is not None)
