@@ -104,8 +104,24 @@ def test_variant_reports_how_it_was_built(fp32, int8_variants):
     details = int8_variants[CalibMethod.minmax].details
     assert details["quantize_s"] > 0
     assert details["nncf"]["calibration_images"] == 16
-    # int8eval's bias correction on every quantized layer of the tiny model (two convolutions, a depthwise, fc)
-    assert details["bias_correction"] == "int8eval" and details["bias_corrected_layers"] == 4
+    # int8eval's bias correction on every quantized layer of the tiny model (two convolutions, a depthwise, fc;
+    # the first convolution is FP32 on CPUs whose INT8 kernels saturate)
+    kept = details["first_layer_fp32"] or []
+    assert kept == ([] if not ob.x86_without_vnni() else ["__module.features.0/aten::_convolution/Convolution"])
+    assert details["bias_correction"] == "int8eval" and details["bias_corrected_layers"] == 4 - len(kept)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_first_convolution_stays_fp32_only_where_int8_saturates(saturates, tiny, calib, tmp_path, monkeypatch):
+    monkeypatch.setattr(ob, "x86_without_vnni", lambda: saturates)
+    first = "__module.features.0/aten::_convolution/Convolution"
+    assert ob.first_layer_fp32(ob.convert(tiny)) == ([first] if saturates else [])
+    variant = ob.build(tiny, ov_recipe(), calib, tmp_path)
+    ops = {op.get_friendly_name(): op for op in ov.Core().read_model(str(variant.artifact)).get_ordered_ops()}
+    weight = ops[first].input_value(1).get_node()
+    assert (weight.get_type_name() == "Constant") is saturates  # FP32 weights, not INT8 behind a Multiply
+    depthwise = ops["__module.features.3/aten::_convolution/GroupConvolution"]
+    assert depthwise.input_value(1).get_node().get_type_name() == "Multiply"
 
 
 # --- INT8 ----------------------------------------------------------------------------------------------------------
@@ -132,10 +148,11 @@ def test_per_tensor_weights_have_one_scale(tiny, calib, int8_variants, tmp_path)
 
 
 def test_keep_fp32_layers_keep_float_weights(tiny, calib, int8_variants, tmp_path):
-    assert len(weight_scale_sizes(read(int8_variants[CalibMethod.minmax]))) == 4
+    first = 1 if ob.x86_without_vnni() else 0  # the first convolution is FP32 where INT8 saturates
+    assert len(weight_scale_sizes(read(int8_variants[CalibMethod.minmax]))) == 4 - first
     variant = ob.build(tiny, ov_recipe(keep_fp32=("features.3", "fc")), calib, tmp_path)
     model = read(variant)
-    assert len(weight_scale_sizes(model)) == 2
+    assert len(weight_scale_sizes(model)) == 2 - first
     float_layers = [op.get_friendly_name() for op in model.get_ordered_ops()
                     if op.get_type_name() in ("GroupConvolution", "MatMul")]
     assert [ob.layer_ops(model, ["features.3", "fc"])] == [float_layers]
@@ -143,7 +160,8 @@ def test_keep_fp32_layers_keep_float_weights(tiny, calib, int8_variants, tmp_pat
         ob.layer_ops(model, ["features.9"])
 
 
-def test_percentile_and_entropy_narrow_what_minmax_spends_on_outliers(tiny, outlier_calib, tmp_path):
+def test_percentile_and_entropy_narrow_what_minmax_spends_on_outliers(tiny, outlier_calib, tmp_path, monkeypatch):
+    monkeypatch.setattr(ob, "x86_without_vnni", lambda: False)  # the first convolution's input quantized, as on VNNI
     minmax = activation_highs(read(ob.build(tiny, ov_recipe(calib=CalibMethod.minmax), outlier_calib, tmp_path)))
     input_fq = next(name for name in minmax if name.startswith("x/"))  # the quantizer on the model input
     assert minmax[input_fq] >= 59.0
@@ -243,6 +261,7 @@ def test_resnet50_converts_quantizes_and_runs(resnet50_random, tmp_path):
     model = read(variant)
     convs = [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "MatMul")]
     assert len(convs) == 54  # 53 convolutions + the classifier
-    assert len(weight_scale_sizes(model)) == 54  # every weight is int8
+    # every weight is int8 (the first convolution's FP32 where INT8 saturates)
+    assert len(weight_scale_sizes(model)) == 54 - (1 if ob.x86_without_vnni() else 0)
     assert variant.size_mb < 30  # ~102 MB in FP32
     assert variant.predict(calib.batches[0][:1]).shape == (1, 1000)

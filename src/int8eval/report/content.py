@@ -138,7 +138,10 @@ def environment_items(report: Report, *, esc: Wrap = _same) -> list[str]:
 RECIPE_HEADER = ["variant", "calibration", "weights", "bias correction", "kept in FP32", "backend specifics", "build s"]
 
 # Keys of a variant's `details` worth a reader's eye (the rest stays in report.json).
-_DETAIL_KEYS = ("flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "exact_int8_kernels", "bias_corrected_layers", "nncf")
+_DETAIL_KEYS = (
+    "flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "exact_int8_kernels", "bias_corrected_layers",
+    "first_layer_fp32", "nncf",
+)
 
 
 def recipe_rows(report: Report) -> list[list[str]]:
