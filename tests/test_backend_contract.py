@@ -86,7 +86,8 @@ def test_keep_fp32(backend, tiny, calib, images, tmp_path):
         recipe = Recipe(backend=backend, calib=backends.default_calib(backend), keep_fp32=keep)
         outputs[keep] = backends.build_variant(tiny, recipe, calib, tmp_path / f"keep{len(keep)}").predict(images)
     error = {keep: float(np.abs(out - ref).max()) for keep, out in outputs.items()}
-    # ONNX Runtime still quantizes the pooling between the kept layers, so "every layer" is not exactly FP32 there.
-    assert error[every] < error[()] / 3, error
+    # ONNX Runtime and OpenVINO still quantize the pooling between the kept layers, so "every layer" is not exactly
+    # FP32 there (and bias correction already makes the all-INT8 model close).
+    assert error[every] < error[()] / 2, error
     some = outputs[("features.0", "fc")]
     assert not np.array_equal(some, outputs[()]) and not np.array_equal(some, outputs[every])
