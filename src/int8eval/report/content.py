@@ -168,6 +168,8 @@ def recipe_rows(report: Report) -> list[list[str]]:
 
 
 def _short(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
     if isinstance(value, dict):
         return ", ".join(f"{k}={val}" for k, val in value.items() if k != "calibration_images")
     return str(value)
