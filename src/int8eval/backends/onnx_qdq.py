@@ -392,18 +392,34 @@ def _float_inputs(model, nodes: set[str]) -> None:
 
 
 def _drop_unused_qdq(model) -> None:
-    # Q/DQ pairs no longer read by anything (a DequantizeLinear first, then its QuantizeLinear), and their scales and
-    # zero points (ONNX Runtime warns about every unused initializer when it loads the model).
-    freed: set[str] = set()
+    # Q/DQ pairs no longer read by anything: a DequantizeLinear first, then its QuantizeLinear.
     for _ in range(2):
         used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
         for n in [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]:
             if n.output[0] not in used:
-                freed.update(n.input)
                 model.graph.node.remove(n)
-    used = {name for n in model.graph.node for name in n.input}
-    for init in [i for i in model.graph.initializer if i.name in freed and i.name not in used]:
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model) -> None:
+    """Remove the initializers no node reads (ONNX Runtime warns about each one when it loads the model)."""
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
         model.graph.initializer.remove(init)
+
+
+def dequantize_constant(dq, inits: dict) -> np.ndarray | None:
+    """The value (float64) of a DequantizeLinear node `dq` whose inputs are all initializers (`inits`: name ->
+    TensorProto), per tensor or along its `axis`; None when an input is not a constant."""
+    from onnx import numpy_helper
+
+    names = [name for name in dq.input if name]
+    if dq.op_type != "DequantizeLinear" or not all(name in inits for name in names):
+        return None
+    q, scale, *zp = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in names)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    shape = [-1 if d == axis else 1 for d in range(q.ndim)] if scale.ndim else []
+    return (q - (zp[0].reshape(shape) if zp else 0.0)) * scale.reshape(shape)
 
 
 def _sort_topologically(model) -> None:
@@ -446,15 +462,11 @@ def weight_errors(fp32, qdq) -> dict[str, np.ndarray]:
             continue
         dq = producer.get(node.input[1])
         w_name = fp32_nodes[node.name].input[1]
-        if dq is None or dq.op_type != "DequantizeLinear" or w_name not in fp32_inits:
+        # None for a Q->DQ pair on float weights (weight_qdq_pair): not read here
+        dequantized = dequantize_constant(dq, inits) if dq is not None else None
+        if dequantized is None or w_name not in fp32_inits:
             continue
-        if not all(name in inits for name in dq.input):
-            continue  # a Q->DQ pair on float weights (weight_qdq_pair) is not read here
-        q, scale, *zp = (numpy_helper.to_array(inits[name]).astype(np.float32) for name in dq.input)
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [-1 if d == axis else 1 for d in range(q.ndim)] if scale.ndim else []
-        zero = zp[0].reshape(shape) if zp else 0.0
-        errors[node.name] = (q - zero) * scale.reshape(shape) - numpy_helper.to_array(fp32_inits[w_name])
+        errors[node.name] = dequantized.astype(np.float32) - numpy_helper.to_array(fp32_inits[w_name])
     return errors
 
 
@@ -463,7 +475,6 @@ def _subtract_from_biases(model, shifts: dict[str, np.ndarray]):
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    replaced: set[str] = set()
     for node in model.graph.node:
         if node.name not in shifts:
             continue
@@ -473,13 +484,10 @@ def _subtract_from_biases(model, shifts: dict[str, np.ndarray]):
         name = f"{node.name}.bias_corrected"
         model.graph.initializer.append(numpy_helper.from_array((inits[node.input[2]] if has_bias else 0) - shift, name))
         if has_bias:
-            replaced.add(node.input[2])
             node.input[2] = name
         else:
             node.input.extend([""] * (2 - len(node.input)) + [name])
-    used = {name for n in model.graph.node for name in n.input}
-    for init in [i for i in model.graph.initializer if i.name in replaced and i.name not in used]:
-        model.graph.initializer.remove(init)
+    drop_unused_initializers(model)  # the biases replaced
     return model
 
 

@@ -35,6 +35,7 @@ from int8eval.models import fold_batchnorm
 
 if TYPE_CHECKING:
     import openvino as ov
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,11 @@ def convert(loaded) -> ov.Model:
 
     Converted once per module and weights; each call returns a fresh copy that callers may change.
     """
+    return _conversion(loaded)[1].clone()
+
+
+def _conversion(loaded) -> tuple[tuple, ov.Model, nn.Module]:
+    """(fingerprint, converted model, the BatchNorm-folded module it was converted from), cached per module."""
     import openvino as ov
 
     key = _fingerprint(loaded)
@@ -137,8 +143,8 @@ def convert(loaded) -> ov.Model:
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.trace")
             # A batch-2 example keeps the tracer from specialising on batch 1; `input` makes the batch dynamic.
             model = ov.convert_model(module, example_input=loaded.example_input(2), input=[-1, c, h, w])
-        cached = _CONVERTED[loaded.module] = (key, model)
-    return cached[1].clone()
+        cached = _CONVERTED[loaded.module] = (key, model, module)
+    return cached
 
 
 def nncf_options(recipe: Recipe) -> dict[str, Any]:
@@ -173,21 +179,28 @@ def _images(calib: CalibrationData) -> list[np.ndarray]:
     return [np.ascontiguousarray(b[i : i + 1], dtype=np.float32) for b in calib.batches for i in range(len(b))]
 
 
-def layer_ops(ov_model: ov.Model, layers: tuple[str, ...] | list[str]) -> list[str]:
-    """Names of the Convolution/GroupConvolution/MatMul ops of `layers` (PyTorch module paths) in a model from
-    `convert`, which names them `__module.<path>/aten::<op>/<Type>`; every layer must be found."""
-    ops: dict[str, list[str]] = {}
+def _module_ops(ov_model: ov.Model) -> dict[str, list[ov.Node]]:
+    """PyTorch module path -> its Convolution/GroupConvolution/MatMul ops in a model from `convert`, which names
+    them `__module.<path>/aten::<op>/<Type>`."""
+    ops: dict[str, list[ov.Node]] = {}
     for op in ov_model.get_ordered_ops():
         name = op.get_friendly_name()
         if op.get_type_name() in _LAYER_OPS and name.startswith("__module.") and "/aten::" in name:
-            ops.setdefault(name.removeprefix("__module.").split("/aten::")[0], []).append(name)
+            ops.setdefault(name.removeprefix("__module.").split("/aten::")[0], []).append(op)
+    return ops
+
+
+def layer_ops(ov_model: ov.Model, layers: tuple[str, ...] | list[str]) -> list[str]:
+    """Names of the Convolution/GroupConvolution/MatMul ops of `layers` (PyTorch module paths) in a model from
+    `convert`; every layer must be found."""
+    ops = _module_ops(ov_model)
     missing = [layer for layer in layers if layer not in ops]
     if missing:
         raise ConfigError(
             f"keep_fp32: no OpenVINO op found for {', '.join(missing)} (the model's BatchNorm could not be folded "
             "before conversion, so OpenVINO renamed its convolutions)"
         )
-    return [name for layer in layers for name in ops[layer]]
+    return [op.get_friendly_name() for layer in layers for op in ops[layer]]
 
 
 def _per_channel_rollback(record: logging.LogRecord) -> bool:
@@ -197,16 +210,22 @@ def _per_channel_rollback(record: logging.LogRecord) -> bool:
 
 
 def quantize(
-    ov_model: ov.Model, recipe: Recipe, calib: CalibrationData, *, options: dict[str, Any] | None = None
+    ov_model: ov.Model,
+    recipe: Recipe,
+    calib: CalibrationData,
+    *,
+    options: dict[str, Any] | None = None,
+    fp32_ops: list[str] | tuple[str, ...] = (),
 ) -> ov.Model:
     """INT8-quantize `ov_model` (FP32, left unchanged) with NNCF as `recipe` says; returns the quantized model.
-    `options`: `nncf_options(recipe)` if the caller already has it (not changed here)."""
+    `options`: `nncf_options(recipe)` if the caller already has it (not changed here). `fp32_ops`: more op names
+    to leave in FP32 besides `recipe.keep_fp32`'s (`build` passes `first_layer_fp32`)."""
     import nncf
 
     images = _images(calib)
     options = dict(nncf_options(recipe) if options is None else options)
     ignored = layer_ops(ov_model, recipe.keep_fp32) if recipe.keep_fp32 else []
-    ignored += [name for name in first_layer_fp32(ov_model) if name not in ignored]
+    ignored += [name for name in fp32_ops if name not in ignored]
     if ignored:
         options["ignored_scope"] = nncf.IgnoredScope(names=ignored)
     from nncf.common.logging import nncf_logger
@@ -261,16 +280,13 @@ def correct_biases(quantized: ov.Model, loaded, calib: CalibrationData) -> int:
 
     from int8eval.backends.bias_correction import output_shifts
 
-    folded, _ = fold_batchnorm(loaded.module)  # the module `convert` converted: the same FP32 weights
+    folded = _conversion(loaded)[2]  # the module `convert` converted: the same FP32 weights
     modules = dict(folded.named_modules())
     errors, outputs = {}, {}
-    for op in quantized.get_ordered_ops():
-        name = op.get_friendly_name()
-        if op.get_type_name() not in _LAYER_OPS or not name.startswith("__module.") or "/aten::" not in name:
-            continue
-        path = name.removeprefix("__module.").split("/aten::")[0]
-        layer, dq = modules.get(path), _dequantized_weight(op.input_value(1).get_node())
-        if layer is None or dq is None or dq.size != layer.weight.numel() or path in errors:
+    for path, module_ops in _module_ops(quantized).items():
+        op, layer = module_ops[0], modules.get(path)
+        dq = _dequantized_weight(op.input_value(1).get_node())
+        if layer is None or dq is None or dq.size != layer.weight.numel():
             continue
         if op.get_type_name() == "MatMul" and not op.get_transpose_b():
             continue
@@ -424,8 +440,9 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     if recipe.precision is Precision.int8:
         t = time.perf_counter()
         opts = nncf_options(recipe)
-        details["first_layer_fp32"] = first_layer_fp32(model) or None
-        model = quantize(model, recipe, calib, options=opts)
+        first = first_layer_fp32(model)
+        details["first_layer_fp32"] = first or None
+        model = quantize(model, recipe, calib, options=opts, fp32_ops=first)
         details["bias_correction"] = None
         if recipe.bias_correction:
             details["bias_correction"] = "int8eval"

@@ -159,6 +159,8 @@ def float_biases(model) -> int:
     import onnx
     from onnx import numpy_helper
 
+    from int8eval.backends.onnx_qdq import dequantize_constant, drop_unused_initializers
+
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -167,20 +169,15 @@ def float_biases(model) -> int:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.output[0] in outputs:
             continue
         q = inits[node.input[0]]
-        if q.data_type != onnx.TensorProto.INT32:
-            continue
-        values = numpy_helper.to_array(q).astype(np.float64)
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
-        if values.ndim != 1 or np.ndim(scale) > 1:
+        if q.data_type != onnx.TensorProto.INT32 or len(q.dims) != 1:
             continue  # a bias is 1-D, its scale a scalar or one per channel
-        graph.initializer.append(numpy_helper.from_array(((values - zero) * scale).astype(np.float32), node.output[0]))
-        replaced.append(node)
+        value = dequantize_constant(node, inits)
+        if value is not None:
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+            replaced.append(node)
     for node in replaced:
         graph.node.remove(node)
-    used = {t for n in graph.node for t in n.input} | outputs
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused_initializers(model)
     return len(replaced)
 
 
