@@ -20,24 +20,10 @@ from int8eval.environment import environment
 from int8eval.errors import DatasetError
 from int8eval.evaluate import evaluate
 from int8eval.models import LoadedModel, load_model
+from int8eval.parity import REFERENCE, apply_gate, plan_recipes
 from int8eval.report import Report, render
 from int8eval.verdict import add_paired_stats
-from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, ParityCheck, VariantResult
-
-PARITY_THRESHOLD = 0.999
-REFERENCE = Recipe(backend=Backend.torch, precision=Precision.fp32)
-
-
-def plan_recipes(recipes: tuple[Recipe, ...]) -> list[Recipe]:
-    """The PyTorch FP32 reference first, then each other backend's FP32 (for the parity gate), then the rest."""
-    plan = [REFERENCE]
-    for r in recipes:
-        fp32 = Recipe(backend=r.backend, precision=Precision.fp32, emulate=r.emulate)
-        if fp32 not in plan:
-            plan.append(fp32)
-    plan += [r for r in recipes if r not in plan]
-    return plan
-
+from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, VariantResult
 
 def _check(recipe: Recipe) -> None:
     if recipe.qat_epochs:
@@ -192,27 +178,11 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     preds.save(out / "predictions.npz")
     for name, message in outcome.errors.items():
         results[name].status, results[name].error = "error", message
-    parity_by_backend: dict[str, ParityCheck] = {}
     for name, result in results.items():
-        if result.status != "ok":
-            continue
-        _fill_accuracy(result, preds, REFERENCE.name)
-        result.predict_s = outcome.predict_s.get(name)
-        if result.precision == "fp32" and not result.reference:
-            result.parity = ParityCheck(
-                agreement_top1=result.agreement_top1,
-                threshold=PARITY_THRESHOLD,
-                passed=result.agreement_top1 >= PARITY_THRESHOLD,
-            )
-            parity_by_backend[result.backend] = result.parity
-    for result in results.values():
-        gate = parity_by_backend.get(result.backend)
-        if result.status == "ok" and result.precision != "fp32" and gate is not None and not gate.passed:
-            result.status = "parity_failed"
-            result.error = (
-                f"{result.backend} FP32 agrees with the PyTorch reference on only "
-                f"{100 * gate.agreement_top1:.2f}% of images (needs {100 * PARITY_THRESHOLD:.1f}%)"
-            )
+        if result.status == "ok":
+            _fill_accuracy(result, preds, REFERENCE.name)
+            result.predict_s = outcome.predict_s.get(name)
+    apply_gate(plan, results)
 
     skipped = found.skipped + outcome.skipped
     report = Report(

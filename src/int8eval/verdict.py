@@ -163,7 +163,35 @@ def add_paired_stats(report: Report, predictions: Predictions, acceptance: Accep
             continue
         v.paired = _paired_for(predictions, v.name, ref.name)
         v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != "fp32" else None
+        others = [o for o in _compared_with(v, report.variants) if o in predictions.top5]
+        v.compared_with = {o: _paired_against(predictions, v.name, o) for o in others} or None
     return report
+
+
+def _compared_with(v: VariantResult, variants: list[VariantResult]) -> list[str]:
+    """What a QAT variant is judged against besides the reference, as the seed intends: its FP32 control (the same
+    fine-tuning without quantization) and PyTorch's post-training INT8 of the reference's weights."""
+    recipe = v.recipe or {}
+    if not recipe.get("qat_epochs") or v.precision != "int8":
+        return []
+    control = [
+        o.name for o in variants
+        if o.precision == "fp32" and o.status == "ok" and (o.recipe or {}).get("qat_epochs") == recipe["qat_epochs"]
+        and (o.recipe or {}).get("lr") == recipe.get("lr")
+    ]
+    ptq = [
+        o.name for o in variants
+        if o.backend == v.backend and o.precision == "int8" and o.status == "ok" and not (o.recipe or {}).get("qat_epochs")
+    ]
+    return control + ptq
+
+
+def _paired_against(preds: Predictions, name: str, other: str) -> dict:
+    # KL and cosine in the predictions are to the reference's logits, so they are left out here.
+    return stats.paired_stats(
+        preds.correct1(other), preds.correct1(name), preds.top1(other), preds.top1(name),
+        correct5_ref=preds.correct5(other), correct5_var=preds.correct5(name),
+    )
 
 
 def _verdict_for(v: VariantResult, acceptance: Acceptance) -> dict:

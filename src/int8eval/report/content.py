@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from int8eval.report.format import DASH, num, pct
+from int8eval.report.format import DASH, ci, num, p_value, pct, pts
 from int8eval.report.schema import Report
 
 Wrap = Callable[[str], str]
@@ -50,6 +50,48 @@ def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks
     t = report.timing
     if t:
         items.append(f"Run: {t.get('total_s', 0):.1f} s in all, {t.get('images_per_s', 0):.1f} images/s for the evaluation pass")
+    return items
+
+
+def gate_items(report: Report, *, esc: Wrap = _same) -> list[str]:
+    """The FP32 parity gate: each backend's FP32 against the reference, then which FP32 variant gated each variant."""
+    items = []
+    for v in report.variants:
+        if v.parity is not None:
+            verdict = "passes" if v.parity.passed else "FAILS: the variants it gates are not trustworthy"
+            items.append(f"{esc(v.name)} agrees with the reference on {pct(v.parity.agreement_top1)}% of images "
+                         f"(needs {pct(v.parity.threshold, 1)}%): {verdict}")
+    by_name = {v.name: v for v in report.variants}
+    for v in report.variants:
+        if v.gated_by is None:
+            continue
+        gate = by_name.get(v.gated_by)
+        if gate is not None and gate.reference:
+            how = "the reference itself: same runtime, same weights"
+        elif gate is not None and gate.parity is not None:
+            how = "passed" if gate.parity.passed else "FAILED"
+        else:
+            how = "not checked: " + (esc(gate.error or gate.status) if gate is not None else "missing")
+        items.append(f"{esc(v.name)} is gated by {esc(v.gated_by)} ({how})")
+    controls = [v for v in report.variants if v.precision == "fp32" and (v.recipe or {}).get("qat_epochs")]
+    for v in controls:
+        items.append(f"{esc(v.name)} is a fine-tuned control, a model of its own: compared with the reference, "
+                     "never used as a gate")
+    return items
+
+
+def comparison_items(report: Report, *, esc: Wrap = _same) -> list[str]:
+    """QAT against its fine-tuned FP32 control and against post-training INT8 (paired, same images)."""
+    items = []
+    for v in report.variants:
+        for other, s in (v.compared_with or {}).items():
+            t = s["top1"]
+            lo, hi = t["diff_ci95"]
+            items.append(
+                f"{esc(v.name)} vs {esc(other)}: top-1 {pct(t['var'])}% vs {pct(t['ref'])}%, "
+                f"Δ {pts(t['diff'])} pts (95% CI {ci((lo, hi), signed=True)}), McNemar p {p_value(t['mcnemar_p'])}, "
+                f"agreement {pct(s['agreement_top1'])}% (n = {s['n']})"
+            )
     return items
 
 

@@ -9,7 +9,9 @@ from int8eval.report import plots
 from int8eval.report.content import (
     RECIPE_HEADER,
     classes_lost_most,
+    comparison_items,
     environment_items,
+    gate_items,
     keep_fp32_sentences,
     overview_items,
     recipe_rows,
@@ -211,6 +213,12 @@ def render_html(report: Report) -> str:
     flips = plots.flips_per_class(report)
     if flips:
         body += ["<h2>Flips per class</h2>", _img(flips, "flips per class")]
+    gate = gate_items(report, esc=escape)
+    if gate:
+        body += ["<h2>FP32 parity gate</h2>", "<ul>" + _items(gate) + "</ul>"]
+    compared = comparison_items(report, esc=escape)
+    if compared:
+        body += ["<h2>QAT against its FP32 control and post-training INT8</h2>", "<ul>" + _items(compared) + "</ul>"]
     recipes = recipe_rows(report)
     if recipes:
         body += ["<h2>How the INT8 variants were built</h2>",

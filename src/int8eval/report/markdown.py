@@ -5,7 +5,9 @@ from __future__ import annotations
 from int8eval.report.content import (
     RECIPE_HEADER,
     classes_lost_most,
+    comparison_items,
     environment_items,
+    gate_items,
     keep_fp32_sentences,
     overview_items,
     recipe_rows,
@@ -133,15 +135,12 @@ def render_markdown(report: Report) -> str:
     errors = [v for v in report.variants if v.error]
     if errors:
         lines += ["", "## Errors", ""] + [f"- **{v.name}**: {v.error}" for v in errors]
-    parity = [v for v in report.variants if v.parity is not None]
-    if parity:
-        lines += ["", "## FP32 parity across backends", ""]
-        for v in parity:
-            verdict = "passes" if v.parity.passed else "FAILS: its INT8 numbers are not trustworthy"
-            lines.append(
-                f"- {v.name}: agrees with the reference on {pct(v.parity.agreement_top1)}% of images "
-                f"(needs {pct(v.parity.threshold, 1)}%): {verdict}"
-            )
+    gate = gate_items(report)
+    if gate:
+        lines += ["", "## FP32 parity gate", ""] + [f"- {item}" for item in gate]
+    compared = comparison_items(report)
+    if compared:
+        lines += ["", "## QAT against its FP32 control and post-training INT8", ""] + [f"- {item}" for item in compared]
     if d.skipped:
         lines += ["", f"## Skipped ({d.num_skipped})", ""]
         lines += [f"- {item}" for item in skipped_items(d.skipped, limit=50)]

@@ -70,11 +70,15 @@ class VariantResult(_Section):
     prepare_s: float | None = None
     details: dict | None = None
     predict_s: float | None = None
-    parity: ParityCheck | None = None
+    parity: ParityCheck | None = None  # a backend's FP32 of the reference's weights, checked against the reference
+    gated_by: str | None = None  # the FP32 variant whose parity check gates this one (int8eval.parity.gate_for)
     per_class_top1: dict[str, dict] | None = None
     # Paired statistics against the reference (stats.paired_stats) and the acceptance verdict (verdict.decide).
     paired: dict | None = None
     verdict: dict | None = None
+    # Paired statistics against other variants than the reference, by their name: QAT against its fine-tuned FP32
+    # control (what quantization costs after the same training) and against post-training quantization.
+    compared_with: dict[str, dict] | None = None
     bench: dict | None = None  # int8eval.bench: latency, throughput, speedups and size vs the backend's FP32/BF16
 
 
