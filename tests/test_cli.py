@@ -90,9 +90,10 @@ def test_keep_fp32_variants_from_a_diagnosis(image_folder, tmp_path):
     for keep, message in [("features.9", "features.9: not a Conv/Linear layer of tiny_test"),
                           ("top9", "ranks 4 layers"), ("features.1", "Its layers: features.0, features.3")]:
         result = CliRunner().invoke(main, base + ["--keep-fp32", keep])
-        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+        # usage errors: exit 2
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     result = CliRunner().invoke(main, base[:-4] + ["--out", str(tmp_path / "fresh"), "--keep-fp32", "top3"])
-    assert result.exit_code == 1 and "int8eval diagnose" in result.output
+    assert result.exit_code == 2 and "int8eval diagnose" in result.output
 
 
 def test_bench_with_kept_layers_threads_and_batch(image_folder, tmp_path):
@@ -106,4 +107,44 @@ def test_bench_with_kept_layers_threads_and_batch(image_folder, tmp_path):
     assert data["variants"]["onnxruntime-int8-percentile99.999-keep1"]["throughput_batch"] == 4
     result = CliRunner().invoke(main, ["bench", "-m", "tiny_test", "--backend", "onnxruntime", "--out", str(out),
                                        "--keep-fp32", "features.9"])
-    assert result.exit_code == 1 and "features.9" in result.output
+    assert result.exit_code == 2 and "features.9" in result.output
+
+
+def test_run_top1_and_top5_match_an_independent_computation(image_folder, tmp_path):
+    """The reported top-1 and the saved top-5 against logits computed here: the images decoded with torchvision's
+    v2 transforms, the model run directly, labels read from the folder names (ImageNet indices 1, 905, 999). The
+    classifier's bias for class 905 is raised so that top-1 is exactly the share of that folder's images."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from int8eval.models import load_model
+
+    loaded = load_model("tiny_test")
+    state = loaded.module.state_dict()
+    state["fc.bias"][905] += 50.0
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded.module.load_state_dict(state)
+    out = tmp_path / "run"
+    result = _run(["run", "-m", "tiny_test", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(image_folder),
+                   "--out", str(out), "--fp32-only", "--batch-size", "5", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+    pre = loaded.preprocessing
+    tf = T.Compose([T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(pre.crop),
+                    T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)])
+    label_of = {"n01443537": 1, "n04590129": 905, "n15075141": 999}
+    preds = Predictions.load(out / "predictions.npz")
+    for image_id, label, top5 in zip(preds.image_ids, preds.labels, preds.top5["torch-fp32"]):
+        assert label == label_of[image_id.split("/")[0]]
+        with Image.open(image_folder / image_id) as im, torch.no_grad():
+            logits = loaded.module(tf(im.convert("RGB"))[None]).numpy()[0]
+        order = np.argsort(-logits)[:6]
+        assert order[0] == 905 and top5[0] == 905
+        gaps = -np.diff(logits[order])
+        if gaps.min() > 1e-4:  # no near-tie that another decoder's rounding could flip
+            assert top5.tolist() == order[:5].tolist(), image_id
+    (ref,) = json.loads((out / "report.json").read_text())["variants"]
+    assert ref["top1"] == 4 / 12  # the four window-shade images
+    assert ref["top5"] == 4 / 12

@@ -45,6 +45,36 @@ def test_checkpoint_loads_with_weights_only_and_mismatch_is_explained(tmp_path):
         load_model("tiny_test", checkpoint=tmp_path / "missing.pt")
 
 
+def test_broken_checkpoints_are_one_line_messages(tmp_path):
+    state = load_model("tiny_test").module.state_dict()
+    cases = {}
+    torch.save({**state, "fc.weight": torch.zeros(10, 32), "fc.bias": torch.zeros(10)}, tmp_path / "shapes.pt")
+    cases["shapes.pt"] = r"fc.weight is \[10, 32\] in the checkpoint and \[1000, 32\] in the model"  # the first
+    torch.save({**state, "fc.bias": [0.0] * 1000}, tmp_path / "list.pt")
+    cases["list.pt"] = "fc.bias holds a list, not a tensor"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases["empty.pt"] = r"cannot read checkpoint .*empty.pt \(EOFError: the file is empty\)"
+    torch.save(state, tmp_path / "cut.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:3000])
+    cases["cut.pt"] = r"cannot read checkpoint .*cut.pt \(RuntimeError: PytorchStreamReader failed reading zip archive"
+    (tmp_path / "folder.pt").mkdir()
+    cases["folder.pt"] = "folder.pt is not a regular file"
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"fc.bias": Payload()}, tmp_path / "pickle.pt")
+    cases["pickle.pt"] = r"refused by the weights-only loader, which runs no code .*GLOBAL .*system"
+    torch.save([1, 2], tmp_path / "seq.pt")
+    cases["seq.pt"] = "holds a list, not a state_dict"
+    for name, message in cases.items():
+        with pytest.raises(ModelLoadError, match=message) as e:
+            load_model("tiny_test", checkpoint=tmp_path / name)
+        assert "\n" not in str(e.value), name
+
+
 def test_unknown_model_suggests_names():
     with pytest.raises(ModelLoadError, match="Did you mean resnet50"):
         load_model("resnet5")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import torch_logits
+from conftest import require_package, torch_logits
 from torch import nn
 
 from int8eval.config import Preprocessing
@@ -23,7 +23,7 @@ from int8eval.qat import (
     variant_name,
 )
 
-pytest.importorskip("torchao")
+require_package("torchao", extra="pt2e")
 
 # A learning rate this small leaves the weights where they were: the outputs must then match the original model.
 STILL = FinetuneSpec(epochs=1, lr=1e-12, batch_size=4)

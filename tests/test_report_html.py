@@ -197,3 +197,138 @@ def test_both_reports_say_how_each_int8_variant_was_built(tmp_path):
     assert "ignored" not in line
     html = render_html(report)
     assert "How the INT8 variants were built" in html and "int8eval&#x27;s" in html
+
+
+# --- a report.json from someone else: nothing in it becomes markup ------------------------------------------------
+
+HOSTILE = ("<script>alert(1)</script>\" onmouseover=\"alert(2)' `tick` ``two`` | pipe\nnew line\r\n# heading "
+           "[link](javascript:alert(3)) ![img](http://x.invalid/y.png) <img src=x onerror=alert(4)> **bold** _em_ "
+           "&amp; &lt;b&gt; $x^2$ ~~strike~~ http://evil.invalid www.evil.invalid\u2028-->\u0000")
+
+
+def _crafted(tmp_path: Path, text: str) -> Report:
+    """The synthetic run with `text` in every string a renderer shows: names, errors, reasons, paths, class names,
+    details, environment, sensitivity, bench, the criterion."""
+    report, preds = synthetic_run(tmp_path, n=200)
+    add_paired_stats(report, preds, Acceptance(max_drop=1.0))
+    report.created, report.model.name, report.model.source = text, text, text
+    report.data.root, report.data.layout = text, text
+    report.data.skipped, report.data.num_skipped = [{"path": text + ".JPEG", "reason": text}], 1
+    report.acceptance["description"] = text
+    report.environment = {"cpu": {"model": text, "logical_cores": text, "isa": {text: True}}, "gpu": text,
+                          "libraries": {text: text}}
+    layers = [dict(layer, module=f"{text}{i}", onnx_node=text, type=text) for i, layer in enumerate(SENSITIVITY["layers"])]
+    report.sensitivity = dict(SENSITIVITY, layers=layers, ranking=[x["module"] for x in layers], top_k=[layers[0]["module"]],
+                              spec_description=text, rank_by=text, num_calib=text, num_images=text)
+    report.bench = {"warnings": [text], "machine": {"cpu": {"model": text, "isa": {text: True}}, "gpu": text}}
+    for i, v in enumerate(report.variants):
+        v.name = f"v{i} {text}"
+        v.gated_by = text
+        if v.error:
+            v.error = text
+        if v.precision == "int8":
+            v.recipe = {"calib": text, "keep_fp32": [text, text], "per_channel": True, "bias_correction": True}
+            v.details = {"flow": text, "nncf": {text: text}, "first_layer_fp32": [text]}
+            v.bench = {"throughput_ips": None, "error": text, "size_mb": 1.0}
+        if v.paired:
+            v.paired["ci_method"] = v.paired["test"] = text
+            v.paired["classes_lost_most"] = [{"wnid": text, "name": text, "n": 3, "lost": 2, "gained": 0, "net": 2}]
+            v.paired["flips_by_class"] = {text: {"n": 3, "lost": 2, "gained": 0}}
+            v.compared_with = {text: v.paired}
+        if v.verdict:
+            v.verdict["reason"] = text
+    return Report.model_validate(report.model_dump(mode="json"))  # as read back from report.json
+
+
+class _Markup(HTMLParser):
+    """Every element and attribute of a page, in order (image data left out), and its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, tuple((k, v if k != "src" else v.split(",")[0]) for k, v in attrs)))
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+
+    def handle_endtag(self, tag):
+        self.elements.append(("/" + tag,))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def handle_comment(self, data):
+        self.elements.append(("<!--", data))
+
+
+def _markup(html: str) -> _Markup:
+    parsed = _Markup()
+    parsed.feed(html)
+    parsed.close()
+    return parsed
+
+
+def test_hostile_report_renders_no_live_markup(tmp_path):
+    """A crafted report.json: its HTML has exactly the elements and attributes of the same report with plain names
+    (so none came from the data), and the same holds for its Markdown rendered by a CommonMark + tables parser."""
+    from markdown_it import MarkdownIt
+
+    from int8eval.report.html import render_html
+    from int8eval.report.markdown import render_markdown
+
+    hostile, plain = _crafted(tmp_path, HOSTILE), _crafted(tmp_path, "x")
+    html = _markup(render_html(hostile))
+    assert html.elements == _markup(render_html(plain)).elements
+    assert sum(e[0] == "script" for e in html.elements) == 0
+    assert all(k in ("lang", "charset", "class", "alt", "src") for e in html.elements[1:] for k, _ in (e[1] if len(e) > 1 and isinstance(e[1], tuple) else ()))
+    text = "".join(html.text)
+    assert "<script>alert(1)</script>" in text and "<img src=x onerror=alert(4)>" in text  # shown, not run
+    assert "&amp; &lt;b&gt;" in text  # entities shown as typed, not decoded
+
+    md = MarkdownIt("commonmark").enable("table").enable("strikethrough")
+    hostile_md, plain_md = render_markdown(hostile), render_markdown(plain)
+    assert len(hostile_md.splitlines()) == len(plain_md.splitlines())  # no line breaks smuggled in
+    rendered = _markup(md.render(hostile_md))
+    assert rendered.elements == _markup(md.render(plain_md)).elements  # no link, image, HTML, code, heading, cell
+    shown = "".join(rendered.text)
+    assert "<script>alert(1)</script>" in shown and "[link](javascript:alert(3))" in shown and "| pipe" in shown
+    assert "`tick` ``two``" in shown and "**bold** _em_" in shown and "$x^2$ ~~strike~~" in shown
+
+
+@pytest.mark.parametrize("where, value, field", [
+    (("variants", 1, "status"), "<b>ok</b>", "variants.1.status"),
+    (("variants", 1, "verdict", "verdict"), 'pass" onclick="x', "variants.1.verdict"),
+    (("variants", 0, "backend"), "tensorflow", "variants.0.backend"),
+    (("variants", 2, "precision"), "int4", "variants.2.precision"),
+    (("data", "skipped"), [{"path": "a.JPEG"}], "data.skipped"),
+    (("variants", 1, "paired", "top1", "diff"), "<i>big</i>", "variants.1.paired"),
+    (("files",), {"../../etc/passwd": "0" * 64}, "files"),
+    (("run_id",), "x\n<script>", "run_id"),
+])
+def test_tampered_report_json_is_refused_naming_the_field(tmp_path, where, value, field):
+    import json
+
+    from int8eval.errors import RunFolderError
+
+    run_dir = _write_run(tmp_path)
+    data = json.loads((run_dir / "report.json").read_text())
+    node = data
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    (run_dir / "report.json").write_text(json.dumps(data))
+    with pytest.raises(RunFolderError, match=re.escape(field)):
+        render(run_dir)
+    assert not (run_dir / "report.html").exists()
+
+
+def test_report_json_reads_back_as_written(tmp_path):
+    """Enums are checked but kept as the strings report.json holds: reading and writing changes nothing."""
+    run_dir = _write_run(tmp_path, sensitivity=SENSITIVITY, bench=True)
+    before = (run_dir / "report.json").read_text()
+    Report.read(run_dir / "report.json").write(run_dir / "report.json")
+    assert (run_dir / "report.json").read_text() == before
+    assert Report.read(run_dir / "report.json").variants[0].status == "ok"

@@ -12,9 +12,9 @@ import torch
 
 from int8eval.config import Backend, CalibMethod, Precision, Recipe
 from int8eval.errors import BackendUnavailable, ConfigError
+from conftest import require_package
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+require_package("onnx", "onnxruntime", extra="onnxruntime")
 
 from int8eval.backends import tensorrt_backend as trt_backend  # noqa: E402
 from int8eval.backends.onnx_export import export_onnx, quantized_inputs  # noqa: E402
@@ -33,8 +33,19 @@ def qdq(tiny, calib, tmp_path_factory):
     return fp32, trt_backend.build_trt_qdq_onnx(fp32, calib, work / "tiny.qdq.onnx", method=CalibMethod.entropy)
 
 
-def test_importing_the_backend_does_not_import_tensorrt():
-    assert "tensorrt" not in sys.modules or HAS_TRT
+def test_importing_the_backend_does_not_import_tensorrt(monkeypatch):
+    """Whether TensorRT is installed or not: with `import tensorrt` made to fail, a fresh import of the backend
+    module (and listing or checking a CPU-emulated recipe) still works."""
+    import importlib
+
+    import int8eval.backends
+
+    monkeypatch.setattr(int8eval.backends, "tensorrt_backend", trt_backend)  # restored after the fresh import
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # None in sys.modules: any `import tensorrt` raises
+    monkeypatch.delitem(sys.modules, "int8eval.backends.tensorrt_backend")
+    fresh = importlib.import_module("int8eval.backends.tensorrt_backend")
+    assert fresh is not trt_backend
+    fresh.check_emulated_recipe(_recipe(emulate=True))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from int8eval.errors import ConfigError
+from int8eval.errors import ConfigError, RunFolderError
 from int8eval.evaluate import Predictions
 from int8eval.report.schema import DataSection, ModelSection, ParityCheck, Report, VariantResult
 from int8eval.config import Preprocessing
@@ -162,5 +162,5 @@ def test_apply_to_run_dir_rejudges_without_rerunning(tmp_path):
     assert again.variant("openvino-int8-minmax").verdict == out.variant("openvino-int8-minmax").verdict
     assert "INCONCLUSIVE" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.html").is_file()
-    with pytest.raises(ConfigError, match="predictions.npz"):
+    with pytest.raises(RunFolderError, match="nowhere is not a run folder"):
         apply_to_run_dir(tmp_path / "nowhere", ABS1)

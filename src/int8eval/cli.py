@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.config import Backend, CalibMethod, OnBadImage, Precision, Recipe, RunConfig
-from int8eval.errors import Int8EvalError
+from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, Recipe, RunConfig
+from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
 
@@ -21,17 +21,23 @@ console = Console()
 
 
 def _friendly(fn):
-    """Turn library and validation errors into a one-line message and exit code 2 (no stack trace)."""
+    """Turn library and validation errors into a one-line message (no stack trace) and the exit code: 2 for a usage
+    error (a bad flag or option value, an impossible combination: ConfigError or invalid options), 1 for a failure
+    (images, labels, a model, a run folder or a backend that cannot be used, a file that cannot be written)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from e  # exit 2, as click's own usage errors
         except Int8EvalError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(str(e)) from e  # exit 1
         except ValidationError as e:
             msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-            raise click.ClickException(f"invalid options: {msgs}") from e
+            raise click.UsageError(f"invalid options: {msgs}") from e
+        except OSError as e:  # e.g. a full disk while a backend writes its model file
+            raise click.ClickException(str(e)) from e
 
     return wrapper
 
@@ -55,14 +61,18 @@ def build_recipes(
     tensorrt_on_cpu: bool = False,
     keeps: tuple[tuple[str, ...], ...] = ((),),
     bias_correction: bool = True,
+    activation_type: str | None = None,
 ) -> tuple[Recipe, ...]:
     """One INT8 recipe per backend x calibration method x set of layers kept in FP32 (`keeps`, () for none),
-    plus any extra precision baselines (bf16, fp16). `bias_correction=False` turns it off in the INT8 recipes."""
+    plus any extra precision baselines (bf16, fp16). `bias_correction=False` turns it off in the INT8 recipes;
+    `activation_type` sets ONNX Runtime's INT8 activations (None: the CPU's choice)."""
     from int8eval.backends import BACKENDS, default_calib
 
     if fp32_only:
         return ()
     chosen = [Backend(b) for b in backends] or [b for b, info in BACKENDS.items() if info.installed and info.default]
+    if activation_type is not None and Backend.onnxruntime not in chosen:
+        raise ConfigError("--activation-type applies to onnxruntime's INT8 recipes; add --backend onnxruntime")
     recipes = []
     for backend in chosen:
         methods = [CalibMethod(c) for c in calibs] or [default_calib(backend)]
@@ -71,7 +81,8 @@ def build_recipes(
             for keep in keeps:
                 common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor,
                               emulate=emulate, keep_fp32=keep)
-                recipes.append(Recipe(**common, bias_correction=None if bias_correction else False))
+                act = dict(activation_type=activation_type) if backend is Backend.onnxruntime else {}
+                recipes.append(Recipe(**common, **act, bias_correction=None if bias_correction else False))
                 if legacy and backend is Backend.torch:
                     recipes.append(Recipe(**common, legacy=True))
         for p in precisions:
@@ -83,6 +94,12 @@ def build_recipes(
             recipes.append(Recipe(**tuned, legacy=True))
     return tuple(recipes)
 
+
+ACTIVATION_TYPE = click.option(
+    "--activation-type", type=click.Choice([a.value for a in ActivationType]),
+    help="ONNX Runtime INT8 activations: uint8 (U8S8) or int8 (S8S8). Default: the CPU's (uint8 on x86, int8 "
+    "elsewhere); set, variant names end in -u8s8 / -s8s8.",
+)
 
 _ACCEPTANCE = (
     click.option("--max-drop", type=float, help="Accuracy budget: the most top-1 an INT8 variant may lose (points)."),
@@ -145,6 +162,7 @@ def keep_options(keep_help: str = _KEEP_HELP):
 @click.option("--lr", default=1e-5, show_default=True, help="QAT learning rate.")
 @click.option("--tensorrt-on-cpu", is_flag=True, help="Run the ONNX that TensorRT would get with ONNX Runtime (no GPU needed).")
 @keep_options()
+@ACTIVATION_TYPE
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @acceptance_options
 @_friendly
@@ -153,10 +171,13 @@ def run(**kw) -> None:
     from int8eval.data.fetch import default_data_root
     from int8eval.pipeline import run as run_pipeline
 
+    reject_ignored_flags(click.get_current_context())
+
     recipes = build_recipes(
         kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
         kw.pop("precisions"), kw.pop("fp32_only"), kw.pop("qat_epochs"), kw.pop("lr"), kw.pop("tensorrt_on_cpu"),
         resolve_keep(kw.pop("keeps"), kw.pop("sensitivity"), kw["out"]), not kw.pop("no_bias_correction"),
+        kw.pop("activation_type"),
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
@@ -164,6 +185,69 @@ def run(**kw) -> None:
     config = RunConfig(**kw, recipes=recipes, acceptance=acceptance)
     report = run_pipeline(config, console=Console(stderr=True))
     _print_summary(report, config.out)
+
+
+# Flags that --fp32-only leaves without effect: it builds only the FP32 reference.
+_INT8_FLAGS = (
+    "backends", "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "calib_data",
+    "calib_size", "keeps", "sensitivity", "qat_epochs", "train_data", "train_size", "lr", "tensorrt_on_cpu",
+    "activation_type", "max_drop", "drop", "mlperf",
+)
+
+
+def reject_ignored_flags(ctx: click.Context) -> None:
+    """A ConfigError naming both flags when a flag given on the command line would be silently ignored because of
+    another (e.g. --keep-fp32 with --fp32-only): the run would otherwise look as if it had honoured it."""
+    import re
+
+    from click.core import ParameterSource
+
+    from int8eval.backends import BACKENDS, default_calib
+
+    params = {p.name: p for p in ctx.command.params}
+    v = ctx.params
+
+    def given(name: str) -> bool:
+        return name in params and ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+    def flag(name: str) -> str:
+        return max(params[name].opts, key=len) if name in params else f"--{name.replace('_', '-')}"
+
+    def clash(name: str, other: str, why: str, fix: str = "drop one of the two") -> None:
+        raise ConfigError(f"{flag(name)} has no effect with {other}: {why}; {fix}")
+
+    topn = any(re.fullmatch(r"top\d+", k.strip()) for k in v.get("keeps") or ())
+    if given("sensitivity") and not topn:
+        clash("sensitivity", "--keep-fp32 without topN", "only --keep-fp32 topN reads it")
+    if v.get("check"):  # reproduce --check only lists what the recipe needs
+        for name in ("labels", "out", "max_images", "calib_size", "train_size", "workers"):
+            if given(name):
+                clash(name, "--check", "--check only lists what the recipe needs and runs nothing", f"drop {flag(name)}")
+    if v.get("fp32_only"):
+        for name in _INT8_FLAGS:
+            if given(name):
+                clash(name, "--fp32-only", "--fp32-only builds only the FP32 reference")
+        return
+    if "qat_epochs" in params and not v.get("qat_epochs"):
+        for name in ("train_data", "train_size", "lr"):
+            if given(name):
+                clash(name, "--qat-epochs 0", "it sets up QAT fine-tuning", f"add --qat-epochs N or drop {flag(name)}")
+    if "backends" in params:  # run: which backends and calibrations the recipes will use
+        chosen = list(v.get("backends") or ()) or [b.value for b, i in BACKENDS.items() if i.installed and i.default]
+        calibs = set(v.get("calibs") or ()) or {default_calib(Backend(b)).value for b in chosen}
+        if given("percentile") and "percentile" not in calibs:
+            clash("percentile", f"--calib {', '.join(sorted(calibs))}", "it sets the percentile of --calib percentile")
+        if given("tensorrt_on_cpu") and "tensorrt" not in chosen:
+            clash("tensorrt_on_cpu", f"--backend {', '.join(chosen)}", "it applies to --backend tensorrt")
+        if given("legacy") and "torch" not in chosen and not v.get("qat_epochs"):
+            clash("legacy", f"--backend {', '.join(chosen)}", "it applies to --backend torch (and --qat-epochs)")
+    if given("percentile") and "calib" in params and v.get("calib") != "percentile":  # diagnose
+        clash("percentile", f"--calib {v.get('calib')}", "it sets the percentile of --calib percentile")
+    if "calibs" not in params and given("precisions") and "int8" not in v["precisions"]:  # bench
+        for name in ("keeps", "data"):  # both only matter for its INT8 models
+            if given(name):
+                clash(name, f"--precision {', '.join(v['precisions'])}", "it applies to the INT8 models",
+                      f"add --precision int8 or drop {flag(name)}")
 
 
 def resolve_keep(values: tuple[str, ...], sensitivity: Path | None, out: Path) -> tuple[tuple[str, ...], ...]:
@@ -183,14 +267,23 @@ def resolve_keep(values: tuple[str, ...], sensitivity: Path | None, out: Path) -
             keeps.append(())
         elif m := re.fullmatch(r"top(\d+)", value):
             if not sensitivity.is_file():
-                raise click.ClickException(
+                raise ConfigError(
                     f"--keep-fp32 {value} reads the ranking of `int8eval diagnose`, and {sensitivity} does not exist: "
                     f"run `int8eval diagnose --out {sensitivity.parent}` first or pass --sensitivity FILE"
                 )
-            ranking = json.loads(sensitivity.read_text())["ranking"]
+            try:
+                ranking = json.loads(sensitivity.read_text())["ranking"]
+                if not isinstance(ranking, list) or not all(isinstance(r, str) for r in ranking):
+                    raise ValueError("'ranking' is not a list of layer names")
+            except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
+                why = "no 'ranking'" if isinstance(e, (KeyError, TypeError)) else f"{type(e).__name__}: {e}"
+                raise ConfigError(
+                    f"--keep-fp32 {value}: cannot read the ranking in {sensitivity} ({why}); pass the sensitivity.json "
+                    "that `int8eval diagnose` wrote, or run it again"
+                ) from None
             n = int(m.group(1))
             if not 0 < n <= len(ranking):
-                raise click.ClickException(f"--keep-fp32 {value}: {sensitivity} ranks {len(ranking)} layers; choose top1..top{len(ranking)}")
+                raise ConfigError(f"--keep-fp32 {value}: {sensitivity} ranks {len(ranking)} layers; choose top1..top{len(ranking)}")
             keeps.append(tuple(ranking[:n]))
         else:
             keeps.append(tuple(v.strip() for v in value.split(",")))
@@ -279,17 +372,17 @@ def prepare_cmd(source: Path, labels: Path, out: Path, copy: bool) -> None:
 @_friendly
 def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool) -> None:
     """Re-render RUN_DIR's report from its report.json, without re-running; with a budget, re-judge the verdicts."""
-    from int8eval.report import render, rendered_paths
+    from int8eval.report import rendered_paths, rerender
     from int8eval.verdict import apply_to_run_dir
 
     acceptance = acceptance_from_flags(max_drop, drop, mlperf)
     if acceptance is None:
-        paths = render(run_dir)
+        paths = rerender(run_dir)  # refuses a folder whose files are not all from its report.json's run
     else:
         apply_to_run_dir(run_dir, acceptance)  # re-judges, rewrites report.json and renders it
         paths = rendered_paths(run_dir)
     for path in paths:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")  # a folder name is not rich markup
 
 
 @main.command()
@@ -303,14 +396,18 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
 @keep_options("As for `run`: 'a,b', 'topN' or 'none'; repeatable.")
 @click.option("--threads", type=click.IntRange(min=1), help="PyTorch intra-op threads while timing (default: PyTorch's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Batch size for throughput (latency is batch 1).")
+@ACTIVATION_TYPE
 @_friendly
-def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, sensitivity, threads, batch_size) -> None:
+def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, sensitivity, threads, batch_size,
+          activation_type) -> None:
     """Speed and size of a model per backend and precision (no accuracy pass): writes OUT/bench.{json,md}."""
     from int8eval.bench import bench_command
 
+    reject_ignored_flags(click.get_current_context())
+
     bench_command(
         model, backends, precisions or ("fp32", "int8"), out=out, data=data, checkpoint=checkpoint, weights=weights,
-        keeps=resolve_keep(keeps, sensitivity, out), threads=threads,
+        keeps=resolve_keep(keeps, sensitivity, out), threads=threads, activation_type=activation_type,
         batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(msg),
     )
     console.print((out / "bench.md").read_text())  # its warnings included
@@ -341,6 +438,8 @@ def diagnose(**kw) -> None:
     """Which layers cost the accuracy: per-layer sensitivity of a fake-quantized model (written to sensitivity.json)."""
     from int8eval.data.fetch import default_data_root
     from int8eval.diagnose import FakeQuantSpec, run_diagnose
+
+    reject_ignored_flags(click.get_current_context())
 
     spec = FakeQuantSpec(
         per_channel=not kw.pop("per_tensor"), calib=kw.pop("calib"), percentile=kw.pop("percentile"),
@@ -389,6 +488,7 @@ def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib
     from int8eval.recipes.reproduce import load_recipe, requirements
     from int8eval.recipes.reproduce import reproduce as run_recipe
 
+    reject_ignored_flags(click.get_current_context())
     recipe = load_recipe(name)
     if check:
         for need in requirements(recipe, data=data, train_data=train_data, checkpoint=checkpoint):

@@ -31,6 +31,13 @@ class CalibMethod(str, Enum):
     mse = "mse"
 
 
+class ActivationType(str, Enum):
+    """INT8 activations of ONNX Runtime's QDQ model: uint8 (U8S8 kernels) or int8 (S8S8)."""
+
+    uint8 = "uint8"
+    int8 = "int8"
+
+
 class OnBadImage(str, Enum):
     skip = "skip"
     fail = "fail"
@@ -91,6 +98,9 @@ class Recipe(_Strict):
     # INT8 post-training quantization only (not legacy, not QAT): subtract from each layer's bias the mean shift
     # that its INT8 weights add to its output (`backends.bias_correction`). Left out, it is on wherever it applies.
     bias_correction: bool = False
+    # ONNX Runtime INT8 only: None picks the CPU's fastest exact choice when the variant is built
+    # (`onnxruntime_backend.activation_choice`); set, the variant name ends in -u8s8 / -s8s8.
+    activation_type: ActivationType | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +124,18 @@ class Recipe(_Strict):
     def _keep_needs_int8(self) -> Recipe:
         if self.keep_fp32 and self.precision is not Precision.int8:
             raise ValueError(f"keep_fp32 applies to int8 recipes, not {self.precision.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _activation_type_is_onnxruntime_int8(self) -> Recipe:
+        if self.activation_type is not None and not (
+            self.backend is Backend.onnxruntime and self.precision is Precision.int8
+        ):
+            raise ValueError(
+                f"activation_type applies to onnxruntime int8 recipes, not {self.backend.value} "
+                f"{self.precision.value} (TensorRT always takes int8; PyTorch's and OpenVINO's quantizers choose "
+                "their own); leave it out"
+            )
         return self
 
     @model_validator(mode="after")
@@ -149,6 +171,8 @@ class Recipe(_Strict):
         parts.append(f"{self.calib.value}{self.percentile:g}" if self.calib is CalibMethod.percentile else self.calib.value)
         if not self.per_channel:
             parts.append("pertensor")
+        if self.activation_type is not None:  # only when asked for: default names do not change
+            parts.append({ActivationType.uint8: "u8s8", ActivationType.int8: "s8s8"}[self.activation_type])
         return "-".join(parts)
 
 

@@ -19,3 +19,7 @@ class ModelLoadError(Int8EvalError):
 
 class BackendUnavailable(Int8EvalError):
     """An optional backend is not installed; the message names the extra to install."""
+
+
+class RunFolderError(Int8EvalError):
+    """A run folder whose files are missing, unreadable, or not from one and the same run."""

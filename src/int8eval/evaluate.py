@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from int8eval.backends import Variant
 from int8eval.config import OnBadImage, Preprocessing
 from int8eval.data.decode import batches
 from int8eval.data.layouts import Sample
-from int8eval.errors import DatasetError
+from int8eval.errors import DatasetError, ModelLoadError, RunFolderError
 
 TOPK = 5
+NUM_CLASSES = 1000  # ImageNet-1k: class index = position in the synset list
 
 
 @dataclass
@@ -42,17 +44,32 @@ class Predictions:
         arrays = {"image_ids": np.asarray(self.image_ids), "labels": self.labels}
         for prefix, table in (("top5", self.top5), ("kl", self.kl_to_ref), ("cos", self.cos_to_ref)):
             arrays |= {f"{prefix}::{name}": a for name, a in table.items()}
-        np.savez_compressed(path, **arrays)
+        from int8eval.report.folder import write_atomic  # not at the top: int8eval.report imports much
+
+        write_atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))  # never a truncated file
 
     @classmethod
     def load(cls, path: Path) -> Predictions:
-        with np.load(path) as z:
-            tables: dict[str, dict[str, np.ndarray]] = {"top5": {}, "kl": {}, "cos": {}}
-            for key in z.files:
-                if "::" in key:
-                    prefix, name = key.split("::", 1)
-                    tables[prefix][name] = z[key]
-            return cls(list(z["image_ids"]), z["labels"], tables["top5"], tables["kl"], tables["cos"])
+        """Read predictions.npz; a RunFolderError when it is missing, truncated or not a predictions file."""
+        try:
+            with np.load(path) as z:  # allow_pickle stays False: nothing in the file can run code
+                tables: dict[str, dict[str, np.ndarray]] = {"top5": {}, "kl": {}, "cos": {}}
+                for key in z.files:
+                    if "::" in key:
+                        prefix, name = key.split("::", 1)
+                        tables[prefix][name] = z[key]
+                preds = cls(list(z["image_ids"]), z["labels"], tables["top5"], tables["kl"], tables["cos"])
+        except FileNotFoundError as e:
+            raise RunFolderError(f"{path} is missing: paired statistics need the per-image predictions of a run") from e
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise RunFolderError(f"{path} cannot be read ({type(e).__name__}: {e}): it is truncated or not a "
+                                 "predictions file; re-run to write it again") from e
+        n = len(preds.labels)
+        bad = [name for name, a in preds.top5.items() if a.ndim != 2 or len(a) != n]
+        if preds.labels.ndim != 1 or len(preds.image_ids) != n or bad:
+            raise RunFolderError(f"{path} is inconsistent: {n} labels, {len(preds.image_ids)} image ids, "
+                                 f"top-5 tables of another length: {bad}")
+        return preds
 
 
 @dataclass
@@ -112,9 +129,12 @@ def evaluate(
         variants: built variants; one that raises is recorded in `errors` and dropped, the others go on.
         reference: name of the FP32 reference variant, against which KL and cosine are computed.
     """
+    if not samples:
+        raise DatasetError("no images to evaluate: every image found was used for calibration or training")
     start = time.perf_counter()
     live = {v.name: v for v in variants}
     errors: dict[str, str] = {}
+    nonfinite = {name: 0 for name in live}  # images whose logits hold a NaN or inf: such a variant is never ranked
     predict_s = {name: 0.0 for name in live}
     top5: dict[str, list[np.ndarray]] = {name: [] for name in live}
     kl: dict[str, list[np.ndarray]] = {name: [] for name in live if name != reference}
@@ -134,11 +154,22 @@ def evaluate(
                 t = time.perf_counter()
                 try:
                     out = np.asarray(variant.predict(batch.images), dtype=np.float32)
+                    if out.shape != (len(batch.images), NUM_CLASSES):  # e.g. 1001 with a background class
+                        raise ValueError(f"logits of shape {list(out.shape)} for {len(batch.images)} images; "
+                                         f"the label space has {NUM_CLASSES} classes")
                 except Exception as e:  # noqa: BLE001 - a failing variant must not stop the others
                     errors[name] = f"{type(e).__name__}: {e}"
                     del live[name]
                     continue
                 predict_s[name] += time.perf_counter() - t
+                bad = int((~np.isfinite(out)).any(axis=1).sum())
+                if bad and name == reference:
+                    first = samples[batch.indices[~np.isfinite(out).all(axis=1)][0]].id
+                    raise ModelLoadError(
+                        f"the reference {name} gave non-finite logits (NaN or inf) for {bad} of {len(out)} images "
+                        f"(first: {first}): its weights are broken, so nothing can be compared with it"
+                    )
+                nonfinite[name] += bad
                 logits[name] = out
                 top5[name].append(np.argsort(-out, axis=1, kind="stable")[:, :TOPK].astype(np.int16))
             if reference in logits:
@@ -155,6 +186,10 @@ def evaluate(
     if not kept:
         raise DatasetError(f"none of the {len(samples)} images could be read (first: {skipped[0]['reason']})")
     order = np.concatenate(kept)
+    for name, bad in nonfinite.items():
+        if bad and name in live:
+            errors[name] = f"non-finite logits (NaN or inf) for {bad} of {len(order)} images: not ranked"
+            del live[name]
     predictions = Predictions(
         image_ids=[samples[i].id for i in order],
         labels=np.asarray([samples[i].label for i in order], dtype=np.int64),

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from int8eval import backends, stats
 from int8eval.backends import CalibrationData, Variant
-from int8eval.config import Backend, Precision, Recipe, RunConfig
+from int8eval.config import Backend, OnBadImage, Precision, Recipe, RunConfig
 from int8eval.data.decode import decode_samples
 from int8eval.data.layouts import discover, split, subsample
 from int8eval.environment import environment
@@ -21,7 +21,8 @@ from int8eval.errors import DatasetError
 from int8eval.evaluate import evaluate
 from int8eval.models import LoadedModel, load_model
 from int8eval.parity import REFERENCE, apply_gate, plan_recipes
-from int8eval.report import Report, render
+from int8eval.report import Report, write_rendered
+from int8eval.report import folder as run_folder
 from int8eval.verdict import add_paired_stats
 from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, VariantResult
 
@@ -34,8 +35,7 @@ def _check(recipe: Recipe) -> None:
         backends.check_recipe(recipe)
 
 
-def _build(recipe: Recipe, loaded: LoadedModel, calib, train, config: RunConfig) -> Variant:
-    workdir = Path(config.out) / "artifacts"
+def _build(recipe: Recipe, loaded: LoadedModel, calib, train, config: RunConfig, workdir: Path) -> Variant:
     if recipe.qat_epochs:
         from int8eval import qat
 
@@ -62,29 +62,61 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _calib_folder(config: RunConfig) -> Path | None:
+    """--calib-data when it is another folder than --data (the same folder means the seeded split)."""
+    if config.calib_data is None or Path(config.calib_data).resolve() == Path(config.data).resolve():
+        return None
+    return Path(config.calib_data)
+
+
 def _calibration(config: RunConfig, found):
-    """(calibration samples, source label, evaluation samples). Calibration images are never evaluated."""
+    """(calibration samples, source label, evaluation samples). Calibration images are never evaluated; what
+    --calib-data holds but cannot use goes into found.skipped."""
     if not config.needs_calibration:
         return [], None, found.samples
-    if config.calib_data is not None:
-        calib_set = discover(config.calib_data)
+    folder = _calib_folder(config)
+    if folder is not None:
+        calib_set = discover(folder)
+        found.skipped += [{"path": f"{folder}/{s['path']}", "reason": f"calibration: {s['reason']}"} for s in calib_set.skipped]
+        if config.calib_size > len(calib_set.samples):
+            raise DatasetError(
+                f"--calib-size is {config.calib_size} (default 100), but --calib-data {folder} holds "
+                f"{len(calib_set.samples)} usable images: pass --calib-size {len(calib_set.samples)} or add images"
+            )
         calib = subsample(calib_set.samples, config.calib_size, config.seed)
         calib_ids = {s.path.resolve() for s in calib}
         rest = [s for s in found.samples if s.path.resolve() not in calib_ids]
-        return calib, str(config.calib_data), rest
+        if not rest:
+            raise DatasetError(
+                f"every image of --data {config.data} is a calibration image from --calib-data {folder}, and those are "
+                "never evaluated: give folders that do not overlap, or leave out --calib-data for a seeded split"
+            )
+        return calib, str(folder), rest
     calib, rest = split(found.samples, config.calib_size, config.seed)
-    return calib, f"seeded split of {config.data}", rest
+    same = " (--calib-data is --data)" if config.calib_data is not None else ""
+    return calib, f"seeded split of {config.data}{same}", rest
 
 
-def _decode_calibration(samples, preprocessing, config: RunConfig, progress: Progress) -> CalibrationData:
+def _decode_calibration(samples, preprocessing, config: RunConfig, progress: Progress, skipped: list[dict]) -> CalibrationData:
+    """The decoded calibration images; those that cannot be read are added to `skipped` (or stop the run with
+    --on-bad-image fail), never dropped unsaid."""
     task = progress.add_task("decoding calibration images", total=len(samples))
-    images, _, ids = decode_samples(
-        samples, preprocessing, batch_size=config.batch_size, workers=config.workers,
-        on_batch=lambda b: progress.update(task, advance=len(b.indices) + len(b.bad)),
-    )
+    folder = _calib_folder(config)
+
+    def seen(batch) -> None:
+        progress.update(task, advance=len(batch.indices) + len(batch.bad))
+        for i, reason in batch.bad:
+            if config.on_bad_image is OnBadImage.fail:
+                raise DatasetError(f"cannot read calibration image {samples[i].path}: {reason} (use --on-bad-image skip to go on)")
+            path = f"{folder}/{samples[i].id}" if folder is not None else samples[i].id
+            skipped.append({"path": path, "reason": f"calibration: {reason}"})
+
+    images, _, ids = decode_samples(samples, preprocessing, batch_size=config.batch_size, workers=config.workers, on_batch=seen)
     data = CalibrationData(batches=images, image_ids=ids)
     if not data.num_images:
-        raise DatasetError("none of the calibration images could be read")
+        raise DatasetError(
+            f"none of the {len(samples)} calibration images could be read (e.g. {skipped[-1]['path']}: {skipped[-1]['reason']})"
+        )
     return data
 
 
@@ -116,7 +148,11 @@ def _fill_accuracy(result: VariantResult, preds, reference: str) -> None:
 
 
 def run(config: RunConfig, *, console: Console | None = None) -> Report:
-    """Evaluate the FP32 reference and every recipe of `config` in one pass; write report.json/.md and predictions.
+    """Evaluate the FP32 reference and every recipe of `config` in one pass; write report.json/.md/.html,
+    predictions.npz and artifacts/ into `config.out`.
+
+    Everything is written into a staging folder under OUT first and replaces OUT's previous run only once complete
+    (int8eval.report.folder): a run that fails or is killed leaves the previous one readable, never a mix.
 
     Example:
         >>> run(RunConfig(model="efficientnet_lite0", data=Path("imagenet-sample"), out=Path("runs/lite0")))
@@ -126,9 +162,25 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     plan = plan_recipes(config.recipes)
     for recipe in plan:  # fail before any work on a missing backend or an impossible recipe
         _check(recipe)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_folder.new_run(Path(config.out)) as staging:  # OUT checked (a folder we can write to) before any work
+        report = _run_into(staging.path, config, plan, console, start)
+        report = _seal(report, staging)
+    return report
 
+
+def _seal(report: Report, staging: run_folder.Staging) -> Report:
+    """Point the report at where its files will be once committed, record their run id and checksums, render it,
+    and write report.json last: the staging folder then holds a complete run."""
+    report = Report.model_validate(staging.moved(report.model_dump(mode="json")))
+    report.run_id = staging.run_id
+    report.files = run_folder.checksums(staging.path)
+    write_rendered(report, staging.path)
+    report.write(staging.path / "report.json")
+    return report
+
+
+def _run_into(out: Path, config: RunConfig, plan: list[Recipe], console: Console, start: float) -> Report:
+    """The run itself: predictions.npz and artifacts/ are written under `out` (the staging folder)."""
     with _progress(console) as progress:
         task = progress.add_task(f"loading {config.model}", total=None)
         loaded = load_model(config.model, checkpoint=config.checkpoint, weights=config.weights)
@@ -147,14 +199,14 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
             found.samples = rest
         calib_samples, calib_source, eval_samples = _calibration(config, found)
         eval_samples = subsample(eval_samples, config.max_images, config.seed)
-        calib = _decode_calibration(calib_samples, loaded.preprocessing, config, progress) if calib_samples else None
+        calib = _decode_calibration(calib_samples, loaded.preprocessing, config, progress, found.skipped) if calib_samples else None
 
         variants: list[Variant] = []
         results: dict[str, VariantResult] = {}
         for recipe in plan:
             task = progress.add_task(f"building {recipe.name}", total=None)
             try:
-                variant = _build(recipe, loaded, calib, train, config)
+                variant = _build(recipe, loaded, calib, train, config, out / "artifacts")
                 variants.append(variant)
                 results[recipe.name] = _variant_result(recipe, variant, None)
             except Exception as e:  # noqa: BLE001 - one failing variant does not stop the others
@@ -222,7 +274,5 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
         from int8eval.bench import add_bench
 
         console.print("timing every variant (--bench)")
-        report.bench = add_bench(results, variants, loaded, reference=REFERENCE.name)
-    report.write(out / "report.json")
-    render(out)
+        report.bench = add_bench(results, variants, loaded, reference=REFERENCE.name, workdir=out / "artifacts")
     return report

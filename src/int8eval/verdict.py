@@ -83,13 +83,26 @@ def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool
     return Acceptance(max_drop=max_drop, drop=DropKind(drop or DropKind.absolute.value))
 
 
-def _images_to_settle(n: int | None, drop: float, half_width: float, budget: float) -> str:
+def _settle_count(n: int | None, drop: float, half_width: float, budget: float) -> int | None:
     # The interval narrows roughly as 1/sqrt(n) if the flip rate stays the same: a rough guide, not a promise.
     gap = abs(budget - drop)
     if not n or gap < _TOL or half_width <= 0:
-        return ""
-    needed = math.ceil(n * (half_width / gap) ** 2)
-    return f"; roughly {needed:,} images (now {n:,}) would settle it"
+        return None
+    return math.ceil(n * (half_width / gap) ** 2)
+
+
+def _images_to_settle(n: int | None, drop: float, half_width: float, budget: float) -> str:
+    needed = _settle_count(n, drop, half_width, budget)
+    return "" if needed is None else f"; roughly {needed:,} images (now {n:,}) would settle it"
+
+
+def images_to_settle(verdict: dict, n: int | None) -> int | None:
+    """Roughly how many evaluated images would settle an inconclusive verdict (a dict from `decide`) measured on
+    `n` images; None for a verdict that is not inconclusive or cannot tell."""
+    if verdict.get("verdict") != Verdict.inconclusive.value:
+        return None
+    drop, (lo, hi), budget = verdict["drop"], verdict["drop_ci95"], verdict["budget"]
+    return _settle_count(n, drop, hi - drop if drop <= budget + _TOL else drop - lo, budget)
 
 
 def decide(
@@ -209,14 +222,17 @@ def apply_to_run_dir(run_dir: Path, acceptance: Acceptance | None) -> Report:
     budget), rewrite report.json and re-render report.md/.html (`int8eval.report.rendered_paths`). Nothing is
     re-evaluated."""
     from int8eval.evaluate import Predictions
-    from int8eval.report import Report, render
+    from int8eval.report import Report, folder, write_rendered
 
     run_dir = Path(run_dir)
-    preds_path = run_dir / "predictions.npz"
-    if not preds_path.is_file():
-        raise ConfigError(f"{preds_path} is missing: paired statistics need the per-image predictions of a run")
-    report = Report.read(run_dir / "report.json")
-    add_paired_stats(report, Predictions.load(preds_path), acceptance)
-    report.write(run_dir / "report.json")
-    render(run_dir)
+    with folder.locked(run_dir):  # no run may replace the folder's files while they are judged
+        folder.recover(run_dir)
+        report = Report.read(run_dir / "report.json")
+        folder.verify(run_dir, report)  # never judge the predictions of another run
+        preds_path = run_dir / "predictions.npz"
+        preds = Predictions.load(preds_path)
+        folder.check_predictions(report, preds, preds_path)
+        add_paired_stats(report, preds, acceptance)
+        write_rendered(report, run_dir)  # a report.json that cannot be rendered is refused before it is rewritten
+        report.write(run_dir / "report.json")
     return report

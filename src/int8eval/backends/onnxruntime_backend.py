@@ -1,4 +1,7 @@
-"""ONNX Runtime on the CPU: FP32 and FP16 from the exported model, INT8 as a static QDQ model (signed INT8).
+"""ONNX Runtime on the CPU: FP32 and FP16 from the exported model, INT8 as a static QDQ model.
+
+INT8 activations are uint8 (U8S8 kernels) on x86 with VNNI/AMX, int8 (S8S8) elsewhere, unless the recipe says
+(`activation_choice`); on x86 CPUs whose INT8 dot products saturate the session uses exact kernels (`OrtVariant`).
 
 INT8 recipes share one ONNX export and one calibration pass per (model, calibration set), cached in `onnx_qdq`
 (and shared with the TensorRT backend): a histogram of every activation is collected once and each recipe only
@@ -17,9 +20,26 @@ import onnxruntime as ort
 from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_fp16, keep_fp32_nodes
 from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, module_bias_shifts, quantize_qdq
-from int8eval.config import Backend, Precision, Recipe
-from int8eval.environment import int8_dot_saturates
+from int8eval.config import ActivationType, Backend, Precision, Recipe
+from int8eval.environment import CpuArch, cpu_capabilities
 from int8eval.errors import ConfigError
+
+
+def activation_choice(recipe: Recipe) -> tuple[ActivationType, str]:
+    """The INT8 activation type of `recipe`'s QDQ model on this CPU (`cpu_capabilities`), and why."""
+    if recipe.activation_type is not None:
+        return recipe.activation_type, "asked for (--activation-type)"
+    caps = cpu_capabilities()
+    if caps.arch is CpuArch.x86 and caps.exact_int8:
+        # FINDINGS.md (AMX Xeon, Lite0): U8S8 ran 2.0x S8S8's throughput at batch 32 at the same agreement.
+        return ActivationType.uint8, f"{caps.describe()}: U8S8 integer kernels, ~2x S8S8's speed"
+    if caps.arch is CpuArch.x86:
+        # Saturating x86: the session's exact kernels (OrtVariant) convert the weights to u8 and multiply U8U8, and
+        # int8 activations were slower there. Measured on the AVX2-only EPYC (Lite0 QDQ with exact kernels, batch
+        # 32, 6-10 interleaved runs, three times, on a loaded machine): median uint8 10.9 / 12.0 / 14.8 images/s,
+        # int8 9.5 / 9.5 / 10.8; the same top-1 agreement with FP32 (64 images).
+        return ActivationType.uint8, f"{caps.describe()}: exact U8U8 kernels, uint8 measured faster than int8"
+    return ActivationType.int8, f"{caps.describe()}: S8S8 integer kernels"
 
 
 class OrtVariant(Variant):
@@ -31,7 +51,7 @@ class OrtVariant(Variant):
         self.input_dtype = input_dtype
         # Otherwise ORT's defaults on purpose: all graph optimisations (QDQ -> integer kernels), its own thread count.
         opts = ort.SessionOptions()
-        self.exact_int8 = recipe.precision is Precision.int8 and int8_dot_saturates()
+        self.exact_int8 = recipe.precision is Precision.int8 and cpu_capabilities().int8_saturates
         if self.exact_int8:
             # Without VNNI, ORT's x86 U8S8 kernels add pairs of products in saturating int16 (vpmaddubsw):
             # measured on an AVX2 EPYC, Lite0's top-1 agreement with FP32 fell from 98% to 89%. This option makes
@@ -58,6 +78,8 @@ def check_recipe(recipe: Recipe) -> None:
             "onnxruntime's CPU execution provider has no bfloat16 Conv/Gemm kernels (the session fails to load); "
             "use --backend torch or openvino for bf16, or onnxruntime with fp32, fp16 or int8"
         )
+    if recipe.precision is Precision.int8:
+        cpu_capabilities()  # a bad INT8EVAL_CPU fails here, before any work
 
 
 def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
@@ -82,6 +104,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
 
     stats = cached_activation_stats(prepared, calib, workdir)
     quant_start = time.perf_counter()
+    activation_type, why = activation_choice(recipe)
     path = quantize_qdq(
         prepared.fp32,
         stats,
@@ -89,10 +112,12 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
         method=recipe.calib,
         percentile=recipe.percentile,
         per_channel=recipe.per_channel,
+        activation_type=activation_type.value,
         nodes_to_exclude=keep_fp32_nodes(stats.model, loaded.module, recipe.keep_fp32),
         bias_shifts=module_bias_shifts(loaded.module, stats.model, calib) if recipe.bias_correction else None,
     )
     variant = OrtVariant(recipe, path)
+    variant.details.update(activation_type=activation_type.value, why=why)
     variant.details["bias_correction"] = "int8eval" if recipe.bias_correction else None
     variant.prepare_s = prepared.export_s + stats.collect_s + (time.perf_counter() - quant_start)
     return variant

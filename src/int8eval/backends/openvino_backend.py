@@ -29,7 +29,7 @@ import numpy as np
 
 from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.config import CalibMethod, Precision, Recipe
-from int8eval.environment import int8_dot_saturates
+from int8eval.environment import cpu_capabilities
 from int8eval.errors import ConfigError
 from int8eval.models import fold_batchnorm
 
@@ -56,7 +56,7 @@ _FLOAT_CAPABILITY = {Precision.bf16: "BF16", Precision.fp16: "FP16"}
 
 
 @lru_cache(maxsize=1)
-def cpu_capabilities() -> tuple[str, frozenset[str]]:
+def plugin_capabilities() -> tuple[str, frozenset[str]]:
     """The CPU's name and OpenVINO's OPTIMIZATION_CAPABILITIES for it (e.g. {'FP32', 'INT8', 'BF16'})."""
     import openvino as ov
 
@@ -66,12 +66,19 @@ def cpu_capabilities() -> tuple[str, frozenset[str]]:
     )
 
 
-def x86_without_vnni() -> bool:
-    """True on an x86 CPU without VNNI/AMX int8 instructions (or when that cannot be told): see
-    `environment.int8_dot_saturates`. There oneDNN's u8 x s8 int16 pair sums saturate: measured on an AVX2-only
-    EPYC, EfficientNet-Lite0 INT8 agrees with FP32 on 93% of images as executed against 98% as simulated.
-    NNCF's overflow fix (weights on 7 bits) removes the saturation."""
-    return int8_dot_saturates()
+def overflow_choice() -> tuple[bool, str]:
+    """Whether NNCF's overflow fix (7-bit weights) and an FP32 first convolution are needed on this CPU
+    (`environment.cpu_capabilities`), and why.
+
+    Where x86 INT8 dot products saturate, oneDNN's u8 x s8 int16 pair sums overflow: measured on an AVX2-only EPYC,
+    EfficientNet-Lite0 INT8 agreed with FP32 on 93% of images as executed against 98% as simulated; 7-bit weights
+    remove the saturation. Where they do not (VNNI, AMX, Arm), 7-bit weights only cost precision: on an AMX Xeon
+    (FINDINGS.md) NNCF's default FIRST_LAYER fix gave Lite0 97.43% agreement and KL 0.0094, no fix 98.29% and 0.0049.
+    """
+    caps = cpu_capabilities()
+    if caps.int8_saturates:
+        return True, f"{caps.describe()}: INT8 sums saturate, so 7-bit weights and the first convolution in FP32"
+    return False, f"{caps.describe()}: exact INT8 dot products, so 8-bit weights everywhere (no overflow fix)"
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -83,12 +90,14 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if recipe.precision in _FLOAT_CAPABILITY:
         needed = _FLOAT_CAPABILITY[recipe.precision]
-        cpu, caps = cpu_capabilities()
+        cpu, caps = plugin_capabilities()
         if needed not in caps:
             raise ConfigError(
                 f"recipe {recipe.name}: OpenVINO's CPU plugin has no {needed} inference on this CPU ({cpu}; it "
                 f"offers {', '.join(sorted(caps))}); use precision fp32 or int8"
             )
+    if recipe.precision is Precision.int8:
+        cpu_capabilities()  # a bad INT8EVAL_CPU fails here, before any work
 
 
 class OpenVINOVariant(Variant):
@@ -164,7 +173,7 @@ def nncf_options(recipe: Recipe) -> dict[str, Any]:
     advanced = AdvancedQuantizationParameters(
         activations_range_estimator_params=estimator,
         weights_quantization_params=QuantizationParameters(per_channel=recipe.per_channel),
-        overflow_fix=OverflowFix.ENABLE if x86_without_vnni() else OverflowFix.FIRST_LAYER,
+        overflow_fix=OverflowFix.ENABLE if overflow_choice()[0] else OverflowFix.DISABLE,
         disable_bias_correction=True,  # int8eval corrects the biases after quantization (see above)
     )
     return {
@@ -246,14 +255,14 @@ def quantize(
 
 def first_layer_fp32(ov_model: ov.Model) -> list[str]:
     """The convolutions that read the model's input directly, which int8eval leaves in FP32 where the CPU's INT8
-    kernels would saturate (`x86_without_vnni`); elsewhere none.
+    kernels would saturate (`overflow_choice`); elsewhere none.
 
     There every INT8 weight must fit 7 bits (NNCF's overflow fix), and the first convolution loses the most by it:
     it sees the image itself through only 3 channels. Measured on EfficientNet-Lite0 (700 images, calibration seeds
     0-2, real kernels on an AVX2-only EPYC): mean KL to the FP32 logits 0.0111 -> 0.0067 and top-1 agreement with
     FP32 97.71% -> 98.24% on average, for 864 weights kept in FP32.
     """
-    if not x86_without_vnni():
+    if not overflow_choice()[0]:
         return []
     found, seen = [], set()
     frontier = [t.get_node() for p in ov_model.get_parameters() for t in p.output(0).get_target_inputs()]
@@ -453,6 +462,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
             "overflow_fix": opts["advanced_parameters"].overflow_fix.value,
             "calibration_images": calib.num_images,
         }
+        details["why"] = overflow_choice()[1]
     t = time.perf_counter()
     artifact = workdir / f"{recipe.name}.xml"
     # save_model compresses float weights to FP16 unless told not to; the FP32 artifact must stay FP32.

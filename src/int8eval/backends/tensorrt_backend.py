@@ -26,6 +26,7 @@ import numpy as np
 
 from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.config import Backend, CalibMethod, Precision, Recipe
+from int8eval.environment import cpu_capabilities
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
 
 OPT_BATCH = 32  # the batch the engine is tuned for (the pipeline's default batch size)
@@ -85,6 +86,8 @@ def check_emulated_recipe(recipe: Recipe) -> None:
     missing = [p for p in ("onnx", "onnxruntime") if importlib.util.find_spec(p) is None]
     if missing:
         raise BackendUnavailable(f"running TensorRT's ONNX on the CPU needs {', '.join(missing)}: pip install 'int8eval[onnxruntime]'")
+    if recipe.precision is Precision.int8:
+        cpu_capabilities()  # the CPU session's kernels follow it: a bad INT8EVAL_CPU fails here, before any work
 
 
 def _check_recipe_options(recipe: Recipe) -> None:
@@ -105,6 +108,8 @@ def _check_recipe_options(recipe: Recipe) -> None:
 
 
 # --------------------------------------------------------------------------------------------- Q/DQ ONNX
+
+TRT_ACTIVATIONS = "TensorRT's explicit quantization: signed symmetric int8 activations (S8S8)"
 
 
 def build_trt_qdq_onnx(
@@ -433,6 +438,8 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     variant.prepare_s = onnx_s + (time.perf_counter() - start)
     variant.details = {"tensorrt": _tensorrt().__version__, "mode": "implicit (legacy calibrator)" if recipe.legacy
                        else "strongly typed", "gpu": torch.cuda.get_device_name()}
+    if recipe.precision is Precision.int8 and not recipe.legacy:
+        variant.details.update(activation_type="int8", why=TRT_ACTIVATIONS)
     return variant
 
 
@@ -460,6 +467,10 @@ def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None
     variant = EmulatedVariant(recipe, path, input_dtype=input_dtype)
     variant.prepare_s = onnx_s + (time.perf_counter() - start)
     variant.details = {"runs_on": "onnxruntime CPUExecutionProvider, not TensorRT", "onnx": str(path)}
+    if recipe.precision is Precision.int8 and not recipe.legacy:
+        variant.details.update(
+            activation_type="int8", why=TRT_ACTIVATIONS, exact_int8_kernels=variant._session.exact_int8
+        )
     return variant
 
 

@@ -29,6 +29,7 @@ from int8eval.backends.base import CalibrationData, Variant, require_calibration
 from int8eval.backends.bias_correction import output_shifts, subtract_from_biases
 from int8eval.backends.ranges import histogram_range
 from int8eval.config import CalibMethod, Precision, Recipe
+from int8eval.environment import cpu_capabilities
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
 
 # Inductor's oneDNN INT8 lowering warns once per quantized layer about its own tensor copy (torch 2.14); torchao's
@@ -100,6 +101,7 @@ def check_recipe(recipe: Recipe) -> None:
                 "torch int8 (PT2E) compiles oneDNN kernels with inductor, which needs a C++ compiler (g++ or clang++; "
                 "set CXX); install one, or use the legacy torch.ao FX path"
             )
+        cpu_capabilities()  # a bad INT8EVAL_CPU fails here, before any work
 
 
 def build(
@@ -200,18 +202,19 @@ def save_program(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def int8_ranges() -> tuple[int, int]:
-    """(activation quant_max, weight quant_max) for this CPU's oneDNN INT8 kernels.
+def int8_ranges() -> tuple[int, int, str]:
+    """(activation quant_max, weight quant_max, why) for this CPU's oneDNN INT8 kernels (`cpu_capabilities`).
 
-    Without VNNI/AMX, oneDNN's u8 x s8 kernels add pairs of products in 16 bits (vpmaddubsw), which saturates
-    with 8-bit activations and weights (255 * 127 * 2 > 32767): compiled, EfficientNet-Lite0 then agrees with
-    FP32 on 85% of images instead of 98.5%. 7-bit activations (x86's `reduce_range`) keep the sums exact and
-    cost less accuracy than 7-bit weights (measured on Lite0: 97.5% against 94%).
+    Where x86 INT8 dot products saturate (no VNNI/AMX), oneDNN's u8 x s8 kernels add pairs of products in 16 bits
+    (vpmaddubsw), which overflows with 8-bit activations and weights (255 * 127 * 2 > 32767): compiled,
+    EfficientNet-Lite0 then agrees with FP32 on 85% of images instead of 98.5%. 7-bit activations (x86's
+    `reduce_range`) keep the sums exact and cost less accuracy than 7-bit weights (measured on Lite0: 97.5% against
+    94%). Elsewhere (VNNI, AMX, Arm) the sums are exact with 8 bits.
     """
-    caps = torch.cpu.get_capabilities()
-    if any(caps.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8")):
-        return 255, 127
-    return 127, 127
+    caps = cpu_capabilities()
+    if caps.int8_saturates:
+        return 127, 127, f"{caps.describe()}: INT8 sums saturate, so 7-bit activations (8-bit into depthwise)"
+    return 255, 127, f"{caps.describe()}: exact INT8 dot products, so 8-bit activations"
 
 
 class _DepthwiseFullRange:
@@ -255,7 +258,7 @@ def quantization_config(recipe: Recipe, *, ranges: tuple[int, int] | None = None
         ),
         CalibMethod.entropy: pt2e_histogram_observer().with_args(method="entropy", eps=_EPS),
     }[recipe.calib]
-    act_qmax, weight_qmax = ranges or int8_ranges()
+    act_qmax, weight_qmax = ranges or int8_ranges()[:2]
     activation = QuantizationSpec(
         dtype=torch.uint8,
         quant_min=0,
@@ -285,8 +288,8 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
 
     start = time.perf_counter()
     example = _example(calib)
-    ranges = int8_ranges()
-    config = quantization_config(recipe, ranges=ranges)
+    *ranges, why = int8_ranges()
+    config = quantization_config(recipe, ranges=tuple(ranges))
     module = _bias_corrected(loaded.module, config.weight, recipe, calib) if recipe.bias_correction else loaded.module
     try:
         exported = _export(untie_reused_modules(module), example)
@@ -323,6 +326,7 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
         "weight_qmax": ranges[1],
         "bias_correction": "int8eval" if recipe.bias_correction else None,
         "depthwise_act_qmax": 255 if isinstance(quantizer, _DepthwiseFullRange) else ranges[0],
+        "why": why,
     }
     if compile:  # compile now (lazy otherwise) so that prepare_s counts it
         variant.predict(calib.batches[0])

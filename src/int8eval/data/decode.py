@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from int8eval.config import Preprocessing
 from int8eval.data.layouts import Sample
+from int8eval.errors import DatasetError
 
 _INTERPOLATION = {
     "nearest": transforms.InterpolationMode.NEAREST,
@@ -31,19 +35,83 @@ def build_transform(pre: Preprocessing) -> transforms.Compose:
     )
 
 
-def load_rgb(path) -> Image.Image:
+# Decode bounds, checked from the header before any pixel is decoded or resized: photos in ImageNet are a few
+# megapixels (the shared 800-image sample: at most 1600 px on the short side, aspect at most 1:3.4).
+MAX_PIXELS = 50_000_000  # decoded pixels (150 MB as RGB); a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale
+MAX_ASPECT = 25  # longer side / shorter side: resizing the short side of a 1:100000 sliver needs gigabytes
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class ImageRefused(DatasetError):
+    """An image that is not decoded: the message is the reason, reported with the file's path."""
+
+
+def load_rgb(path, min_side: int | None = None) -> Image.Image:
+    """The image at `path` as 8-bit RGB, within MAX_PIXELS and MAX_ASPECT (else ImageRefused).
+
+    A JPEG over MAX_PIXELS is decoded at reduced scale (Pillow's draft), keeping its short side >= `min_side`
+    (the resize target); images within the limit decode exactly as before.
+    """
+    # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer; fstat then refuses it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageRefused("not a regular file: it is never read")
+        with warnings.catch_warnings():
+            # The header check below states its own, lower limit, and names the file; Pillow's warning names none.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(f)
+            except UnidentifiedImageError:
+                raise ImageRefused(f"UnidentifiedImageError: cannot identify image file {str(path)!r}") from None
+            except Image.DecompressionBombError as e:
+                raise ImageRefused(f"too large to decode ({e}); the limit is {MAX_PIXELS / 1e6:.0f} megapixels") from None
+        with im:
+            _bound(im, min_side or 1)
+            return _to_rgb(im)
+
+
+def _bound(im: Image.Image, min_side: int) -> None:
+    w, h = im.size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageRefused(f"{w}x{h} pixels: aspect ratio beyond 1:{MAX_ASPECT}, not a photo to classify")
+    if w * h <= MAX_PIXELS:
+        return
+    # Only over the limit: draft changes the decoded pixels, so images within it never go through it.
+    scale = next(
+        (k for k in (8, 4, 2) if min(w, h) // k >= min_side and (w // k) * (h // k) <= MAX_PIXELS), None
+    ) if im.format == "JPEG" else None
+    if scale is None:
+        raise ImageRefused(
+            f"{w}x{h} pixels ({w * h / 1e6:.0f} megapixels) is over the decode limit of {MAX_PIXELS / 1e6:.0f} "
+            "megapixels: downscale the image"
+        )
+    im.draft(None, (w // scale, h // scale))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
     # PIL detects the format from the content (a PNG named .JPEG works); convert() forces the full decode, so a
-    # truncated file fails here, and CMYK / grayscale / palette images become RGB.
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    # truncated file fails here, and CMYK / grayscale / palette images become RGB. convert() clips wider pixels
+    # to 255, which turns 16-bit grayscale all white: those are scaled, and pixels of unknown range refused.
+    if im.mode in _UINT16_MODES:
+        return Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "I":
+        lo, hi = im.getextrema()
+        if lo < 0 or hi > 255:
+            raise ImageRefused(f"32-bit integer pixels from {lo} to {hi}: their scale is unknown; save the image as 8 or 16 bit")
+    if im.mode == "F":
+        raise ImageRefused("floating-point pixels: their scale (0-1 or 0-255) is unknown; save the image as 8 or 16 bit")
+    return im.convert("RGB")
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(position, label, image tensor or None, error or None): the transform is the eval one or a training one."""
+    """(position, label, image tensor or None, error or None): the transform is the eval one or a training one.
+    `min_side` (the resize target) lets an over-large JPEG decode at reduced scale."""
 
-    def __init__(self, samples: list[Sample], transform) -> None:
+    def __init__(self, samples: list[Sample], transform, min_side: int | None = None) -> None:
         self.samples = samples
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -51,7 +119,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         label = self.samples[i].label
         try:
-            return i, label, self.transform(load_rgb(self.samples[i].path)), None
+            return i, label, self.transform(load_rgb(self.samples[i].path, self.min_side)), None
+        except ImageRefused as e:
+            return i, label, None, str(e)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the file, reported per image
             return i, label, None, f"{type(e).__name__}: {e}"
 
@@ -91,7 +161,8 @@ def loader(dataset: ImageDataset, *, batch_size: int, workers: int, **kw) -> tor
 
 def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, workers: int) -> Iterator[Batch]:
     """Decoded, preprocessed batches in sample order (workers decode ahead while the variants run)."""
-    yield from loader(ImageDataset(samples, build_transform(pre)), batch_size=batch_size, workers=workers, shuffle=False)
+    dataset = ImageDataset(samples, build_transform(pre), min_side=pre.resize)
+    yield from loader(dataset, batch_size=batch_size, workers=workers, shuffle=False)
 
 
 def decode_samples(

@@ -4,8 +4,11 @@ folder order. What cannot be used is kept in `skipped` with the reason, for the 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,45 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _why_not_a_file(entry: os.DirEntry) -> str | None:
+    """Why a non-folder entry cannot be an image (None when it can). Decided from stat, before anything opens it:
+    opening a FIFO or a device can block forever."""
+    try:
+        st = entry.stat()  # follows a symlink
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        return "broken symlink (its target does not exist)" if entry.is_symlink() else f"cannot read it ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        return f"not a regular file ({kind})"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink; a symlink loop raises instead of answering False
+    except OSError:
+        return False
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def reasons(skipped: list[dict], most: int = 3) -> str:
+    """The commonest skip reasons with a count and an example: '2 x not an image file (e.g. a.txt); ...'."""
+    counts = Counter(s["reason"] for s in skipped)
+    first = {}
+    for s in skipped:
+        first.setdefault(s["reason"], s["path"])
+    parts = [f"{n} x {r} (e.g. {first[r]})" for r, n in counts.most_common(most)]
+    return "; ".join(parts) + ("; ..." if len(counts) > most else "")
+
+
 def discover(root: Path, labels: Path | None = None) -> SampleSet:
     """List the labelled images under `root`.
 
@@ -45,30 +87,55 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
         root: a folder per synset (`n01440764/...`), or a flat folder of images.
         labels: ground truth for a flat folder (LOC_val_solution.csv, the devkit folder/tar, or its
             ground-truth txt with meta.mat beside it).
+
+    Everything else is in `skipped` with its reason: hidden entries, anything that is not a regular file (never
+    opened), empty files, folders inside a class folder (never taken as that class), non-images, and a file
+    reachable twice (a link) after its first copy, or every copy when they sit in different class folders.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data folder {root} does not exist or is not a folder")
     index = wnid_to_index()
-    samples: list[Sample] = []
+    found: list[tuple[Sample, tuple[int, int]]] = []  # with the file's (device, inode), to find one file twice
     skipped: list[dict] = []
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
-    files = [e for e in entries if e.is_file() and not e.name.startswith(".")]
+    dirs, files = [], []
+    try:
+        entries = _scan(root)
+    except OSError as e:
+        raise DatasetError(f"cannot list data folder {root}: {e.strerror}") from None
+
+    def hidden(e: os.DirEntry, rel: str) -> bool:
+        if e.name.startswith("."):
+            skipped.append({"path": rel, "reason": "hidden (the name starts with '.')"})
+        return e.name.startswith(".")
+
+    def add(e: os.DirEntry, rel: str, wnid: str) -> None:
+        st = e.stat()
+        found.append((Sample(Path(e.path), index[wnid], rel), (st.st_dev, st.st_ino)))
+
+    for e in entries:
+        if hidden(e, e.name + ("/" if _is_dir(e) else "")):
+            continue
+        if _is_dir(e):
+            dirs.append(e)
+        elif why := _why_not_a_file(e):
+            skipped.append({"path": e.name, "reason": why})
+        else:
+            files.append(e)
 
     if labels is not None:
         layout = "flat+ground-truth"
-        truth = read_ground_truth(labels)
+        truth = read_ground_truth(labels)  # every wnid in it is an ImageNet-1k synset
+        for d in dirs:
+            skipped.append({"path": d.name + "/", "reason": "folder (with --labels the images sit directly in the data folder)"})
         for e in files:
             stem = Path(e.name).stem
             if not _is_image(e.name):
                 skipped.append({"path": e.name, "reason": "not an image file"})
             elif stem not in truth:
                 skipped.append({"path": e.name, "reason": f"no ground truth in {Path(labels).name}"})
-            elif truth[stem] not in index:
-                skipped.append({"path": e.name, "reason": f"ground truth {truth[stem]} is not an ImageNet-1k synset"})
             else:
-                samples.append(Sample(Path(e.path), index[truth[stem]], e.name))
+                add(e, e.name, truth[stem])
     elif dirs:
         layout = "folder-per-synset"
         for d in dirs:
@@ -76,18 +143,25 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
                 why = "not an ImageNet-1k synset" if WNID.match(d.name) else "folder name is not a WordNet id"
                 skipped.append({"path": d.name + "/", "reason": why})
                 continue
-            found = 0
-            for dirpath, _, names in os.walk(d.path):
-                for name in sorted(names):
-                    rel = Path(dirpath, name).relative_to(root).as_posix()
-                    if name.startswith("."):
-                        continue
-                    if not _is_image(name):
-                        skipped.append({"path": rel, "reason": "not an image file"})
-                        continue
-                    samples.append(Sample(Path(dirpath, name), index[d.name], rel))
-                    found += 1
-            if not found:
+            try:
+                inside = _scan(d.path)
+            except OSError as err:
+                skipped.append({"path": d.name + "/", "reason": f"cannot list the folder ({err.strerror})"})
+                continue
+            before = len(found)
+            for e in inside:
+                rel = f"{d.name}/{e.name}"
+                if hidden(e, rel + ("/" if _is_dir(e) else "")):
+                    continue
+                if _is_dir(e):
+                    skipped.append({"path": rel + "/", "reason": f"folder inside a class folder (its images are not taken as {d.name})"})
+                elif why := _why_not_a_file(e):
+                    skipped.append({"path": rel, "reason": why})
+                elif not _is_image(e.name):
+                    skipped.append({"path": rel, "reason": "not an image file"})
+                else:
+                    add(e, rel, d.name)
+            if len(found) == before and not inside:
                 skipped.append({"path": d.name + "/", "reason": "empty folder"})
         for e in files:
             skipped.append({"path": e.name, "reason": "file outside the synset folders"})
@@ -99,10 +173,10 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
             if not _is_image(e.name):
                 skipped.append({"path": e.name, "reason": "not an image file"})
             elif wnid in index:
-                samples.append(Sample(Path(e.path), index[wnid], e.name))
+                add(e, e.name, wnid)
             else:
                 unlabelled.append(e.name)
-        if unlabelled and not samples:
+        if unlabelled and not found:
             raise DatasetError(
                 f"{root} holds {len(unlabelled)} images but no synset folders and no ground truth: pass "
                 "--labels LOC_val_solution.csv (or the devkit) for the official val folder, or run "
@@ -110,10 +184,30 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
             )
         skipped += [{"path": n, "reason": "file name does not start with a synset id"} for n in unlabelled]
 
+    samples = _once_each(found, skipped)
     if not samples:
-        raise DatasetError(f"no labelled images found under {root} ({len(skipped)} entries skipped)")
+        what = f": {reasons(skipped)}" if skipped else ""
+        raise DatasetError(f"no labelled images found under {root} ({layout} layout; {len(skipped)} entries skipped{what})")
     samples.sort(key=lambda s: s.id)
     return SampleSet(root, layout, samples, skipped)
+
+
+def _once_each(found: list[tuple[Sample, tuple[int, int]]], skipped: list[dict]) -> list[Sample]:
+    """Each file once: a file reachable under two names (a symlink or hard link) would count twice, and under two
+    class folders it has no single label."""
+    by_file: dict[tuple[int, int], list[Sample]] = {}
+    for sample, key in found:
+        by_file.setdefault(key, []).append(sample)
+    samples = []
+    for copies in by_file.values():
+        copies.sort(key=lambda s: s.id)
+        if len({s.label for s in copies}) > 1:
+            names = ", ".join(s.id for s in copies)
+            skipped += [{"path": s.id, "reason": f"the same file is in several class folders ({names})"} for s in copies]
+            continue
+        samples.append(copies[0])
+        skipped += [{"path": s.id, "reason": f"the same file as {copies[0].id}"} for s in copies[1:]]
+    return samples
 
 
 def split(samples: list[Sample], calib_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -86,7 +86,8 @@ def load_model(
     from int8eval.models import efficientnet_lite, hub, tiny
 
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ModelLoadError(f"checkpoint {checkpoint} does not exist")
+        what = "does not exist" if not Path(checkpoint).exists() else "is not a regular file"
+        raise ModelLoadError(f"checkpoint {checkpoint} {what}: pass the state_dict file saved with torch.save")
     for loader in (efficientnet_lite, tiny, hub):
         if loader.handles(name):
             loaded = loader.load(name, checkpoint=checkpoint, weights=weights)
@@ -113,23 +114,60 @@ def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def load_state_dict_file(module: nn.Module, path: Path) -> None:
-    """Load a user checkpoint strictly; accepts a bare state_dict or {'state_dict'|'model': ...}."""
+    """Load a user checkpoint strictly; accepts a bare state_dict or {'state_dict'|'model': ...}. Every mismatch
+    (keys, a value that is not a tensor, shapes, NaN or inf weights) is a ModelLoadError naming the first one."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        raise ModelLoadError(f"cannot read checkpoint {path}: {e}") from e
+        raise ModelLoadError(
+            f"cannot read checkpoint {path} ({_reason(e)}): pass a state_dict saved with torch.save"
+        ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict):
-        raise ModelLoadError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        what = type(obj).__name__ if not isinstance(obj, dict) else "dict with non-string keys"
+        raise ModelLoadError(f"checkpoint {path} holds a {what}, not a state_dict")
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    result = module.load_state_dict(obj, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    check_state_dict(module, obj, path)
+    module.load_state_dict(obj, strict=True)
+
+
+def check_state_dict(module: nn.Module, state: dict, path) -> None:
+    """Raise ModelLoadError naming what in `state` does not fit `module`, before load_state_dict would raise a
+    multi-line RuntimeError."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
         raise ModelLoadError(
             f"checkpoint {path} does not match the architecture: "
-            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    params = {name for name, _ in module.named_parameters()}  # buffers may hold inf on purpose (attention masks)
+    for key, want in expected.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor):
+            raise ModelLoadError(f"checkpoint {path}: {key} holds a {type(got).__name__}, not a tensor")
+        if got.shape != want.shape:
+            raise ModelLoadError(
+                f"checkpoint {path} does not match the architecture: {key} is {list(got.shape)} in the checkpoint "
+                f"and {list(want.shape)} in the model (another number of classes or another variant?)"
+            )
+        if key in params and got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise ModelLoadError(f"checkpoint {path}: {key} holds {bad} NaN or inf values: the weights are broken")
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why torch.load failed; torch's own messages run over many lines, or are empty."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # a pickle that would run code, or odd content
+        rest = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in lines[1:] if not ln.startswith("Check the doc")]
+        detail = next((r for r in rest if r), "unsupported content")
+        return f"refused by the weights-only loader, which runs no code from the file: {detail[:300]}"
+    if not lines:
+        return f"{type(e).__name__}: " + ("the file is empty" if isinstance(e, EOFError) else "no detail given")
+    return f"{type(e).__name__}: {lines[0].split('. ')[0][:300]}"

@@ -65,11 +65,9 @@ def reference_model(name: str, checkpoint: Path | None = None) -> nn.Module:
         raise ModelLoadError(f"{name} needs the model code: pip install efficientnet-lite-pytorch") from e
     path = checkpoint or weights_file(name)
     model = EfficientNet.from_name(name.replace("_", "-"))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"weights {path} do not load into {name}: {e}") from e
+    from int8eval.models import load_state_dict_file
+
+    load_state_dict_file(model, path)  # strict, with one-line messages naming the first mismatch
     return model.eval()
 
 

@@ -33,6 +33,21 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def seed_batchnorm(module: nn.Module, seed: int = 1) -> None:
+    """Give every BatchNorm seeded, non-identity statistics and affine parameters, as trained weights have: with
+    the defaults (mean 0, var 1, weight 1, bias 0) BatchNorm is almost the identity, and a backend that dropped it
+    instead of folding it would still match PyTorch. Used by the test models (here and the tests' ResNet50)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                n = bn.num_features
+                bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)  # 0.25 .. 1.75
+                bn.weight.copy_(torch.rand(n, generator=g) + 0.5)  # 0.5 .. 1.5
+                bn.bias.copy_(torch.randn(n, generator=g) * 0.3)
+
+
 def infos():
     from int8eval.models import ModelInfo
 
@@ -48,6 +63,7 @@ def load(name: str, *, checkpoint: Path | None = None, weights: str | None = Non
 
     torch.manual_seed(0)
     module = TinyNet()
+    seed_batchnorm(module)
     source = "random init, seed 0"
     if checkpoint is not None:
         load_state_dict_file(module, checkpoint)

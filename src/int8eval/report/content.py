@@ -170,7 +170,7 @@ def environment_items(report: Report, *, esc: Wrap = _same) -> list[str]:
     isa = ", ".join(k for k, on in cpu.get("isa", {}).items() if on) or "none of note"
     libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
     return [
-        f"CPU: {esc(str(cpu.get('model')))} ({cpu.get('logical_cores')} logical cores); ISA: {esc(isa)}",
+        f"CPU: {esc(str(cpu.get('model')))} ({esc(str(cpu.get('logical_cores')))} logical cores); ISA: {esc(isa)}",
         f"GPU: {esc(str(env.get('gpu') or 'none'))}",
         f"Libraries: {esc(libs)}",
         f"Schema {esc(report.schema_version)}, created {esc(report.created)}",
@@ -181,8 +181,8 @@ RECIPE_HEADER = ["variant", "calibration", "weights", "bias correction", "kept i
 
 # Keys of a variant's `details` worth a reader's eye (the rest stays in report.json).
 _DETAIL_KEYS = (
-    "flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "exact_int8_kernels", "bias_corrected_layers",
-    "first_layer_fp32", "nncf",
+    "flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "activation_type", "exact_int8_kernels",
+    "bias_corrected_layers", "first_layer_fp32", "nncf", "why",  # why: the CPU-dependent choice and its reason
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from html import escape
+from typing import NamedTuple
 
 from int8eval.report import plots
 from int8eval.report.content import (
@@ -40,12 +41,27 @@ ul.reasons li { margin: 0.25em 0; }
 """
 
 
-def _code(text: str) -> str:
-    return f"<code>{escape(text)}</code>"
+class Raw(str):
+    """HTML the template built itself, every value in it escaped: a table cell that is put in as it is."""
+
+
+class Cell(NamedTuple):
+    """A whole table cell with one of the template's own CSS classes (never a value from report.json)."""
+
+    html: Raw
+    css: str
+
+
+# The verdict words report.json may hold (the schema checks them) and their CSS classes; anything else gets none.
+VERDICT_CSS = {"pass": "v-pass", "fail": "v-fail", "inconclusive": "v-inconclusive"}
+
+
+def _code(text: str) -> Raw:
+    return Raw(f"<code>{escape(str(text))}</code>")
 
 
 def _bold(text: str) -> str:
-    return f"<b>{text}</b>"
+    return f"<b>{escape(text)}</b>"
 
 
 def _items(items: list[str]) -> str:
@@ -58,14 +74,15 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<p><img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"></p>'
 
 
-def _table(header: list[str], rows: list[list[str]], *, left: int = 1, row_classes: list[str] | None = None) -> str:
-    """An HTML table; the first `left` columns are left-aligned. Cells are escaped unless they start with '<'."""
+def _table(header: list[str], rows: list[list], *, left: int = 1, row_classes: list[str] | None = None) -> str:
+    """An HTML table; the first `left` columns are left-aligned. Every cell is escaped text, except the template's
+    own markup (`Raw`, `Cell`); `row_classes` are the template's own CSS classes."""
 
-    def cell(tag: str, i: int, text: str) -> str:
+    def cell(tag: str, i: int, text) -> str:
+        if isinstance(text, Cell):
+            return f'<{tag} class="{text.css}">{text.html}</{tag}>'
         cls = ' class="l"' if i < left else ""
-        if text.startswith("<td") or text.startswith("<th"):
-            return text
-        body = text if text.startswith("<") else escape(text)
+        body = text if isinstance(text, Raw) else escape(str(text))
         return f"<{tag}{cls}>{body}</{tag}>"
 
     out = ['<div class="scroll"><table>', "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
@@ -76,10 +93,9 @@ def _table(header: list[str], rows: list[list[str]], *, left: int = 1, row_class
     return "\n".join(out)
 
 
-def _verdict_cell(v) -> str:
+def _verdict_cell(v) -> Cell:
     word = (v.verdict or {}).get("verdict")
-    label = escape(verdict_label(v))
-    return f'<td class="v-{word}">{label}</td>' if word else f'<td class="l">{label}</td>'
+    return Cell(Raw(escape(verdict_label(v))), VERDICT_CSS.get(word, "l"))
 
 
 def _summary(report: Report) -> str:
@@ -111,7 +127,7 @@ def _verdicts(report: Report) -> str:
         return ('<p class="note">No acceptance criterion was declared (<code>--max-drop POINTS [--drop relative]</code> '
                 "or <code>--mlperf</code>), so no verdicts.</p>")
     items = [
-        f'<li><span class="v-{escape(v.verdict["verdict"])}">{escape(verdict_label(v))}</span> '
+        f'<li><span class="{VERDICT_CSS.get(v.verdict["verdict"], "")}">{escape(verdict_label(v))}</span> '
         f"<b>{escape(v.name)}</b>: {escape(v.verdict['reason'])}</li>"
         for v in report.variants
         if v.verdict
@@ -162,8 +178,8 @@ def _sensitivity(report: Report) -> str:
     header += ["SQNR dB, local w+a", "local w", "local a", "in the INT8 model"]
     table = _table(header, rows, left=4)
     keep_text = "".join(f"<p>{text}</p>" for text in keep_fp32_sentences(s, strong=_bold) if text)
-    intro = (f"<p>Fake INT8 in PyTorch ({escape(str(s.get('spec_description', '')))}), {s.get('num_calib')} calibration "
-             f"images, {s.get('num_images')} evaluation images. Everything quantized: agreement with FP32 "
+    intro = (f"<p>Fake INT8 in PyTorch ({escape(str(s.get('spec_description', '')))}), {escape(str(s.get('num_calib')))} "
+             f"calibration images, {escape(str(s.get('num_images')))} evaluation images. Everything quantized: agreement with FP32 "
              f"{pct(whole.get('agreement'))}%; weights only {pct((s.get('weights_only') or {}).get('agreement'))}%; "
              f"activations only {pct((s.get('activations_only') or {}).get('agreement'))}%. Ranked by "
              f"{escape(str(s.get('rank_by')))}. Output SQNR: local = the layer's own error with FP32 inputs (w: its "

@@ -1,6 +1,9 @@
-"""report.md, rendered from report.json only."""
+"""report.md, rendered from report.json only. Every value taken from report.json goes through `md_text` or `md_code`:
+it shows as written and is never Markdown or HTML (report.json may come from someone else)."""
 
 from __future__ import annotations
+
+import re
 
 from int8eval.report.content import (
     RECIPE_HEADER,
@@ -18,7 +21,45 @@ from int8eval.report.content import (
 from int8eval.report.format import ci, num, p_value, pct, pts
 from int8eval.report.schema import Report
 
-__all__ = ["render_markdown", "verdict_label"]
+__all__ = ["md_code", "md_text", "render_markdown", "verdict_label"]
+
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")  # a value is one line: no new paragraph, row or block
+_MARKUP = re.compile(r"([\\`*\[\]<>|&~$#])")  # emphasis, code, links, HTML, entities, table cells, math, headings
+_LONE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # snake_case stays readable: only these emphasise
+
+
+def md_text(value) -> str:
+    """A value as Markdown text that reads as written: every markup character backslash-escaped, one line, and no
+    list, heading or quote where it starts a line; bare URLs are not linked."""
+    text = _LINE_BREAKS.sub(" ", str(value)).strip()  # leading spaces would indent it into a code block, trailing
+    # ones stop ** from closing
+    text = _LONE_UNDERSCORE.sub(r"\_", _MARKUP.sub(r"\\\1", text))
+    text = re.sub(r"^([+\-=])", r"\\\1", text)  # a list item or setext underline where it starts a line
+    text = re.sub(r"^(\d+)([.)])", r"\1\\\2", text)  # an ordered list where it starts a line
+    return text.replace("://", ":\\/\\/").replace("www.", "www\\.")  # no autolinks
+
+
+def md_code(value, *, table: bool = False) -> str:
+    """A value as inline code: a backtick fence longer than any run inside it, one line; in a table, pipes escaped."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    if not text.strip():
+        return md_text(text)
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _escaped(value):
+    """`value` (JSON-like) with every string and key as Markdown text, for renderers that do not escape."""
+    if isinstance(value, str):
+        return md_text(value)
+    if isinstance(value, dict):
+        return {md_text(k) if isinstance(k, str) else k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
 
 
 def _paired_section(report: Report) -> list[str]:
@@ -29,10 +70,10 @@ def _paired_section(report: Report) -> list[str]:
     n = paired[0].paired["n"]
     lines = [
         "",
-        f"## Paired comparison with {ref.name}",
+        f"## Paired comparison with {md_text(ref.name)}",
         "",
         f"The same {n} images for every variant. Δ = variant − reference in top-1 points, with the "
-        f"{paired[0].paired['ci_method']} 95% CI; lost = reference right → variant wrong, gained = the reverse; "
+        f"{md_text(paired[0].paired['ci_method'])} 95% CI; lost = reference right → variant wrong, gained = the reverse; "
         "p = McNemar's exact test on the lost and gained images.",
         "",
         "| variant | verdict | Δ top-1 pts | 95% CI | lost | gained | McNemar p | agreement % | 95% CI | Δ top-5 pts | KL mean | cos mean |",
@@ -42,22 +83,22 @@ def _paired_section(report: Report) -> list[str]:
         s = v.paired
         t1, t5 = s["top1"], s.get("top5")
         lines.append(
-            f"| {v.name} | {verdict_label(v)} | {pts(t1['diff'])} | {ci(t1['diff_ci95'], signed=True)} | "
+            f"| {md_text(v.name)} | {md_text(verdict_label(v))} | {pts(t1['diff'])} | {ci(t1['diff_ci95'], signed=True)} | "
             f"{t1['ref_right_var_wrong']} | {t1['ref_wrong_var_right']} | {p_value(t1['mcnemar_p'])} | "
             f"{pct(s['agreement_top1'])} | {ci(s['agreement_top1_ci95'])} | {pts(t5['diff']) if t5 else '—'} | "
             f"{num(s.get('kl_mean'), '.2e')} | {num(s.get('cos_mean'), '.5f')} |"
         )
     if report.acceptance:
-        lines += ["", f"### Verdicts ({report.acceptance['description']})", ""]
+        lines += ["", f"### Verdicts ({md_text(report.acceptance['description'])})", ""]
         for v in paired:
             if v.verdict:
-                lines.append(f"- **{v.name}: {verdict_label(v)}** — {v.verdict['reason']}")
+                lines.append(f"- **{md_text(v.name)}: {md_text(verdict_label(v))}** — {md_text(v.verdict['reason'])}")
     else:
         lines += ["", "No acceptance criterion was declared (`--max-drop POINTS [--drop relative]` or `--mlperf`), so no verdicts."]
     losers = classes_lost_most(paired, limit=5)
     if losers:
         lines += ["", "### Classes that lost most (net images, reference right → variant wrong minus the reverse)", ""]
-        lines += [f"- {name}: {worst}" for name, worst in losers]
+        lines += [f"- {md_text(name)}: {md_text(worst)}" for name, worst in losers]
     return lines
 
 
@@ -67,7 +108,7 @@ def _recipe_section(report: Report) -> list[str]:
         return []
     lines = ["", "## How the INT8 variants were built", "", "| " + " | ".join(RECIPE_HEADER) + " |",
              "|" + "---|" * len(RECIPE_HEADER)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(map(md_text, row)) + " |" for row in rows]
 
 
 def _sensitivity_section(report: Report) -> list[str]:
@@ -80,23 +121,24 @@ def _sensitivity_section(report: Report) -> list[str]:
         "",
         "## Per-layer sensitivity",
         "",
-        f"Fake INT8 in PyTorch ({s.get('spec_description', spec)}), {s.get('num_calib')} calibration images, "
-        f"{s.get('num_images')} evaluation images; agreement = top-1 agreement with FP32. Everything quantized: "
+        f"Fake INT8 in PyTorch ({md_text(s.get('spec_description', spec))}), {md_text(s.get('num_calib'))} calibration "
+        f"images, {md_text(s.get('num_images'))} evaluation images; agreement = top-1 agreement with FP32. Everything quantized: "
         f"agreement {pct(whole.get('agreement'))}%, mean KL {num(whole.get('kl'), '.2e')}; weights only "
         f"{pct(s.get('weights_only', {}).get('agreement'))}%, activations only "
         f"{pct(s.get('activations_only', {}).get('agreement'))}%.",
         "",
-        f"Most sensitive layers (ranked by {s.get('rank_by')}):",
+        f"Most sensitive layers (ranked by {md_text(s.get('rank_by'))}):",
         "",
         "| # | PyTorch module | ONNX node | only this layer INT8: agreement % / KL | all but this layer: agreement % | "
         "only weights / only activations: KL | output SQNR dB (local w+a / w / a / in the INT8 model) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in sensitivity_rows(s, min_rows=5):
+    for row in sensitivity_rows(s, min_rows=5):
+        r = row._replace(**{k: md_text(x) for k, x in row._asdict().items()})
         lines.append(
-            f"| {r.rank} | `{r.module}` | `{r.onnx_node}` | {r.only_agreement} / {r.only_kl} | {r.all_but_agreement} | "
-            f"{r.only_weight_kl} / {r.only_act_kl} | {r.sqnr_local} / {r.sqnr_local_weight} / {r.sqnr_local_act} / "
-            f"{r.sqnr_accumulated} |"
+            f"| {r.rank} | {md_code(row.module, table=True)} | {md_code(row.onnx_node, table=True)} | {r.only_agreement} / "
+            f"{r.only_kl} | {r.all_but_agreement} | {r.only_weight_kl} / {r.only_act_kl} | {r.sqnr_local} / "
+            f"{r.sqnr_local_weight} / {r.sqnr_local_act} / {r.sqnr_accumulated} |"
         )
     keep, confirm = keep_fp32_sentences(s)
     if keep:
@@ -108,7 +150,8 @@ def _sensitivity_section(report: Report) -> list[str]:
 
 def render_markdown(report: Report) -> str:
     d = report.data
-    lines = [f"# int8eval report: {report.model.name}", ""] + [f"- {item}" for item in overview_items(report)]
+    lines = [f"# int8eval report: {md_text(report.model.name)}", ""]
+    lines += [f"- {item}" for item in overview_items(report, esc=md_text, code=md_code)]
     lines += [
         "",
         "## Variants",
@@ -119,7 +162,7 @@ def render_markdown(report: Report) -> str:
     for v in report.variants:
         status = v.status if v.parity is None or v.parity.passed else f"{v.status} (parity FAILED)"
         lines.append(
-            f"| {v.name}{' (reference)' if v.reference else ''} | {v.backend} | {v.precision} | {status} | "
+            f"| {md_text(v.name)}{' (reference)' if v.reference else ''} | {v.backend} | {v.precision} | {status} | "
             f"{pct(v.top1)} | {ci(v.top1_ci95)} | {pct(v.top5)} | {pct(v.agreement_top1)} | {pts(v.delta_top1)} | "
             f"{num(v.size_mb)} |"
         )
@@ -129,20 +172,22 @@ def render_markdown(report: Report) -> str:
     if report.bench or any(v.bench for v in report.variants):
         from int8eval.bench import render_markdown as bench_markdown  # the speed section is bench's to render
 
-        bench_lines = bench_markdown(report.variants, report.bench)
+        # It formats what it is given as it is: give it the report's strings already escaped.
+        variants = [_escaped(v.model_dump(mode="json")) for v in report.variants]
+        bench_lines = bench_markdown(variants, _escaped(report.bench))
         if bench_lines:
             lines += [""] + bench_lines
     errors = [v for v in report.variants if v.error]
     if errors:
-        lines += ["", "## Errors", ""] + [f"- **{v.name}**: {v.error}" for v in errors]
-    gate = gate_items(report)
+        lines += ["", "## Errors", ""] + [f"- **{md_text(v.name)}**: {md_text(v.error)}" for v in errors]
+    gate = gate_items(report, esc=md_text)
     if gate:
         lines += ["", "## FP32 parity gate", ""] + [f"- {item}" for item in gate]
-    compared = comparison_items(report)
+    compared = comparison_items(report, esc=md_text)
     if compared:
         lines += ["", "## QAT against its FP32 control and post-training INT8", ""] + [f"- {item}" for item in compared]
     if d.skipped:
         lines += ["", f"## Skipped ({d.num_skipped})", ""]
-        lines += [f"- {item}" for item in skipped_items(d.skipped, limit=50)]
-    lines += ["", "## Environment", ""] + [f"- {item}" for item in environment_items(report)] + [""]
+        lines += [f"- {item}" for item in skipped_items(d.skipped, limit=50, esc=md_text, code=md_code)]
+    lines += ["", "## Environment", ""] + [f"- {item}" for item in environment_items(report, esc=md_text)] + [""]
     return "\n".join(lines)

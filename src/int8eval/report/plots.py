@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import matplotlib
 
@@ -16,6 +17,11 @@ from int8eval.report.schema import Report  # noqa: E402
 
 VERDICT_COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#ef6c00", None: "#546e7a"}
 REFERENCE_COLOUR = "#1565c0"
+
+
+def _plain(text) -> str:
+    """A label from report.json drawn as written: a `$` would start matplotlib's mathtext (and fail to parse)."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).replace("$", r"\$")
 
 
 def _png(fig: Figure) -> bytes:
@@ -57,10 +63,11 @@ def accuracy_vs_speed(report: Report) -> bytes | None:
         colour = REFERENCE_COLOUR if v.reference else VERDICT_COLOURS.get(verdict, VERDICT_COLOURS[None])
         lo, hi = v.top1_ci95 or (v.top1, v.top1)
         ax.errorbar(
-            x, 100 * v.top1, yerr=[[100 * (v.top1 - lo)], [100 * (hi - v.top1)]],
+            # Clamped: an interval that ends at the estimate can come out 1e-17 on the wrong side of it.
+            x, 100 * v.top1, yerr=[[max(0.0, 100 * (v.top1 - lo))], [max(0.0, 100 * (hi - v.top1))]],
             fmt="o", color=colour, capsize=4, markersize=7,
         )
-        ax.annotate(v.name, (x, 100 * v.top1), textcoords="offset points", xytext=(6, 6 - 11 * near), fontsize=8)
+        ax.annotate(_plain(v.name), (x, 100 * v.top1), textcoords="offset points", xytext=(6, 6 - 11 * near), fontsize=8)
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 %, 95% CI")
     ax.set_title("Accuracy vs " + ("speed" if key == "throughput_ips" else "size"))
@@ -97,7 +104,7 @@ def sensitivity_bars(sensitivity: dict) -> bytes | None:
     ax2.set_ylabel("local output SQNR, dB\n(higher is better)")
     ax2.grid(axis="y", alpha=0.3)
     ax2.set_xticks(range(len(names)))
-    ax2.set_xticklabels(names, rotation=90, fontsize=7)
+    ax2.set_xticklabels([_plain(n) for n in names], rotation=90, fontsize=7)
     return _png(fig)
 
 
@@ -118,7 +125,7 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
     )
     names = wnid_to_name()
     for ax, (v, ranked) in zip(axes[:, 0], rows):
-        labels = [f"{(names.get(w) or w)[:28]} ({w})" for w, _ in ranked]
+        labels = [_plain(f"{(names.get(w) or w)[:28]} ({w})") for w, _ in ranked]
         ys = range(len(ranked))
         ax.barh(ys, [-f["lost"] for _, f in ranked], color="#c62828", label="lost (FP32 right → wrong)")
         ax.barh(ys, [f["gained"] for _, f in ranked], color="#2e7d32", label="gained (FP32 wrong → right)")
@@ -130,7 +137,7 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
         ax.set_xlim(-m, m)
         ax.axvline(0, color="black", lw=0.8)
         total_lost, total_gained = v.paired["top1"]["ref_right_var_wrong"], v.paired["top1"]["ref_wrong_var_right"]
-        ax.set_title(f"{v.name}: {total_lost} lost, {total_gained} gained (top {len(ranked)} classes)", fontsize=9)
+        ax.set_title(f"{_plain(v.name)}: {total_lost} lost, {total_gained} gained (top {len(ranked)} classes)", fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(axis="x", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()

@@ -6,18 +6,114 @@ Accuracies are fractions in [0, 1]; raw values are stored and only rounded when 
 from __future__ import annotations
 
 import json
+import re
+from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from int8eval.config import Preprocessing
+from int8eval.config import Backend, Precision, Preprocessing
+from int8eval.errors import RunFolderError
+from int8eval.report.folder import write_atomic
+from int8eval.verdict import Verdict
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: run_id and files (sha256 of predictions.npz and the artifacts); 1.0 files still read
 
 
 class _Section(BaseModel):
-    # Sections may carry fields added by later versions; readers ignore what they do not know.
-    model_config = ConfigDict(extra="allow")
+    # Sections may carry fields added by later versions; readers ignore what they do not know. Enums are checked
+    # when read and kept as their plain string values, so report.json reads back exactly as it was written.
+    model_config = ConfigDict(extra="allow", use_enum_values=True)
+
+
+class Status(str, Enum):
+    """What became of a variant: measured, failed (`error` says why), or measured but its backend's FP32 does not
+    match the reference, so its INT8 numbers cannot be attributed to INT8 (`error` says by how much)."""
+
+    ok = "ok"
+    error = "error"
+    parity_failed = "parity_failed"
+
+
+def _errors(e: ValidationError, limit: int = 3) -> str:
+    """A pydantic error as `field.path: what is wrong (got 'value')`, the bad value shown quoted and cut short."""
+    parts = []
+    for err in e.errors()[:limit]:
+        where = ".".join(map(str, err["loc"])) or "top level"
+        got = repr(err.get("input"))
+        parts.append(f"{where}: {err['msg']} (got {got[:60] + '...' if len(got) > 60 else got})")
+    more = len(e.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _checked(model: type[BaseModel]):
+    """A validator checking a section kept as a dict (other code reads it as one) against `model`."""
+
+    def check(value):
+        if value is not None:
+            try:
+                model.model_validate(value)
+            except ValidationError as e:
+                raise ValueError(_errors(e)) from None
+        return value
+
+    return check
+
+
+# Shapes of the sections kept as dicts, checked when report.json is read: what the renderers read of them.
+class SkippedEntry(_Section):
+    path: str
+    reason: str
+
+
+class VerdictSection(_Section):
+    verdict: Verdict
+    reason: str
+
+
+class PairedBlock(_Section):
+    ref: float
+    var: float
+    diff: float
+    diff_ci95: tuple[float, float]
+    ref_right_var_wrong: int
+    ref_wrong_var_right: int
+    mcnemar_p: float | None = None
+
+
+class ClassFlips(_Section):
+    n: int
+    lost: int
+    gained: int
+
+
+class ClassLoss(ClassFlips):
+    wnid: str
+    name: str
+    net: int
+
+
+class PairedSection(_Section):
+    n: int
+    ci_method: str
+    test: str
+    top1: PairedBlock
+    agreement_top1: float
+    agreement_top1_ci95: tuple[float, float]
+    top5: PairedBlock | None = None
+    kl_mean: float | None = None
+    cos_mean: float | None = None
+    flips_by_class: dict[str, ClassFlips] = Field(default_factory=dict)
+    classes_lost_most: list[ClassLoss] = Field(default_factory=list)
+
+
+class AcceptanceSection(_Section):
+    description: str
+
+
+class TimingSection(_Section):
+    total_s: float | None = None
+    images_per_s: float | None = None
 
 
 class ModelSection(_Section):
@@ -44,6 +140,11 @@ class DataSection(_Section):
     calibration: CalibrationSection | None = None
     seed: int = 0
 
+    @field_validator("skipped")
+    @classmethod
+    def _skipped(cls, value):
+        return [_checked(SkippedEntry)(entry) for entry in value]
+
 
 class ParityCheck(_Section):
     agreement_top1: float
@@ -53,9 +154,9 @@ class ParityCheck(_Section):
 
 class VariantResult(_Section):
     name: str
-    backend: str
-    precision: str
-    status: str  # "ok" | "error" | "skipped"
+    backend: Backend
+    precision: Precision
+    status: Status
     error: str | None = None
     recipe: dict = Field(default_factory=dict)
     reference: bool = False
@@ -81,6 +182,14 @@ class VariantResult(_Section):
     compared_with: dict[str, dict] | None = None
     bench: dict | None = None  # int8eval.bench: latency, throughput, speedups and size vs the backend's FP32/BF16
 
+    _paired = field_validator("paired")(_checked(PairedSection))
+    _verdict = field_validator("verdict")(_checked(VerdictSection))
+
+    @field_validator("compared_with")
+    @classmethod
+    def _compared(cls, value):
+        return value if value is None else {k: _checked(PairedSection)(v) for k, v in value.items()}
+
 
 class Report(_Section):
     schema_version: str = SCHEMA_VERSION
@@ -94,6 +203,24 @@ class Report(_Section):
     acceptance: dict | None = None  # the declared criterion (verdict.Acceptance) the verdicts answer
     sensitivity: dict | None = None  # per-layer sensitivity (diagnose.diagnose), when asked for
     bench: dict | None = None  # int8eval.bench section: machine (ISA, GPU), settings, warnings, fastest variant
+    # Ties the run folder's other files to this report.json (report.folder.verify): the run's id, and the sha256 of
+    # predictions.npz and of every artifact by their path in the run folder. None in reports written before 1.1.
+    run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    files: dict[str, str] | None = None
+
+    _acceptance = field_validator("acceptance")(_checked(AcceptanceSection))
+    _timing = field_validator("timing")(_checked(TimingSection))
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value):
+        for rel, digest in (value or {}).items():
+            parts = rel.split("/")
+            if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"{rel!r} is not a path inside the run folder")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"the sha256 of {rel!r} is not 64 hex digits")
+        return value
 
     def variant(self, name: str) -> VariantResult:
         return next(v for v in self.variants if v.name == name)
@@ -103,8 +230,24 @@ class Report(_Section):
         return next((v for v in self.variants if v.reference), None)
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        """Write report.json atomically (a temporary file renamed into place): never a truncated one."""
+        write_atomic(Path(path), json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> Report:
-        return cls.model_validate_json(Path(path).read_text())
+        """Read and validate report.json; a RunFolderError naming the file and the bad field otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            raise RunFolderError(f"{path} does not exist: {path.parent} holds no complete run "
+                                 f"(`int8eval run --out {path.parent}` writes one)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"cannot read {path}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise RunFolderError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): it is "
+                                 "truncated or not a report") from e
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RunFolderError(f"{path} is not a report int8eval wrote, so it is not used: {_errors(e)}") from e
