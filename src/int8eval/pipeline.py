@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from int8eval import backends, stats
 from int8eval.backends import CalibrationData, Variant
-from int8eval.config import Backend, OnBadImage, Precision, Recipe, RunConfig
+from int8eval.config import OnBadImage, Precision, Recipe, RunConfig
 from int8eval.data.decode import decode_samples
 from int8eval.data.layouts import discover, split, subsample
 from int8eval.environment import environment
@@ -25,6 +25,7 @@ from int8eval.report import Report, write_rendered
 from int8eval.report import folder as run_folder
 from int8eval.verdict import add_paired_stats
 from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, VariantResult
+
 
 def _check(recipe: Recipe) -> None:
     if recipe.qat_epochs:
