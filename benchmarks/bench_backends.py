@@ -78,18 +78,23 @@ def random_resnet50(tmp: Path, seed: int = 0) -> Path:
 def bench_model(model: str, args, tmp: Path) -> tuple[dict, list, tuple[int, int, int]]:
     """Build and time every variant of `model`; returns (run dict, live variants, input shape)."""
     checkpoint = random_resnet50(tmp) if model == "resnet50" else None
+    from int8eval.commands.bench import bench_recipes, bench_session
+    from int8eval.session import build_variants
+
     t = time.perf_counter()
-    loaded, variants, not_built, warnings = bench.build_bench_variants(
-        model, args.backends, args.precisions, workdir=tmp / model, data=args.data, calib_size=args.calib_size,
-        checkpoint=checkpoint, on_progress=lambda m: print(f"  {model}: {m}", flush=True),
-    )
+    recipes, skipped = bench_recipes(args.backends, args.precisions)
+    session, warnings = bench_session(model, recipes, data=args.data, calib_size=args.calib_size, checkpoint=checkpoint)
+    built = build_variants(session, recipes, tmp / model, say=lambda m: print(f"  {model}: {m}", flush=True))
+    loaded, variants = session.loaded, built.variants
     build_s = time.perf_counter() - t
     run = bench.bench_run(
         variants, loaded.input_shape, on_progress=lambda n: print(f"  {model}: timing {n}", flush=True),
         compile_torch=args.compiled_fp32, rounds=args.rounds,
         **bench_kw(args),  # BF16 without BF16 hardware is timed at batch 1 only (bench.EMULATED_BF16)
     )
-    bench.add_build_outcome(run, not_built, warnings)
+    for name, why in [*((r.name, why) for r, why in skipped), *built.failures.items()]:
+        run.variants[name] = {"error": why}
+    run.warnings += warnings
     out = run.to_dict()
     out["model"] = model
     out["weights"] = "random (seed 0)" if checkpoint else loaded.source

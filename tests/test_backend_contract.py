@@ -54,6 +54,9 @@ def test_default_int8_recipe(backend, tiny, calib, images, tmp_path):
     assert corr > 0.9, corr
     assert int8.size_mb < fp32.size_mb
     assert int8.prepare_s > 0
+    # which code computed the activation ranges, named in the report (the method name alone means one per backend)
+    assert isinstance(int8.details["calibration"], str) and int8.details["calibration"]
+    assert "calibration" not in (fp32.details or {})
 
 
 def test_int8_kernels_do_not_saturate_on_this_cpu(backend, tmp_path, monkeypatch):

@@ -11,15 +11,11 @@ require_package("onnx", "onnxruntime", extra="onnxruntime")
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from int8eval.backends import CalibrationData, build_variant, check_recipe  # noqa: E402
-from int8eval.backends import onnx_qdq, ranges  # noqa: E402
+from int8eval.backends import BuildContext, CalibrationData, build_variant, check_recipe  # noqa: E402
+from int8eval.backends import onnx_calibration, onnx_qdq, ranges  # noqa: E402
+from int8eval.backends.onnx_calibration import TensorStats, activation_ranges, collect_activation_stats  # noqa: E402
 from int8eval.backends.onnx_export import count_qdq, export_onnx, quantized_inputs  # noqa: E402
-from int8eval.backends.onnx_qdq import (  # noqa: E402
-    TensorStats,
-    activation_ranges,
-    collect_activation_stats,
-    quantize_qdq,
-)
+from int8eval.backends.onnx_qdq import quantize_qdq  # noqa: E402
 from int8eval.config import Backend, CalibMethod, Precision, Recipe  # noqa: E402
 from int8eval.errors import ConfigError  # noqa: E402
 from int8eval.models import load_model  # noqa: E402
@@ -196,18 +192,50 @@ def test_every_calibration_method_builds_and_predicts(tiny, varied_calib, images
     assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
 
 
-def test_recipes_share_one_export_and_one_calibration_pass(tiny, calib, tmp_path, monkeypatch):
+@pytest.fixture
+def counted(monkeypatch):
+    """Calls of the FP32 export and of the calibration pass, by name."""
     calls = []
-    real = onnx_qdq.collect_activation_stats
-    monkeypatch.setattr(
-        onnx_qdq, "collect_activation_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    fresh = load_model("tiny_test")  # its own cache entry
-    first = build_variant(fresh, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path)
-    second = build_variant(fresh, ort_recipe(calib=CalibMethod.entropy), calib, tmp_path)
-    assert len(calls) == 1
-    assert second.prepare_s >= onnx_qdq._PREPARED[fresh.module].export_s  # full cost still reported
+    for name in ("export_onnx", "collect_activation_stats"):
+        real = getattr(onnx_qdq, name)
+        monkeypatch.setattr(onnx_qdq, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+def test_recipes_of_one_context_share_one_export_and_one_calibration_pass(tiny, calib, tmp_path, counted):
+    context = BuildContext(workdir=tmp_path)
+    fp32 = build_variant(tiny, ort_recipe(precision=Precision.fp32), None, tmp_path, context)
+    first = build_variant(tiny, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path, context)
+    second = build_variant(tiny, ort_recipe(calib=CalibMethod.entropy), calib, tmp_path, context)
+    assert counted == ["export_onnx", "collect_activation_stats"]
+    assert context.onnx.module is tiny.module and fp32.artifact == context.onnx.fp32
+    assert second.prepare_s >= context.onnx.export_s  # full cost still reported
     assert first.artifact != second.artifact
+
+
+def test_two_contexts_share_nothing(tiny, calib, tmp_path, counted):
+    one, two = BuildContext(workdir=tmp_path / "one"), BuildContext(workdir=tmp_path / "two")
+    build_variant(tiny, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path / "one", one)
+    build_variant(tiny, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path / "two", two)
+    build_variant(tiny, ort_recipe(calib=CalibMethod.minmax), calib, tmp_path / "three")  # no context: a fresh one
+    assert counted == ["export_onnx", "collect_activation_stats"] * 3
+    assert one.onnx is not two.onnx and one.onnx.fp32.parent == tmp_path / "one"
+
+
+def test_a_context_exports_again_for_another_module(tiny, calib, tmp_path, counted):
+    context = BuildContext(workdir=tmp_path)
+    build_variant(tiny, ort_recipe(precision=Precision.fp32), None, tmp_path, context)
+    other = load_model("tiny_test")
+    build_variant(other, ort_recipe(precision=Precision.fp32), None, tmp_path / "other", context)
+    assert counted == ["export_onnx", "export_onnx"] and context.onnx.module is other.module
+
+
+@pytest.mark.parametrize("method", list(CalibMethod))
+def test_int8_details_name_the_code_that_set_the_ranges(tiny, calib, tmp_path, method):
+    variant = build_variant(tiny, ort_recipe(calib=method), calib, tmp_path)
+    phrase = variant.details["calibration"]
+    assert phrase.startswith("int8eval") and (method.value in phrase or method is CalibMethod.minmax)
+    assert ("2048 bins of |x|" in phrase) is (method is not CalibMethod.minmax)
 
 
 # --- calibration methods ------------------------------------------------------------------------------------------
@@ -221,7 +249,7 @@ def test_minmax_ranges_equal_onnxruntime_calibrator(fp32_onnx, calib, tmp_path):
     calibrator = create_calibrator(
         stats.model, augmented_model_path=str(tmp_path / "aug.onnx"), calibrate_method=CalibrationMethod.MinMax
     )
-    calibrator.collect_data(onnx_qdq.CalibrationReader(calib))
+    calibrator.collect_data(onnx_calibration.CalibrationReader(calib))
     theirs = calibrator.compute_data()
     # Aliased tensors (a Conv output before its ReLU) take the activation's range, as ORT's quantizer does later.
     common = (set(ours) - set(stats.aliases)) & set(theirs.keys())
@@ -273,7 +301,7 @@ def test_stats_from_another_model_are_refused(fp32_onnx, outlier_stats, tmp_path
 
 
 def _stats_of(values: np.ndarray, chunks: int = 1) -> TensorStats:
-    s = TensorStats(np.inf, -np.inf, np.zeros(onnx_qdq.HIST_BINS, dtype=np.int64), 0.0)
+    s = TensorStats(np.inf, -np.inf, np.zeros(onnx_calibration.HIST_BINS, dtype=np.int64), 0.0)
     for part in np.array_split(values, chunks):
         s.add(part.copy())
     return s
@@ -300,7 +328,7 @@ def test_gaussian_thresholds_are_plausible():
 
 def test_all_zero_activation_gets_a_zero_range():
     s = _stats_of(np.zeros(1000, dtype=np.float32))
-    stats = onnx_qdq.ActivationStats(None, None, {"z": s}, {}, 1, 0.0)
+    stats = onnx_calibration.ActivationStats(None, None, {"z": s}, {}, 1, 0.0)
     for method in CalibMethod:
         assert activation_ranges(stats, method)["z"] == (0.0, 0.0)
     tiny_values = _stats_of(np.full(1000, 1e-35, dtype=np.float32))  # bins / max would overflow float32
@@ -343,15 +371,14 @@ def test_activation_type_is_for_onnxruntime_int8_only(options):
 
 
 def test_the_cli_sets_the_activation_type_on_onnxruntime_recipes_only():
-    from int8eval.cli import build_recipes
+    from int8eval.session import expand_recipes
 
-    recipes = build_recipes(("onnxruntime", "openvino"), (), 99.999, False, False, ("fp16",), False,
-                            activation_type="int8")
+    recipes = expand_recipes(("onnxruntime", "openvino"), precisions=("fp16",), activation_type="int8")
     assert [r.name for r in recipes] == [
         "onnxruntime-int8-percentile99.999-s8s8", "onnxruntime-fp16", "openvino-int8-percentile99.999", "openvino-fp16"
     ]
     with pytest.raises(ConfigError, match="--backend onnxruntime"):
-        build_recipes(("openvino",), (), 99.999, False, False, (), False, activation_type="uint8")
+        expand_recipes(("openvino",), activation_type="uint8")
 
 
 def test_int8_without_calibration_images_is_a_config_error(tiny, tmp_path):

@@ -12,9 +12,10 @@ require_package("openvino", "nncf", extra="openvino")
 
 import openvino as ov  # noqa: E402
 
-from int8eval.backends import CalibrationData, build_variant  # noqa: E402
+from int8eval.backends import BuildContext, CalibrationData, build_variant  # noqa: E402
 from int8eval.backends import check_recipe as registry_check_recipe  # noqa: E402
 from int8eval.backends import openvino_backend as ob  # noqa: E402
+from int8eval.backends import openvino_ranges  # noqa: E402
 from int8eval.config import Backend, CalibMethod, Precision, Recipe  # noqa: E402
 from int8eval.errors import ConfigError  # noqa: E402
 from int8eval.models import load_model  # noqa: E402
@@ -42,7 +43,7 @@ def read(variant) -> ov.Model:
 
 def activation_highs(model: ov.Model) -> dict[str, float]:
     """input_high of each activation FakeQuantize, by node name."""
-    return {fq.get_friendly_name(): float(ob._limit(fq, 2).max()) for fq in ob._activation_quantizers(model)}
+    return {fq.get_friendly_name(): float(openvino_ranges.limit(fq, 2).max()) for fq in openvino_ranges.activation_quantizers(model)}
 
 
 def weight_scale_sizes(model: ov.Model) -> list[int]:
@@ -85,20 +86,23 @@ def test_fp32_is_compiled_with_f32_inference_precision(fp32):
     assert fp32.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
-def test_conversion_is_reused_until_the_weights_change(images):
+def test_conversion_is_reused_until_the_weights_change(images, tmp_path):
     import openvino.properties.hint as hints
 
     loaded = load_model("tiny_test")
-    first, second = ob.convert(loaded), ob.convert(loaded)
+    context = BuildContext(workdir=tmp_path)
+    first, second = ob.convert(loaded, context), ob.convert(loaded, context)
     assert first is not second  # callers get their own copy
-    assert ob._CONVERTED[loaded.module][1] is not first
-    key = ob._CONVERTED[loaded.module][0]
+    memo = context.openvino
+    assert memo.module is loaded.module and memo.model is not first
+    assert ob.conversion(loaded, context) is memo  # converted once per context
+    assert ob.conversion(loaded, BuildContext(workdir=tmp_path)) is not memo  # another context shares nothing
     with torch.no_grad():
         loaded.module.fc.bias.add_(1.0)  # in place: the cached conversion is stale now
     # f32 as the FP32 variants compile: the plugin's default runs BF16 on CPUs with it (2.9e-4 off on an AMX Xeon).
-    compiled = ov.Core().compile_model(ob.convert(loaded), "CPU", {hints.inference_precision: ov.Type.f32})
+    compiled = ov.Core().compile_model(ob.convert(loaded, context), "CPU", {hints.inference_precision: ov.Type.f32})
     out = compiled(images)[0]
-    assert ob._CONVERTED[loaded.module][0] != key
+    assert context.openvino is not memo and context.openvino.fingerprint != memo.fingerprint
     ref = torch_logits(loaded, images)
     # FP32 in another summation order (oneDNN's kernels per ISA): a few ulps per layer of the tiny model's sums, far
     # below 1e-4 of the logits' scale; a stale conversion is off by the +1 bias, BF16 by ~5e-3.
@@ -114,6 +118,13 @@ def test_variant_reports_how_it_was_built(fp32, int8_variants):
     # the first convolution is FP32 on CPUs whose INT8 kernels saturate: test_overflow_handling_follows_the_cpu)
     kept = details["first_layer_fp32"] or []
     assert details["bias_correction"] == "int8eval" and details["bias_corrected_layers"] == 4 - len(kept)
+    # which code set the activation ranges, by method
+    phrases = {m: v.details["calibration"] for m, v in int8_variants.items()}
+    assert phrases[CalibMethod.minmax] == "NNCF MINMAX range estimator"
+    assert phrases[CalibMethod.mse].startswith("NNCF HISTOGRAM")
+    for method in (CalibMethod.percentile, CalibMethod.entropy):
+        assert phrases[method].startswith("NNCF MINMAX, narrowed by int8eval ranges." + method.value)
+        assert "4096-bin" in phrases[method] and "2048 bins of |x|" in phrases[method]
 
 
 FIRST_CONV = "__module.features.0/aten::_convolution/Convolution"

@@ -14,6 +14,8 @@ from torch import nn
 from int8eval.backends import CalibrationData
 from int8eval.backends import check_recipe as registry_check_recipe
 from int8eval.backends import torch_backend as tb
+from int8eval.backends import torch_observers
+from int8eval.backends.pt2e import export_program, untie_reused_modules
 from int8eval.config import Recipe
 from int8eval.errors import BackendUnavailable, ConfigError
 from int8eval.models import load_model
@@ -66,6 +68,10 @@ def test_int8_recipe_predicts_like_fp32(options, tiny, calib, images, fp32, tmp_
     assert _agreement(logits, fp32.predict(images)) >= 0.75  # random model, random inputs: loose
     assert variant.artifact.exists() and variant.size_mb < fp32.size_mb
     assert variant.prepare_s > 0
+    library = "torch.ao" if recipe.legacy else "torchao"
+    own = recipe.calib.value in ("percentile", "entropy")  # int8eval's ranges; minmax and mse are PyTorch's observers
+    assert variant.details["calibration"].startswith(f"int8eval ranges.{recipe.calib.value}" if own else library)
+    assert ("legacy" in variant.details) is recipe.legacy
 
 
 def test_pt2e_artifact_is_the_int8_program(tiny, calib, images, tmp_path):
@@ -78,7 +84,7 @@ def test_pt2e_artifact_is_the_int8_program(tiny, calib, images, tmp_path):
     np.testing.assert_allclose(out.detach().numpy(), variant.predict(images[:5]), atol=1e-5)
 
 
-@pytest.mark.skipif(tb._cxx_compiler() is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(tb.cxx_compiler() is None, reason="inductor needs a C++ compiler")
 def test_compiled_int8_matches_its_reference_numbers(tiny, calib, images, fp32, tmp_path):
     variant = tb.build(tiny, Recipe(backend="torch"), calib, tmp_path)
     reference = tb.build(tiny, Recipe(backend="torch"), calib, tmp_path / "ref", compile=False)
@@ -163,11 +169,11 @@ def _prepare(module: nn.Module, x: torch.Tensor):
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
     quantizer = X86InductorQuantizer().set_global(tb.quantization_config(Recipe(backend="torch")))
-    return prepare_pt2e(tb._export(module, x).module(), quantizer)
+    return prepare_pt2e(export_program(module, x).module(), quantizer)
 
 
 def _check_untie(model: nn.Module, x: torch.Tensor) -> None:
-    untied = tb.untie_reused_modules(model)
+    untied = untie_reused_modules(model)
     assert untied is not model
     with torch.no_grad():
         assert torch.equal(untied(x), model(x))
@@ -187,7 +193,7 @@ def test_untie_gives_each_call_its_own_module():
 
 
 def test_untie_leaves_models_without_reuse_alone(tiny):
-    assert tb.untie_reused_modules(tiny.module) is tiny.module
+    assert untie_reused_modules(tiny.module) is tiny.module
 
 
 def test_untie_leaves_untraceable_models_alone():
@@ -200,7 +206,7 @@ def test_untie_leaves_untraceable_models_alone():
             return self.relu(x) if x.sum() > 0 else self.relu(self.relu(x))
 
     model = DataDependent()
-    assert tb.untie_reused_modules(model) is model
+    assert untie_reused_modules(model) is model
 
 
 @pytest.mark.slow
@@ -242,7 +248,7 @@ def test_pt2e_without_torchao_names_the_extra(monkeypatch):
 
 
 def test_pt2e_without_a_compiler_is_rejected(monkeypatch):
-    monkeypatch.setattr(tb, "_cxx_compiler", lambda: None)
+    monkeypatch.setattr(tb, "cxx_compiler", lambda: None)
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         tb.check_recipe(Recipe(backend="torch"))
 
@@ -281,7 +287,7 @@ def test_lite0_int8_agrees_with_fp32(shared_sample, tmp_path):
 
 
 def test_histogram_observer_grows_its_range_exactly():
-    observer = tb.pt2e_histogram_observer()(method="percentile", percentile=100.0, bins=64, dtype=torch.uint8)
+    observer = torch_observers.pt2e_histogram_observer()(method="percentile", percentile=100.0, bins=64, dtype=torch.uint8)
     rng = np.random.default_rng(3)
     chunks = [rng.standard_normal(1000).astype(np.float32) * s for s in (0.3, 1.0, 5.0)]
     for chunk in chunks:
@@ -295,7 +301,7 @@ def test_histogram_observer_grows_its_range_exactly():
 
 
 def test_histogram_observer_ignores_infinities():
-    observer = tb.pt2e_histogram_observer()(method="percentile", percentile=100.0, dtype=torch.uint8)
+    observer = torch_observers.pt2e_histogram_observer()(method="percentile", percentile=100.0, dtype=torch.uint8)
     observer(torch.tensor([float("inf"), -1.0, 2.0, float("nan")]))
     scale, zero_point = observer.calculate_qparams()
     assert float(observer.max_val) == 2.0 and float(scale) == pytest.approx(3.0 / 255, rel=0.01)

@@ -297,10 +297,14 @@ def test_meets_budget_reads_verdicts_defensively(verdict, expected):
 
 
 def test_fastest_uses_verdict_over_agreement():
+    from int8eval.config import Acceptance
+    from int8eval.verdict import decide
+
     vs = [_vr("torch-fp32", 20, 40, reference=True), _vr("torch-int8", 300, 9, agreement_top1=0.95)]
-    vs[1].verdict = {"within_budget": True, "delta_top1": -0.004}  # the budget, not the 99% agreement rule, decides
+    vs[1].verdict = decide(Acceptance(max_drop=1.0), 0.75, -0.004, (-0.008, 0.0))  # the budget, not the 99% rule, decides
     vs.append(_vr("openvino-int8", 400, 3, agreement_top1=0.999))
-    vs[2].verdict = "fail"
+    vs[2].verdict = decide(Acceptance(max_drop=1.0), 0.75, -0.03, (-0.04, -0.02))
+    assert (vs[1].verdict.verdict, vs[2].verdict.verdict) == ("pass", "fail")
     f = bench.fastest_variant(vs)
     assert f["throughput"] == "torch-int8" and f["criterion"].startswith("accuracy verdict")
 
@@ -328,10 +332,10 @@ def test_add_bench_fills_variant_results_and_report_roundtrips(tmp_path):
     }
     section = bench.add_bench(results, [fp32, int8], _Loaded(), reference=fp32.name, batch_sizes=(1, 8), warmup=1, min_runs=4, throughput_min_runs=2, min_seconds=0, clock=clock)
     b = results[int8.name].bench
-    assert b["speedup_throughput_vs_fp32"] == pytest.approx(4.0) and b["latency_batch"] == 1 and b["throughput_batch"] == 8
+    assert b.speedup_throughput_vs_fp32 == pytest.approx(4.0) and b.latency_batch == 1 and b.throughput_batch == 8
     assert results["broken"].bench is None
-    assert section["fastest"]["throughput"] == int8.name
-    assert set(section) == {"machine", "settings", "warnings", "fastest", "speed_only"}
+    assert section.fastest.throughput == int8.name
+    assert section.model_fields_set == {"machine", "settings", "warnings", "fastest", "speed_only"}
 
     report = Report.model_validate(
         {
@@ -345,22 +349,26 @@ def test_add_bench_fills_variant_results_and_report_roundtrips(tmp_path):
     )
     report.write(tmp_path / "report.json")
     again = Report.read(tmp_path / "report.json")
-    assert again.variant(int8.name).bench["throughput_ips"] == pytest.approx(b["throughput_ips"])
-    md = "\n".join(bench.render_markdown(again.variants, again.bench))
+    assert again.variant(int8.name).bench.throughput_ips == pytest.approx(b.throughput_ips)
+    md = "\n".join(bench.bench_markdown(again.variants, again.bench))
     assert "## Speed and size" in md and int8.name in md and "Fastest variant" in md
-    json.dumps(again.bench)  # the section is plain JSON
+    assert again.bench == section and json.loads(json.dumps(again.bench.model_dump(mode="json")))  # plain JSON
 
 
 def test_bench_command_on_tiny_torch(tmp_path, monkeypatch):
     _eager_compile(monkeypatch)
-    run = bench.bench_command(
+    from int8eval.commands.bench import bench as bench_command
+
+    report = bench_command(
         "tiny_test", ["torch"], ["fp32", "bf16"], out=tmp_path, calib_size=4, batch_sizes=(1, 4), warmup=1, min_runs=3,
         throughput_min_runs=2, min_seconds=0,
     )
-    assert {"torch-fp32", "torch-bf16", "torch-fp32-eager", "torch-bf16-eager"} <= set(run.variants)
-    assert run.variants["torch-bf16"]["speedup_latency_vs_fp32"] > 0
-    assert run.variants["torch-fp32"]["threads"] >= 1
-    assert (tmp_path / "bench.json").exists() and "torch-bf16" in (tmp_path / "bench.md").read_text()
+    assert [v.name for v in report.variants] == ["torch-fp32", "torch-bf16"]
+    assert {"torch-fp32-eager", "torch-bf16-eager"} <= set(report.bench.speed_only)
+    assert report.variant("torch-bf16").bench.speedup_latency_vs_fp32 > 0
+    assert report.variant("torch-fp32").bench.threads >= 1
+    assert Report.read(tmp_path / "report.json").variant("torch-bf16").bench == report.variant("torch-bf16").bench
+    assert "torch-bf16" in (tmp_path / "report.md").read_text()
 
 
 def test_max_seconds_caps_slow_variants_below_min_runs():
@@ -504,18 +512,18 @@ def test_run_bench_adds_a_bf16_baseline_iff_the_cpu_has_bf16(tmp_path, monkeypat
     }
     section = bench.add_bench(results, [fp32, int8], loaded, reference=fp32.name, workdir=tmp_path / "w",
                               batch_sizes=(1, 2), warmup=1, min_runs=2, throughput_min_runs=1, min_seconds=0)
-    extra = section["speed_only"]
+    extra = section.speed_only
     assert "torch-fp32-eager" in extra
     if bf16:
         b = extra["torch-bf16"]
-        assert b["throughput_batch"] == 2 and "BF16 hardware" in b["note"]  # timed in full: the CPU runs it natively
-        assert results[int8.name].bench["baseline_bf16"] == "torch-bf16"
-        assert "speedup_throughput_vs_bf16" in results[int8.name].bench
-        assert section["settings"]["bf16_hardware"]
+        assert b.throughput_batch == 2 and "BF16 hardware" in b.note  # timed in full: the CPU runs it natively
+        assert results[int8.name].bench.baseline_bf16 == "torch-bf16"
+        assert results[int8.name].bench.speedup_throughput_vs_bf16 is not None
+        assert section.settings.bf16_hardware
     else:
-        assert "torch-bf16" not in extra and "baseline_bf16" not in results[int8.name].bench
-        assert not section["settings"]["bf16_hardware"]
-    md = "\n".join(bench.render_markdown(list(results.values()), section))
+        assert "torch-bf16" not in extra and results[int8.name].bench.baseline_bf16 is None
+        assert not section.settings.bf16_hardware
+    md = "\n".join(bench.bench_markdown(list(results.values()), section))
     assert "torch-fp32-eager" in md and ("torch-bf16" in md) == bf16
 
 
@@ -533,12 +541,12 @@ def test_bench_run_reads_bf16_hardware_from_the_machine(monkeypatch):
 
 
 def _judged(name, thr, lat, drop, ci, n=700, budget=0.01):
-    from int8eval.verdict import Acceptance, decide
+    """A judged variant as a row of plain values (fastest_variant reads rows and VariantResults alike)."""
+    from int8eval.config import Acceptance
+    from int8eval.verdict import decide
 
-    v = _vr(name, thr, lat, agreement_top1=0.98)
-    v.verdict = decide(Acceptance(max_drop=100 * budget), 0.75, -drop, (-ci[1], -ci[0]), n)
-    v.paired = {"n": n}
-    return v
+    verdict = decide(Acceptance(max_drop=100 * budget), 0.75, -drop, (-ci[1], -ci[0]), n)
+    return {**_vr(name, thr, lat, agreement_top1=0.98).model_dump(), "verdict": verdict, "paired": {"n": n}}
 
 
 def test_summary_names_the_fastest_passing_int8_and_the_faster_inconclusive_one():
@@ -551,14 +559,14 @@ def test_summary_names_the_fastest_passing_int8_and_the_faster_inconclusive_one(
         _judged("openvino-int8", 132, 6, 0.004, (-0.002, 0.012)),  # inconclusive, estimate within budget
         _judged("torch-int8", 50, 9, 0.03, (0.02, 0.04)),  # fail
     ]
-    assert [v.verdict["verdict"] for v in vs[2:]] == ["pass", "inconclusive", "fail"]
+    assert [v["verdict"].verdict for v in vs[2:]] == ["pass", "inconclusive", "fail"]
     f = bench.fastest_variant(vs)
     assert f["throughput"] == "onnxruntime-int8" and f["fp32"] == "onnxruntime-fp32"
     assert f["speedup_vs_fp32"] == pytest.approx(1.5)
     (faster,) = f["faster_inconclusive"]
     assert faster["name"] == "openvino-int8" and faster["than"] == "onnxruntime-int8"
     assert faster["times_faster"] == pytest.approx(132 / 60)
-    assert faster["images_to_settle"] == images_to_settle(vs[3].verdict, 700) and faster["images_to_settle"] > 700
+    assert faster["images_to_settle"] == images_to_settle(vs[3]["verdict"], 700) and faster["images_to_settle"] > 700
     assert faster["estimate_within_budget"]
     text = "\n".join(bench.summary_lines(f))
     assert "**onnxruntime-int8**" in text and "1.50×" in text and "2.20× faster" in text
@@ -581,11 +589,12 @@ def test_summary_never_answers_fp32_and_measures_inconclusive_ones_against_it():
 
 
 def test_images_to_settle_is_verdicts_own_estimate():
-    from int8eval.verdict import Acceptance, decide, images_to_settle
+    from int8eval.config import Acceptance
+    from int8eval.verdict import decide, images_to_settle
 
     inconclusive = decide(Acceptance(max_drop=1.0), 0.75, -0.004, (-0.012, 0.002), 700)
     needed = images_to_settle(inconclusive, 700)
-    assert f"roughly {needed:,} images (now 700)" in inconclusive["reason"]
+    assert f"roughly {needed:,} images (now 700)" in inconclusive.reason
     assert images_to_settle(decide(Acceptance(max_drop=1.0), 0.75, -0.002, (-0.006, 0.001), 700), 700) is None  # pass
 
 
@@ -652,3 +661,19 @@ def test_summary_says_when_the_pick_is_slower_than_fp32():
     f = bench.fastest_variant(vs)
     assert f["throughput"] == "onnxruntime-int8" and f["speedup_vs_fp32"] == pytest.approx(0.5)
     assert "slower than FP32 on this machine: torch-fp32" in "\n".join(bench.summary_lines(f))
+
+
+def test_bench_never_replaces_another_commands_run(image_folder, tmp_path):
+    """A folder holding `int8eval run`'s report is refused by bench, untouched; bench's own folder is replaced."""
+    from int8eval.commands.bench import bench as bench_command
+    from int8eval.commands.run import run
+    from int8eval.config import RunConfig
+    from int8eval.errors import RunFolderError
+
+    out = tmp_path / "run"
+    run(RunConfig(model="tiny_test", data=image_folder, out=out, max_images=4))
+    before = (out / "report.json").read_bytes()
+    with pytest.raises(RunFolderError, match="holds the report of an `int8eval run`.*another --out"):
+        bench_command("tiny_test", ["torch"], ["fp32"], out=out, batch_sizes=(1, 2), warmup=0, min_runs=1,
+                      throughput_min_runs=1, min_seconds=0, compile_torch=False)
+    assert (out / "report.json").read_bytes() == before

@@ -80,7 +80,8 @@ def test_onnx_qdq_corrects_the_biases_it_quantizes(tiny, calib, tmp_path):
     from onnx import numpy_helper
 
     from int8eval.backends.onnx_export import export_onnx
-    from int8eval.backends.onnx_qdq import collect_activation_stats, quantize_qdq, weight_errors
+    from int8eval.backends.onnx_calibration import collect_activation_stats
+    from int8eval.backends.onnx_qdq import quantize_qdq, weight_errors
 
     fp32 = export_onnx(tiny.module, tiny.example_input(1), tmp_path / "tiny.onnx")
     stats = collect_activation_stats(fp32, calib)

@@ -101,10 +101,10 @@ def test_bench_with_kept_layers_threads_and_batch(image_folder, tmp_path):
     result = _run(["bench", "-m", "tiny_test", "--backend", "onnxruntime", "--data", str(image_folder), "--out", str(out),
                    "--keep-fp32", "none", "--keep-fp32", "fc", "--threads", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
-    data = json.loads((out / "bench.json").read_text())
-    names = set(data["variants"])
-    assert {"onnxruntime-fp32", "onnxruntime-int8-percentile99.999", "onnxruntime-int8-percentile99.999-keep1"} <= names
-    assert data["variants"]["onnxruntime-int8-percentile99.999-keep1"]["throughput_batch"] == 4
+    data = json.loads((out / "report.json").read_text())
+    rows = {v["name"]: v for v in data["variants"]}
+    assert {"onnxruntime-fp32", "onnxruntime-int8-percentile99.999", "onnxruntime-int8-percentile99.999-keep1"} <= set(rows)
+    assert rows["onnxruntime-int8-percentile99.999-keep1"]["bench"]["throughput_batch"] == 4
     result = CliRunner().invoke(main, ["bench", "-m", "tiny_test", "--backend", "onnxruntime", "--out", str(out),
                                        "--keep-fp32", "features.9"])
     assert result.exit_code == 2 and "features.9" in result.output

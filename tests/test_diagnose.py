@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from int8eval.commands.diagnose import run_diagnose
 from int8eval.config import Backend, CalibMethod, Recipe
 from int8eval.diagnose import (
     FakeQuantModel,
@@ -19,7 +20,6 @@ from int8eval.diagnose import (
     keep_fp32_check,
     onnx_node_names,
     quantize_weight,
-    run_diagnose,
 )
 from int8eval.errors import ConfigError
 from int8eval.models import load_model
@@ -211,13 +211,35 @@ def _jpeg_folder(root: Path, n_classes: int = 6, per_class: int = 4) -> Path:
     return root
 
 
-def test_run_diagnose_writes_json_and_fills_an_existing_report(tmp_path):
+def _folder_state(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _rerenders(out: Path) -> None:
+    """`int8eval report OUT` re-renders the folder: its checksums verify, its report.json renders."""
+    from click.testing import CliRunner
+
+    from int8eval.cli import main
+
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging folder, no temporary file
+
+
+def _fp32_run(data: Path, out: Path, model: str = "tiny_test"):
+    from int8eval.commands.run import run
     from int8eval.config import RunConfig
-    from int8eval.pipeline import run
+
+    return run(RunConfig(model=model, data=data, out=out))  # FP32 only: a run folder to attach to
+
+
+def test_diagnose_into_a_run_of_the_same_model_adds_its_section(tmp_path):
+    from int8eval.report import Report
 
     data = _jpeg_folder(tmp_path / "data")
     out = tmp_path / "run"
-    run(RunConfig(model="tiny_test", data=data, out=out))  # FP32 only: a report to attach to
+    before = _fp32_run(data, out)
+    predictions = (out / "predictions.npz").read_bytes()
     result = run_diagnose("tiny_test", data, out, calib_size=8, max_images=12, confirm_images=4, top_k=2)
     saved = json.loads((out / "sensitivity.json").read_text())
     assert saved["num_calib"] == 8 and saved["num_images"] == 12 and len(saved["image_ids"]) == 12
@@ -225,10 +247,85 @@ def test_run_diagnose_writes_json_and_fills_an_existing_report(tmp_path):
     assert saved["confirm"]["keep_fp32"]["n"] == 4
     assert saved["layers"][-1]["onnx_node"] == "/fc/Gemm"
     assert result["top_k"] == saved["top_k"]
-    report = json.loads((out / "report.json").read_text())
-    assert report["sensitivity"]["top_k"] == saved["top_k"]
+    report = Report.read(out / "report.json")
+    # The run is the same run: its id, its checksums, its predictions and variants; only the section was added.
+    assert report.run_id == before.run_id and report.files == before.files
+    assert (out / "predictions.npz").read_bytes() == predictions
+    assert [v.name for v in report.variants] == [v.name for v in before.variants]
+    assert report.sensitivity.top_k == saved["top_k"] and report.sensitivity.ranking == saved["ranking"]
+    assert report.sensitivity.confirm.keep_fp32.n == 4
     assert "Per-layer sensitivity" in (out / "report.html").read_text()
     assert "## Per-layer sensitivity" in (out / "report.md").read_text()
+    _rerenders(out)
+
+
+def test_diagnose_waits_for_no_one_holding_the_run_folder(tmp_path):
+    """The section is written under the folder's lock: a run or report writing OUT now makes it a message."""
+    from int8eval.commands.diagnose import add_to_run
+    from int8eval.errors import RunFolderError
+    from int8eval.report import folder
+
+    data = _jpeg_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    _fp32_run(data, out)
+    result = run_diagnose("tiny_test", data, tmp_path / "elsewhere", calib_size=8, max_images=8, top_k=1)
+    state = _folder_state(out)
+    with folder.locked(out), pytest.raises(RunFolderError, match="another int8eval command"):
+        add_to_run(out, result)
+    assert _folder_state(out) == state
+    add_to_run(out, result)
+    assert json.loads((out / "report.json").read_text())["sensitivity"]["top_k"] == result["top_k"]
+    _rerenders(out)
+
+
+def test_diagnose_into_an_empty_folder_writes_a_run_folder(tmp_path):
+    from int8eval.data.layouts import discover, split, subsample
+    from int8eval.report import Report
+    from int8eval.session import resolve_keep
+
+    data = _jpeg_folder(tmp_path / "data")
+    out = tmp_path / "new" / "run"  # does not exist yet
+    run_diagnose("tiny_test", data, out, calib_size=8, max_images=12, top_k=2, seed=3)
+    saved = json.loads((out / "sensitivity.json").read_text())
+    # The images of the seeded split diagnose always used: calibration first, then max_images of the rest.
+    calib, rest = split(discover(data).samples, 8, 3)
+    assert saved["calib_image_ids"] == [s.id for s in calib]
+    assert saved["image_ids"] == [s.id for s in subsample(rest, 12, 3)]
+
+    report = Report.read(out / "report.json")
+    assert report.variants == [] and report.run_id and report.files == {}
+    assert report.model.name == "tiny_test" and report.data.num_images == 12
+    assert report.data.calibration.image_ids == saved["calib_image_ids"]
+    assert report.sensitivity.ranking == saved["ranking"] and report.sensitivity.num_calib == 8
+    assert report.config["top_k"] == 2 and report.config["seed"] == 3 and report.config["spec"]["calib"] == "minmax"
+    md = (out / "report.md").read_text()
+    assert "## Per-layer sensitivity" in md and "## Variants" not in md
+    assert "Per-layer sensitivity" in (out / "report.html").read_text()
+    _rerenders(out)
+    # `int8eval run --keep-fp32 top2 --out OUT` reads the ranking from there.
+    assert resolve_keep(("top2",), None, out) == (tuple(saved["ranking"][:2]),)
+
+
+def test_diagnose_refuses_a_run_of_another_model_before_any_work(tmp_path, monkeypatch):
+    import int8eval.commands.diagnose as command
+    from int8eval.errors import RunFolderError
+    from int8eval.report import Report
+
+    data = _jpeg_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    _fp32_run(data, out)
+    report = Report.read(out / "report.json")  # the same folder, as a run of another model would leave it
+    report.model.name = "resnet18"
+    report.write(out / "report.json")
+    state = _folder_state(out)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the session was opened")
+
+    monkeypatch.setattr(command, "open_session", no_work)
+    with pytest.raises(RunFolderError, match=r"holds a run of resnet18, not of tiny_test.*pick another --out"):
+        run_diagnose("tiny_test", data, out, calib_size=8, max_images=8, top_k=1)
+    assert _folder_state(out) == state  # nothing written
 
 
 @pytest.mark.slow

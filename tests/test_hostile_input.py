@@ -321,36 +321,35 @@ def _calib_config(tmp_path, data, calib_data, calib_size, **kw):
 
 
 def test_calibration_images_that_cannot_be_used_are_listed_and_counts_are_checked(tmp_path, image_folder):
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from int8eval.pipeline import _calibration, _decode_calibration
+    from int8eval.session import open_session
 
     calib_root = tmp_path / "calib"
     write_image(calib_root / WNIDS[0] / "ok.JPEG")
     (calib_root / WNIDS[0] / "bad.JPEG").write_bytes(b"junk")
     (calib_root / WNIDS[0] / "notes.txt").write_text("x")
-    found = discover(image_folder)
     config = _calib_config(tmp_path, image_folder, calib_root, 2)
-    calib, source, rest = _calibration(config, found)
-    assert len(calib) == 2 and len(rest) == 12
-    progress = Progress(console=Console(file=io.StringIO()))
-    data = _decode_calibration(calib, PRE, config, progress, found.skipped)
-    assert data.num_images == 1
-    assert {s["path"]: s["reason"] for s in found.skipped} == {
+    session = open_session(config, config.recipes)
+    assert session.calib.num_images == 1 and len(session.eval_samples) == 12
+    assert {s["path"]: s["reason"] for s in session.skipped} == {
         f"{calib_root}/{WNIDS[0]}/notes.txt": "calibration: not an image file",
         f"{calib_root}/{WNIDS[0]}/bad.JPEG": f"calibration: UnidentifiedImageError: cannot identify image file '{calib_root / WNIDS[0] / 'bad.JPEG'}'",
     }
     with pytest.raises(DatasetError, match="cannot read calibration image .*bad.JPEG"):
-        _decode_calibration(calib, PRE, _calib_config(tmp_path, image_folder, calib_root, 2, on_bad_image=OnBadImage.fail), progress, [])
+        fail = _calib_config(tmp_path, image_folder, calib_root, 2, on_bad_image=OnBadImage.fail)
+        open_session(fail, fail.recipes)
 
-    with pytest.raises(DatasetError, match=r"--calib-size is 3 .* holds 2 usable images: pass --calib-size 2"):
-        _calibration(_calib_config(tmp_path, image_folder, calib_root, 3), discover(image_folder))
+    with pytest.raises(DatasetError, match=r"--calib-size is 3\b.* holds 2 usable images: pass --calib-size 2"):
+        three = _calib_config(tmp_path, image_folder, calib_root, 3)
+        open_session(three, three.recipes)
     # --calib-data naming --data (another spelling) is the seeded split: calibration images are still never evaluated.
-    calib, source, rest = _calibration(_calib_config(tmp_path, image_folder, Path(f"{image_folder}/../data/"), 5), discover(image_folder))
-    assert "seeded split" in source and len(calib) == 5 and len(rest) == 7 and not {s.id for s in calib} & {s.id for s in rest}
+    same = _calib_config(tmp_path, image_folder, Path(f"{image_folder}/../data/"), 5)
+    session = open_session(same, same.recipes)
+    calib_ids, eval_ids = set(session.calib.image_ids), {s.id for s in session.eval_samples}
+    assert "seeded split" in session.calib_source and len(calib_ids) == 5 and len(eval_ids) == 7
+    assert not calib_ids & eval_ids
     with pytest.raises(DatasetError, match="--calib-size 12 leaves no images"):
-        _calibration(_calib_config(tmp_path, image_folder, image_folder, 12), discover(image_folder))
+        twelve = _calib_config(tmp_path, image_folder, image_folder, 12)
+        open_session(twelve, twelve.recipes)
 
 
 def test_run_lists_unreadable_calibration_images_in_the_report(tmp_path, image_folder):

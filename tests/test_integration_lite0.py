@@ -8,7 +8,7 @@ from int8eval.data import discover
 from int8eval.data.layouts import subsample
 from int8eval.evaluate import evaluate
 from int8eval.models import load_model
-from int8eval.pipeline import run
+from int8eval.commands.run import run
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 
 from int8eval.config import Backend, Precision, Recipe, RunConfig
 from int8eval.parity import PARITY_THRESHOLD, REFERENCE, apply_gate, gate_for, is_parity_check, plan_recipes
-from int8eval.pipeline import run
+from int8eval.commands.run import run
 from int8eval.report.schema import VariantResult
 
 ORT_FP32 = Recipe(backend=Backend.onnxruntime, precision=Precision.fp32)

@@ -42,6 +42,15 @@ def built(tiny, tmp_path_factory) -> dict:
     return out
 
 
+def test_details_name_the_code_that_set_the_ranges(built):
+    phrases = {name: v.details["calibration"] for name, v in built.items()}
+    assert phrases["minmax"] == "torchao MinMaxObserver"
+    assert phrases["mse"].startswith("torchao HistogramObserver")  # torchao's own L2 search, not int8eval's mse
+    assert phrases["percentile"].startswith("int8eval ranges.percentile_threshold (99.99%)")
+    assert phrases["entropy"].startswith("int8eval ranges.entropy_threshold")
+    assert all("8192-bin" in phrases[m] for m in ("percentile", "entropy"))
+
+
 def test_minmax_range_covers_every_calibration_batch(built):
     scale, zero_point, qmin, qmax = _input_quantizer(built["minmax"])
     x = np.concatenate(CALIB.batches)

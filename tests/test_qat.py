@@ -8,20 +8,24 @@ import torch
 from conftest import require_package, torch_logits
 from torch import nn
 
-from int8eval.config import Preprocessing
-from int8eval.data import discover
-from int8eval.errors import ConfigError, DatasetError
-from int8eval.models import LoadedModel, load_model
-from int8eval.qat import (
+from int8eval import backends
+from int8eval.backends import BuildContext, CalibrationData
+from int8eval.backends.qat import (
+    FinetunedVariant,
     FinetuneSpec,
-    _float_graph,
-    _loader,
     build_finetuned_variant,
+    finetune_spec,
     finetune_summary,
     qat_finetune,
-    split_training,
+    training_loader,
     variant_name,
 )
+from int8eval.backends.qat_pt2e import float_graph
+from int8eval.config import Backend, CalibMethod, Precision, Preprocessing, Recipe
+from int8eval.data import discover
+from int8eval.data.layouts import split_training
+from int8eval.errors import ConfigError, DatasetError
+from int8eval.models import LoadedModel, load_model
 
 require_package("torchao", extra="pt2e")
 
@@ -80,7 +84,7 @@ def test_qat_and_its_control_see_the_same_augmented_batches(image_folder, tiny):
 
     def first_batch():
         torch.manual_seed(spec.seed)  # as _train does before each run
-        return next(iter(_loader(samples, tiny.preprocessing, spec)))
+        return next(iter(training_loader(samples, tiny.preprocessing, spec)))
 
     b1, b2 = first_batch(), first_batch()
     x1, y1, x2, y2 = (torch.from_numpy(a) for a in (b1.images, b1.labels, b2.images, b2.labels))
@@ -102,6 +106,9 @@ def test_pt2e_qat_gives_an_int8_model_close_to_the_original(image_folder, tiny, 
     assert variant.artifact.suffix == ".pt2" and variant.size_mb > 0
     summary = finetune_summary(variant.result)
     assert summary["method"] == "pt2e" and summary["train_images"] == len(samples) and summary["freeze_bn"]
+    # No calibration images: torchao's QAT default; the recipe records what was built
+    assert summary["calibration"] == "torchao X86 QAT config: moving-average min/max fake quantizers"
+    assert variant.recipe.qat_epochs == STILL.epochs and variant.recipe.calib is CalibMethod.mse
 
 
 def test_the_fp32_control_starts_from_the_original_model(image_folder, tiny, images, tmp_path):
@@ -142,7 +149,7 @@ def test_a_reused_module_is_untied_so_pt2e_can_prepare_it(image_folder, tmp_path
             return self.fc(x.mean((2, 3)))
 
     loaded = LoadedModel("reuse", Reuse().eval(), Preprocessing(resize=40, crop=32), "random")
-    gm = _float_graph(loaded, STILL)
+    gm = float_graph(loaded, freeze_bn=STILL.freeze_bn)
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert len(calls) == len(set(calls))
     variant = build_finetuned_variant(loaded, discover(image_folder).samples, tmp_path, spec=STILL, quantize=True, compile=False)
@@ -171,6 +178,8 @@ def test_legacy_eager_qat_runs_the_seed_api_on_resnet18(image_folder, tmp_path):
     spec = FinetuneSpec(epochs=1, lr=1e-12, batch_size=6, engine="fbgemm")
     variant = build_finetuned_variant(loaded, discover(image_folder).samples, tmp_path, spec=spec, quantize=True, legacy=True)
     assert variant.name == "torch-int8-qat-legacy" and variant.recipe.legacy
+    assert variant.details["calibration"].startswith("torch.ao default QAT qconfig (fbgemm)")
+    assert "eager" in variant.details["legacy"] and variant.recipe.calib is CalibMethod.minmax
     assert type(variant.module.conv1).__module__.startswith("torch.ao.nn.intrinsic.quantized")
     images = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
     out = variant.predict(images)
@@ -199,14 +208,16 @@ def test_qat_on_lite0_and_the_shared_sample(shared_sample, tmp_path):
         ({"backend": "onnxruntime"}, "PyTorch"),
         ({"backend": "torch", "precision": "bf16"}, "bf16"),
         ({"backend": "torch", "precision": "fp32", "legacy": True}, "legacy"),
+        ({"backend": "torch", "calib": "percentile"}, "HistogramObserver"),
     ],
 )
 def test_impossible_fine_tuning_recipes_fail_before_any_work(kw, word):
-    from int8eval.config import Recipe
-    from int8eval.qat import check_recipe
+    from int8eval.backends.qat import check_recipe
 
     with pytest.raises(ConfigError, match=word):
-        check_recipe(Recipe(**kw))
+        check_recipe(Recipe(**kw, qat_epochs=1))
+    with pytest.raises(ConfigError, match=word):
+        backends.check_recipe(Recipe(**kw, qat_epochs=1))  # the registry sends every fine-tuning recipe there
 
 
 def test_qat_starts_from_ptq_calibrated_activation_ranges(image_folder, tiny, images):
@@ -217,6 +228,7 @@ def test_qat_starts_from_ptq_calibrated_activation_ranges(image_folder, tiny, im
     calibrated = qat_finetune(tiny, samples, quantize=True, spec=STILL, calib=calib)
     assert calibrated.fixed_ranges == 4  # the input and the three conv outputs of tiny_test
     assert finetune_summary(calibrated)["activation_ranges"].startswith("PTQ-calibrated")
+    assert finetune_summary(calibrated)["calibration"].startswith("torchao HistogramObserver (X86 PTQ config")
     moving = qat_finetune(tiny, samples, quantize=True, spec=STILL)
     assert moving.fixed_ranges == 0
     x = torch.from_numpy(images)
@@ -228,5 +240,38 @@ def test_qat_starts_from_ptq_calibrated_activation_ranges(image_folder, tiny, im
 def test_training_workers_are_spawned_not_forked(image_folder):
     # By the time QAT trains, ONNX Runtime / OpenVINO / inductor thread pools exist; a forked worker can crash.
     samples, pre = discover(image_folder).samples, load_model("tiny_test").preprocessing
-    assert _loader(samples, pre, FinetuneSpec(batch_size=4, workers=1)).multiprocessing_context.get_start_method() == "spawn"
-    assert _loader(samples, pre, FinetuneSpec(batch_size=4)).num_workers == 0
+    assert training_loader(samples, pre, FinetuneSpec(batch_size=4, workers=1)).multiprocessing_context.get_start_method() == "spawn"
+    assert training_loader(samples, pre, FinetuneSpec(batch_size=4)).num_workers == 0
+
+
+def test_fine_tuning_recipes_go_through_the_registry(image_folder, tiny, images, tmp_path):
+    """QAT and its control are built by `backends.build_variant` like any recipe: the schedule from the recipe
+    (epochs, lr) and the context (training images, batch size, seed, workers)."""
+    samples = discover(image_folder).samples
+    context = BuildContext(workdir=tmp_path, train=samples, train_batch_size=4, seed=3, workers=0)
+    qat = Recipe(backend=Backend.torch, qat_epochs=1, lr=1e-12, calib=CalibMethod.mse)
+    control = Recipe(backend=Backend.torch, qat_epochs=1, lr=1e-12, precision=Precision.fp32)
+    assert backends.builder_key(qat) == backends.builder_key(control) == "finetune"
+    spec = finetune_spec(qat, context)
+    assert (spec.epochs, spec.lr, spec.batch_size, spec.seed, spec.workers) == (1, 1e-12, 4, 3, 0)
+    calib = CalibrationData([images])
+    built = {r.name: backends.build_variant(tiny, r, calib, tmp_path, context) for r in (qat, control)}
+    assert list(built) == ["torch-int8-qat", "torch-fp32-finetuned"]
+    for recipe in (qat, control):
+        variant = built[recipe.name]
+        assert isinstance(variant, FinetunedVariant) and variant.recipe == recipe and variant.name == recipe.name
+        assert variant.details["batch_size"] == 4 and variant.details["seed"] == 3
+        assert variant.predict(images).shape == (len(images), 1000)
+    assert built[qat.name].details["calibration"].startswith("torchao HistogramObserver")
+    assert "calibration" not in built[control.name].details  # FP32: nothing calibrated
+
+
+
+def test_qat_recipes_record_the_observer_that_sets_their_ranges():
+    """PT2E QAT calibrates with the X86 HistogramObserver (torch's mse), the legacy eager path with moving-average
+    min/max: the recorded recipe says so, and the variant names do not change."""
+    from int8eval.session import qat_recipes
+
+    pt2e, control, legacy = qat_recipes(1, 1e-5, legacy=True)
+    assert (pt2e.calib, legacy.calib) == (CalibMethod.mse, CalibMethod.minmax)
+    assert [r.name for r in (pt2e, control, legacy)] == ["torch-int8-qat", "torch-fp32-finetuned", "torch-int8-qat-legacy"]

@@ -17,8 +17,9 @@ from int8eval import stats
 from int8eval.config import Preprocessing
 from int8eval.evaluate import Predictions
 from int8eval.report import render
-from int8eval.report.schema import DataSection, ModelSection, Report, VariantResult
-from int8eval.verdict import Acceptance, add_paired_stats
+from int8eval.config import Acceptance
+from int8eval.report.schema import DataSection, ModelSection, Report, Status, VariantResult
+from int8eval.verdict import add_paired_stats
 
 REF = "torch-fp32"
 
@@ -104,12 +105,13 @@ def _write_run(tmp_path: Path, *, sensitivity: dict | None = None, bench: bool =
 SENSITIVITY = {
     "spec_description": "per-channel symmetric int8 weights, per-tensor minmax activations",
     "num_calib": 8, "num_images": 16, "rank_by": "KL when only this layer is INT8",
-    "all_quantized": {"agreement": 0.9, "kl": 0.01}, "weights_only": {"agreement": 0.95},
-    "activations_only": {"agreement": 0.93},
+    "all_quantized": {"agreement": 0.9, "kl": 0.01}, "weights_only": {"agreement": 0.95, "kl": 0.004},
+    "activations_only": {"agreement": 0.93, "kl": 0.006},
     "layers": [
         {"module": f"features.{i}", "onnx_node": f"/features/features.{i}/Conv", "type": "Conv2d",
-         "only": {"agreement": 1 - 0.01 * i, "kl": 1e-4 * (i + 1)}, "all_but": {"agreement": 0.9 + 0.01 * i},
-         "only_weight": {"kl": 1e-5}, "only_act": {"kl": 1e-4}, "sqnr_db": {"local": 30.0 - i, "accumulated": 20.0}}
+         "only": {"agreement": 1 - 0.01 * i, "kl": 1e-4 * (i + 1)}, "all_but": {"agreement": 0.9 + 0.01 * i, "kl": 0.008},
+         "only_weight": {"agreement": 1.0, "kl": 1e-5}, "only_act": {"agreement": 1.0, "kl": 1e-4},
+         "sqnr_db": {"local": 30.0 - i, "accumulated": 20.0}}
         for i in range(3)
     ],
     "ranking": ["features.2", "features.1", "features.0"],
@@ -214,12 +216,12 @@ def _crafted(tmp_path: Path, text: str) -> Report:
     report.created, report.model.name, report.model.source = text, text, text
     report.data.root, report.data.layout = text, text
     report.data.skipped, report.data.num_skipped = [{"path": text + ".JPEG", "reason": text}], 1
-    report.acceptance["description"] = text
+    report.acceptance.description = text
     report.environment = {"cpu": {"model": text, "logical_cores": text, "isa": {text: True}}, "gpu": text,
                           "libraries": {text: text}}
     layers = [dict(layer, module=f"{text}{i}", onnx_node=text, type=text) for i, layer in enumerate(SENSITIVITY["layers"])]
     report.sensitivity = dict(SENSITIVITY, layers=layers, ranking=[x["module"] for x in layers], top_k=[layers[0]["module"]],
-                              spec_description=text, rank_by=text, num_calib=text, num_images=text)
+                              spec_description=text, rank_by=text)
     report.bench = {"warnings": [text], "machine": {"cpu": {"model": text, "isa": {text: True}}, "gpu": text}}
     for i, v in enumerate(report.variants):
         v.name = f"v{i} {text}"
@@ -231,12 +233,12 @@ def _crafted(tmp_path: Path, text: str) -> Report:
             v.details = {"flow": text, "nncf": {text: text}, "first_layer_fp32": [text]}
             v.bench = {"throughput_ips": None, "error": text, "size_mb": 1.0}
         if v.paired:
-            v.paired["ci_method"] = v.paired["test"] = text
-            v.paired["classes_lost_most"] = [{"wnid": text, "name": text, "n": 3, "lost": 2, "gained": 0, "net": 2}]
-            v.paired["flips_by_class"] = {text: {"n": 3, "lost": 2, "gained": 0}}
+            v.paired.ci_method = v.paired.test = text
+            v.paired.classes_lost_most = [{"wnid": text, "name": text, "n": 3, "lost": 2, "gained": 0, "net": 2}]
+            v.paired.flips_by_class = {text: {"n": 3, "lost": 2, "gained": 0}}
             v.compared_with = {text: v.paired}
         if v.verdict:
-            v.verdict["reason"] = text
+            v.verdict.reason = text
     return Report.model_validate(report.model_dump(mode="json"))  # as read back from report.json
 
 
@@ -332,3 +334,111 @@ def test_report_json_reads_back_as_written(tmp_path):
     Report.read(run_dir / "report.json").write(run_dir / "report.json")
     assert (run_dir / "report.json").read_text() == before
     assert Report.read(run_dir / "report.json").variants[0].status == "ok"
+
+
+# --- typed sections: older report.json files still read; unknown keys refused; errors shown as text --------------
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_an_older_report_json_still_reads_and_rerenders(tmp_path, version):
+    """A report.json of an older schema (every section as its writer gave it, as plain JSON; 1.0 had no run_id and
+    no file checksums) is read into the typed sections, rendered as the current one is, and rewritten as 1.2."""
+    import json
+
+    from int8eval.report import rerender
+    from int8eval.report.markdown import render_markdown
+    from int8eval.report.sections import BenchSection, PairedSection, Sensitivity, Status, Verdict, VerdictSection
+    from int8eval.report.schema import SCHEMA_VERSION
+    from int8eval.verdict import apply_to_run_dir
+
+    run_dir = _write_run(tmp_path, sensitivity=SENSITIVITY, bench=True)
+    report = Report.read(run_dir / "report.json")
+    expected_md = render_markdown(report)
+    data = json.loads((run_dir / "report.json").read_text())
+    data["schema_version"] = version
+    if version == "1.0":
+        data.pop("run_id", None)
+        data.pop("files", None)
+    data["bench"] = {"machine": {"cpu": {"model": "old CPU", "isa": {}}}, "settings": {"batch_sizes": [1, 32]},
+                     "warnings": [], "speed_only": {"torch-fp32-eager": {"throughput_ips": 5.0, "latency_ms_p50": 1.0,
+                                                                         "latency_ms_p90": 1.0, "latency_ms_p99": 1.0}}}
+    (run_dir / "report.json").write_text(json.dumps(data))
+
+    old = Report.read(run_dir / "report.json")
+    assert old.schema_version == version
+    v = old.variant("onnxruntime-int8-minmax-pertensor")
+    assert isinstance(v.paired, PairedSection) and isinstance(v.verdict, VerdictSection)
+    assert v.verdict.verdict is Verdict.failed and v.status is Status.ok
+    assert isinstance(old.sensitivity, Sensitivity) and isinstance(old.bench, BenchSection)
+    rerender(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert md.split("## Speed and size")[0] == expected_md.split("## Speed and size")[0]  # the same report as before
+    assert "torch-fp32-eager | not evaluated" in md and "old CPU" in md
+    assert "FAIL" in (run_dir / "report.html").read_text()
+
+    preds = synthetic_run(tmp_path)[1]
+    preds.save(run_dir / "predictions.npz")
+    apply_to_run_dir(run_dir, Acceptance(max_drop=50.0))  # re-judged: rewritten in this version's schema
+    again = json.loads((run_dir / "report.json").read_text())
+    assert again["schema_version"] == SCHEMA_VERSION
+    assert again["variants"][1]["verdict"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("where", [
+    ("variants", 1, "paired"), ("variants", 1, "paired", "top1"), ("variants", 1, "verdict"), ("variants", 1, "bench"),
+    ("bench",), ("bench", "settings"), ("acceptance",), ("sensitivity",), ("sensitivity", "layers", 0),
+    ("sensitivity", "layers", 0, "only"),
+])
+def test_typed_sections_refuse_an_unknown_key(tmp_path, where):
+    import json
+
+    from int8eval.errors import RunFolderError
+
+    run_dir = _write_run(tmp_path, sensitivity=SENSITIVITY, bench=True)
+    data = json.loads((run_dir / "report.json").read_text())
+    data["bench"] = {"settings": {"batch_sizes": [1, 32]}, "warnings": []}
+    node = data
+    for key in where:
+        node = node[key]
+    node["diff_typo"] = 1
+    (run_dir / "report.json").write_text(json.dumps(data))
+    field = ".".join(map(str, where)) + ".diff_typo"
+    with pytest.raises(RunFolderError, match=re.escape(field) + ": Extra inputs are not permitted"):
+        Report.read(run_dir / "report.json")
+
+
+def test_a_section_refuses_an_unknown_key_when_assigned_too(tmp_path):
+    from pydantic import ValidationError
+
+    report, preds = synthetic_run(tmp_path)
+    add_paired_stats(report, preds, Acceptance(max_drop=1.0))
+    v = report.variants[1]
+    with pytest.raises(ValidationError, match="speedup_vs_fp64"):
+        v.bench = {"throughput_ips": 1.0, "speedup_vs_fp64": 2.0}
+    with pytest.raises(ValidationError, match="verdict"):
+        v.verdict.verdict = "maybe"
+    v.status = "parity_failed"  # checked and kept as the Status member
+    assert v.status is Status.parity_failed and f"{v.status}" == "parity_failed"
+
+
+def test_a_variant_error_with_rich_markup_prints_literally(tmp_path, monkeypatch):
+    """The CLI's summary shows names, errors and verdict reasons as text: `[red]` or a stray `[/bold]` in an error
+    is printed as written, not taken as markup (nor raised as a markup error)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from int8eval import cli
+
+    report, preds = synthetic_run(tmp_path)
+    add_paired_stats(report, preds, Acceptance(max_drop=1.0))
+    broken = report.variant("openvino-int8-minmax")
+    broken.error = "RuntimeError: [red]not red[/red] in /tmp/[x] [/bold]"
+    report.variants[1].verdict.reason = "[bold]not bold[/bold]"
+    out = StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=300, color_system=None))
+    cli._print_summary(report, tmp_path / "[run]")
+    text = out.getvalue()
+    assert "openvino-int8-minmax: RuntimeError: [red]not red[/red] in /tmp/[x] [/bold]" in text
+    assert "[bold]not bold[/bold]" in text
+    assert f"{tmp_path / '[run]' / 'report.json'}" in text

@@ -183,12 +183,12 @@ def test_a_full_disk_leaves_the_previous_run_intact(image_folder, tmp_path, monk
 
 
 def test_out_that_is_a_file_or_not_writable_is_refused_before_any_work(image_folder, tmp_path, monkeypatch):
-    import int8eval.pipeline
+    import int8eval.session
 
     def no_work(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(int8eval.pipeline, "load_model", no_work)
+    monkeypatch.setattr(int8eval.session, "load_model", no_work)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     for out, message in [(a_file, "is a file, not a folder"), (a_file / "sub", "cannot be written to"),
@@ -272,7 +272,7 @@ _DRIVER = textwrap.dedent('''
     The heavy imports (and matplotlib's first figure) are done once, before any fork."""
     import json, os, random, shutil, signal, sys, time
     import torch  # noqa: F401 - imported, never run, before forking
-    import int8eval.pipeline, int8eval.report.html  # noqa: F401
+    import int8eval.commands.run, int8eval.report.html  # noqa: F401
     from int8eval.cli import main
     from int8eval.report import folder, plots
     plots.plt.close(plots.plt.figure())

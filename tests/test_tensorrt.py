@@ -16,7 +16,9 @@ from conftest import require_package
 
 require_package("onnx", "onnxruntime", extra="onnxruntime")
 
+from int8eval import backends  # noqa: E402
 from int8eval.backends import tensorrt_backend as trt_backend  # noqa: E402
+from int8eval.backends import tensorrt_on_cpu  # noqa: E402
 from int8eval.backends.onnx_export import export_onnx, quantized_inputs  # noqa: E402
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -35,17 +37,20 @@ def qdq(tiny, calib, tmp_path_factory):
 
 def test_importing_the_backend_does_not_import_tensorrt(monkeypatch):
     """Whether TensorRT is installed or not: with `import tensorrt` made to fail, a fresh import of the backend
-    module (and listing or checking a CPU-emulated recipe) still works."""
+    modules (and listing or checking a CPU-emulated recipe through the registry) still works."""
     import importlib
 
     import int8eval.backends
 
     monkeypatch.setattr(int8eval.backends, "tensorrt_backend", trt_backend)  # restored after the fresh import
+    monkeypatch.setattr(int8eval.backends, "tensorrt_on_cpu", tensorrt_on_cpu)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # None in sys.modules: any `import tensorrt` raises
     monkeypatch.delitem(sys.modules, "int8eval.backends.tensorrt_backend")
-    fresh = importlib.import_module("int8eval.backends.tensorrt_backend")
-    assert fresh is not trt_backend
-    fresh.check_emulated_recipe(_recipe(emulate=True))
+    monkeypatch.delitem(sys.modules, "int8eval.backends.tensorrt_on_cpu")
+    fresh = importlib.import_module("int8eval.backends.tensorrt_on_cpu")
+    assert fresh is not tensorrt_on_cpu
+    fresh.check_recipe(_recipe(emulate=True))
+    backends.check_recipe(_recipe(emulate=True))
 
 
 @pytest.mark.parametrize(
@@ -107,9 +112,10 @@ def test_the_checker_flags_what_tensorrt_would_not_take(qdq, calib, tmp_path):
 
 
 def test_the_tensorrt_qdq_onnx_runs_on_the_cpu_with_onnx_runtime(tiny, calib, tmp_path):
-    variant = trt_backend.build_qdq_onnx_variant(tiny, _recipe(calib=CalibMethod.entropy), calib, tmp_path)
+    variant = tensorrt_on_cpu.build(tiny, _recipe(calib=CalibMethod.entropy), calib, tmp_path)
     assert variant.name == "tensorrt-int8-entropy@onnxruntime"
     assert variant.artifact.name.endswith(".qdq.onnx") and variant.size_mb > 0
+    assert variant.details["calibration"].startswith("int8eval ranges.entropy_threshold")
     x = calib.batches[0]
     with torch.no_grad():
         ref = tiny.module(torch.from_numpy(x)).numpy()
@@ -121,14 +127,14 @@ def test_the_tensorrt_qdq_onnx_runs_on_the_cpu_with_onnx_runtime(tiny, calib, tm
 
 def test_kept_layers_are_the_only_ones_tensorrt_would_run_in_float(tiny, calib, tmp_path):
     recipe = _recipe(calib=CalibMethod.entropy, keep_fp32=("features.3",))
-    variant = trt_backend.build_qdq_onnx_variant(tiny, recipe, calib, tmp_path)
+    variant = tensorrt_on_cpu.build(tiny, recipe, calib, tmp_path)
     assert variant.name == "tensorrt-int8-entropy-keep1@onnxruntime"
     problems = trt_backend.qdq_problems(variant.artifact)
     assert problems and all("/features/features.3/Conv" in p for p in problems), problems
 
 
 def test_the_fp16_onnx_for_tensorrt_runs_on_the_cpu(tiny, tmp_path):
-    variant = trt_backend.build_qdq_onnx_variant(tiny, _recipe(precision=Precision.fp16), None, tmp_path)
+    variant = tensorrt_on_cpu.build(tiny, _recipe(precision=Precision.fp16), None, tmp_path)
     assert variant.name == "tensorrt-fp16@onnxruntime"
     x = np.random.default_rng(1).standard_normal((2, *tiny.input_shape)).astype(np.float32)
     with torch.no_grad():
@@ -136,9 +142,19 @@ def test_the_fp16_onnx_for_tensorrt_runs_on_the_cpu(tiny, tmp_path):
     np.testing.assert_allclose(variant.predict(x), ref, atol=0.05)
 
 
+def test_an_emulate_recipe_is_built_through_the_registry(tiny, calib, tmp_path):
+    recipe = _recipe(calib=CalibMethod.entropy, emulate=True)
+    assert backends.builder_key(recipe) == "tensorrt-on-cpu"
+    backends.check_recipe(recipe)  # no TensorRT or GPU needed
+    variant = backends.build_variant(tiny, recipe, calib, tmp_path)
+    assert isinstance(variant, tensorrt_on_cpu.EmulatedVariant)
+    assert variant.name == recipe.name == "tensorrt-int8-entropy@onnxruntime"
+    assert variant.predict(calib.batches[0]).shape == (len(calib.batches[0]), 1000)
+
+
 def test_the_legacy_calibrator_cannot_run_on_onnx_runtime(tiny, calib, tmp_path):
     with pytest.raises(ConfigError, match="legacy"):
-        trt_backend.build_qdq_onnx_variant(tiny, _recipe(calib=CalibMethod.entropy, legacy=True), calib, tmp_path)
+        tensorrt_on_cpu.build(tiny, _recipe(calib=CalibMethod.entropy, legacy=True), calib, tmp_path)
 
 
 # --- with TensorRT and a GPU --------------------------------------------------------------------------------------
@@ -174,4 +190,5 @@ def test_the_legacy_entropy_calibrator_where_tensorrt_still_has_it(tensorrt, tin
         return
     variant = trt_backend.build(tiny, recipe, calib, tmp_path)
     assert list(tmp_path.glob("*.calib-cache"))
+    assert variant.details["calibration"] == "TensorRT's implicit IInt8EntropyCalibrator2 (legacy)"
     assert variant.predict(calib.batches[0]).shape == (8, 1000)

@@ -8,14 +8,15 @@ import pytest
 from int8eval.errors import ConfigError, RunFolderError
 from int8eval.evaluate import Predictions
 from int8eval.report.schema import DataSection, ModelSection, ParityCheck, Report, VariantResult
-from int8eval.config import Preprocessing
-from int8eval.verdict import Acceptance, DropKind, acceptance_from_flags, add_paired_stats, apply_to_run_dir, decide
+from int8eval.config import Acceptance, DropKind, Preprocessing
+from int8eval.report.sections import VerdictSection
+from int8eval.verdict import acceptance_from_flags, add_paired_stats, apply_to_run_dir, decide
 
 ABS1 = Acceptance(max_drop=1.0)
 REL1 = Acceptance(max_drop=1.0, drop=DropKind.relative)
 
 
-def _decide(acc: Acceptance, drop: float, lo: float, hi: float, ref: float = 0.8, n: int | None = 800) -> dict:
+def _decide(acc: Acceptance, drop: float, lo: float, hi: float, ref: float = 0.8, n: int | None = 800) -> VerdictSection:
     """decide() in terms of the drop (ref - variant) and its CI, which is how people think about it."""
     return decide(acc, ref, -drop, (-hi, -lo), n)
 
@@ -28,53 +29,53 @@ def test_budgets():
 
 
 def test_clear_pass_and_clear_fail():
-    assert _decide(ABS1, 0.002, -0.003, 0.007)["verdict"] == "pass"
-    assert _decide(ABS1, 0.05, 0.03, 0.07)["verdict"] == "fail"
-    assert _decide(ABS1, -0.01, -0.02, 0.0)["verdict"] == "pass"  # the variant is better
+    assert _decide(ABS1, 0.002, -0.003, 0.007).verdict == "pass"
+    assert _decide(ABS1, 0.05, 0.03, 0.07).verdict == "fail"
+    assert _decide(ABS1, -0.01, -0.02, 0.0).verdict == "pass"  # the variant is better
 
 
 def test_upper_limit_touching_the_budget_passes():
     v = _decide(ABS1, 0.004, -0.002, 0.01)
-    assert v["verdict"] == "pass"
-    assert "within" in v["reason"]
+    assert v.verdict == "pass"
+    assert "within" in v.reason
 
 
 def test_lower_limit_touching_the_budget_is_inconclusive_not_fail():
     # The drop may be exactly the budget, which is allowed: not proven beyond it.
-    assert _decide(ABS1, 0.02, 0.01, 0.03)["verdict"] == "inconclusive"
-    assert _decide(ABS1, 0.02, 0.0100001, 0.03)["verdict"] == "fail"
+    assert _decide(ABS1, 0.02, 0.01, 0.03).verdict == "inconclusive"
+    assert _decide(ABS1, 0.02, 0.0100001, 0.03).verdict == "fail"
 
 
 def test_estimate_exactly_at_the_budget_is_inconclusive():
     v = _decide(ABS1, 0.01, 0.004, 0.016)
-    assert v["verdict"] == "inconclusive"
-    assert "images" not in v["reason"]  # no sample size can separate an estimate sitting on the budget
+    assert v.verdict == "inconclusive"
+    assert "images" not in v.reason  # no sample size can separate an estimate sitting on the budget
 
 
 def test_zero_width_interval_at_the_budget_passes():
-    assert _decide(ABS1, 0.01, 0.01, 0.01)["verdict"] == "pass"
+    assert _decide(ABS1, 0.01, 0.01, 0.01).verdict == "pass"
 
 
 def test_straddling_says_how_many_images_would_settle_it():
     v = _decide(ABS1, 0.005, -0.002, 0.012, n=800)
-    assert v["verdict"] == "inconclusive"
+    assert v.verdict == "inconclusive"
     # half-width above the estimate 0.007, gap to the budget 0.005: 800 * (0.007 / 0.005)^2 = 1568
-    assert "1,568 images" in v["reason"] and "within" in v["reason"]
+    assert "1,568 images" in v.reason and "within" in v.reason
     v = _decide(ABS1, 0.015, 0.008, 0.022, n=800)
-    assert v["verdict"] == "inconclusive" and "exceeds" in v["reason"]
+    assert v.verdict == "inconclusive" and "exceeds" in v.reason
 
 
 def test_relative_budget_is_stricter_below_100_percent_top1():
     # FP32 top-1 50%: 1 point absolute is 0.01, 1% relative is 0.005.
     drop, lo, hi = 0.007, 0.0055, 0.0085
-    assert _decide(ABS1, drop, lo, hi, ref=0.5)["verdict"] == "pass"
-    assert _decide(REL1, drop, lo, hi, ref=0.5)["verdict"] == "fail"
-    assert "1% of FP32's 50.00%" in _decide(REL1, drop, lo, hi, ref=0.5)["reason"]
+    assert _decide(ABS1, drop, lo, hi, ref=0.5).verdict == "pass"
+    assert _decide(REL1, drop, lo, hi, ref=0.5).verdict == "fail"
+    assert "1% of FP32's 50.00%" in _decide(REL1, drop, lo, hi, ref=0.5).reason
 
 
 def test_relative_budget_edge_survives_floating_point():
     # 0.88 * 1.0 / 100 is 0.0088000000000000005 in binary; a CI touching 0.0088 must still pass.
-    assert _decide(REL1, 0.004, 0.0, 0.0088, ref=0.88)["verdict"] == "pass"
+    assert _decide(REL1, 0.004, 0.0, 0.0088, ref=0.88).verdict == "pass"
 
 
 def test_acceptance_from_flags():
@@ -135,13 +136,13 @@ def test_add_paired_stats_fills_the_right_variants(tmp_path):
     v = {x.name: x for x in report.variants}
     assert v["torch-fp32"].paired is None and v["torch-fp32"].verdict is None
     assert v["openvino-fp32"].paired is not None and v["openvino-fp32"].verdict is None  # parity check, not judged
-    assert v["openvino-int8-minmax"].verdict["verdict"] == "pass"  # identical predictions: CI of the drop ~[-0.6, 0.6]
-    assert v["openvino-int8-minmax"].paired["top1"]["diff"] == 0
+    assert v["openvino-int8-minmax"].verdict.verdict == "pass"  # identical predictions: CI of the drop ~[-0.6, 0.6]
+    assert v["openvino-int8-minmax"].paired.top1.diff == 0
     bad = v["onnxruntime-int8-minmax"]
-    assert bad.paired["top1"]["ref_right_var_wrong"] > 50
-    assert bad.verdict["verdict"] == "inconclusive" and "80.00%" in bad.verdict["reason"]  # parity failed
+    assert bad.paired.top1.ref_right_var_wrong > 50
+    assert bad.verdict.verdict == "inconclusive" and "80.00%" in bad.verdict.reason  # parity failed
     assert v["openvino-int8-percentile"].paired is None  # errored: nothing measured
-    assert report.acceptance["max_drop"] == 1.0 and "at most 1 point" in report.acceptance["description"]
+    assert report.acceptance.max_drop == 1.0 and "at most 1 point" in report.acceptance.description
 
 
 def test_no_acceptance_means_stats_but_no_verdicts(tmp_path):
@@ -149,7 +150,7 @@ def test_no_acceptance_means_stats_but_no_verdicts(tmp_path):
     add_paired_stats(report, preds, None)
     assert report.acceptance is None
     assert all(x.verdict is None for x in report.variants)
-    assert report.variant("openvino-int8-minmax").paired["n"] == 600
+    assert report.variant("openvino-int8-minmax").paired.n == 600
 
 
 def test_apply_to_run_dir_rejudges_without_rerunning(tmp_path):
@@ -157,7 +158,7 @@ def test_apply_to_run_dir_rejudges_without_rerunning(tmp_path):
     report.write(tmp_path / "report.json")
     preds.save(tmp_path / "predictions.npz")
     out = apply_to_run_dir(tmp_path, Acceptance(max_drop=0.0))
-    assert out.variant("openvino-int8-minmax").verdict["verdict"] == "inconclusive"  # a 0 budget can only be touched
+    assert out.variant("openvino-int8-minmax").verdict.verdict == "inconclusive"  # a 0 budget can only be touched
     again = Report.read(tmp_path / "report.json")
     assert again.variant("openvino-int8-minmax").verdict == out.variant("openvino-int8-minmax").verdict
     assert "INCONCLUSIVE" in (tmp_path / "report.md").read_text()

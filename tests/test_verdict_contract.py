@@ -1,4 +1,4 @@
-"""The verdict's exact contract: the dict `decide` returns, its boundaries (a CI limit exactly at the budget, within
+"""The verdict's exact contract: the section `decide` returns (as report.json holds it), its boundaries (a CI limit exactly at the budget, within
 the 1e-9 tolerance), the criterion texts, the flag checks and the images-to-settle estimate, worked out by hand."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import math
 import pytest
 
 from int8eval.errors import ConfigError
-from int8eval.verdict import Acceptance, DropKind, acceptance_from_flags, decide, images_to_settle
+from int8eval.config import Acceptance, DropKind
+from int8eval.report.sections import VerdictSection
+from int8eval.verdict import acceptance_from_flags, decide, images_to_settle
 
 TOL = 1e-9  # verdict's tolerance on the budget
 
@@ -26,7 +28,7 @@ ONE_POINT = Acceptance(max_drop=1.0)
 
 def test_pass_returns_every_field():
     out = decide(ONE_POINT, 0.8, -0.004, (-0.009, 0.001), n=500)
-    assert out == {
+    assert out.model_dump(mode="json") == {
         "verdict": "pass",
         "reason": f"{_shown(0.004, -0.001, 0.009)} is within the 1.00-pt budget",
         "budget": 0.01,
@@ -40,9 +42,9 @@ def test_fail_and_the_relative_budget_text():
     acceptance = Acceptance(max_drop=2.0, drop=DropKind.relative)
     out = decide(acceptance, 0.5, -0.05, (-0.07, -0.03))
     budget = 0.5 * 2.0 / 100
-    assert out["verdict"] == "fail" and out["budget"] == pytest.approx(budget)
-    assert out["reason"] == (f"{_shown(0.05, 0.03, 0.07)} exceeds the {_pct(budget)}-pt budget (2% of FP32's 50.00%)")
-    assert out["criterion"] == "top-1 drop of at most 2% of FP32's top-1"
+    assert out.verdict == "fail" and out.budget == pytest.approx(budget)
+    assert out.reason == (f"{_shown(0.05, 0.03, 0.07)} exceeds the {_pct(budget)}-pt budget (2% of FP32's 50.00%)")
+    assert out.criterion == "top-1 drop of at most 2% of FP32's top-1"
 
 
 @pytest.mark.parametrize(
@@ -54,36 +56,41 @@ def test_fail_and_the_relative_budget_text():
     ],
 )
 def test_limits_at_the_budget(ci, verdict):
-    assert decide(ONE_POINT, 0.8, (ci[0] + ci[1]) / 2, ci)["verdict"] == verdict
+    assert decide(ONE_POINT, 0.8, (ci[0] + ci[1]) / 2, ci).verdict == verdict
 
 
 def test_an_estimate_exactly_at_the_budget_counts_as_within():
     for drop in (0.01, 0.01 + TOL):
         out = decide(ONE_POINT, 0.8, -drop, (-(drop + 0.01), -(drop - 0.01)))
-        assert out["verdict"] == "inconclusive" and "the estimate is within" in out["reason"], drop
+        assert out.verdict == "inconclusive" and "the estimate is within" in out.reason, drop
     out = decide(ONE_POINT, 0.8, -(0.01 + 2 * TOL), (-0.03, 0.0))
-    assert "the estimate exceeds" in out["reason"]
+    assert "the estimate exceeds" in out.reason
 
 
 def test_inconclusive_says_how_many_images_would_settle_it():
     n = 400
     within = decide(ONE_POINT, 0.8, -0.005, (-0.02, 0.01), n=n)  # drop 0.005, CI [-0.01, 0.02]
     needed = math.ceil(n * ((0.02 - 0.005) / (0.01 - 0.005)) ** 2)
-    assert within["reason"] == (f"{_shown(0.005, -0.01, 0.02)}: the estimate is within the 1.00-pt budget but the CI "
+    assert within.reason == (f"{_shown(0.005, -0.01, 0.02)}: the estimate is within the 1.00-pt budget but the CI "
                                 f"reaches beyond it; roughly {needed:,} images (now {n:,}) would settle it")
     beyond = decide(ONE_POINT, 0.8, -0.03, (-0.05, -0.005), n=n)  # drop 0.03, CI [0.005, 0.05]
     needed = math.ceil(n * ((0.03 - 0.005) / (0.03 - 0.01)) ** 2)
-    assert beyond["reason"].endswith(f"reaches back within it; roughly {needed:,} images (now {n:,}) would settle it")
+    assert beyond.reason.endswith(f"reaches back within it; roughly {needed:,} images (now {n:,}) would settle it")
     assert images_to_settle(beyond, n) == needed and images_to_settle(within, n) == math.ceil(n * 9)
-    assert not decide(ONE_POINT, 0.8, -0.03, (-0.05, -0.005))["reason"].endswith("settle it")  # no n: no estimate
+    assert not decide(ONE_POINT, 0.8, -0.03, (-0.05, -0.005)).reason.endswith("settle it")  # no n: no estimate
 
 
 def test_images_to_settle_only_where_it_can_tell():
-    verdict = {"verdict": "inconclusive", "drop": 0.005, "drop_ci95": [-0.01, 0.005], "budget": 0.01}
-    assert images_to_settle(verdict, 100) is None  # a zero half-width says nothing
-    assert images_to_settle({**verdict, "drop_ci95": [-0.01, 0.02], "drop": 0.01}, 100) is None  # at the budget
-    assert images_to_settle({**verdict, "verdict": "pass"}, 100) is None
-    assert images_to_settle({**verdict, "drop_ci95": [-0.01, 0.02]}, None) is None
+    verdict = {"verdict": "inconclusive", "drop": 0.005, "drop_ci95": [-0.01, 0.005], "budget": 0.01, "reason": "",
+               "criterion": ""}
+
+    def settle(n, **changed):
+        return images_to_settle(VerdictSection.model_validate({**verdict, **changed}), n)
+
+    assert settle(100) is None  # a zero half-width says nothing
+    assert settle(100, drop_ci95=[-0.01, 0.02], drop=0.01) is None  # at the budget
+    assert settle(100, verdict="pass") is None
+    assert settle(None, drop_ci95=[-0.01, 0.02]) is None
 
 
 def test_criterion_texts():
@@ -155,22 +162,23 @@ def test_qat_is_compared_with_its_control_and_ptq_of_its_backend(tmp_path):
     qat = v["qat"]
     assert list(qat.compared_with) == ["control", "ptq"]  # not the other learning rate, backend or a failed variant
     for other, got in qat.compared_with.items():
-        assert got == stats.paired_stats(
+        assert got.model_dump(mode="json") == stats.paired_stats(
             preds.correct1(other), preds.correct1("qat"), preds.top1(other), preds.top1("qat"),
             correct5_ref=preds.correct5(other), correct5_var=preds.correct5("qat"))
-        assert "kl_mean" not in got and got["top1"]["ref"] == preds.correct1(other).mean()
-    assert qat.paired == stats.paired_stats(
+        assert got.kl_mean is None and got.top1.ref == preds.correct1(other).mean()
+    assert qat.paired.model_dump(mode="json") == stats.paired_stats(
         preds.correct1("ref"), preds.correct1("qat"), preds.top1("ref"), preds.top1("qat"), labels=preds.labels,
         correct5_ref=preds.correct5("ref"), correct5_var=preds.correct5("qat"), kl=preds.kl_to_ref["qat"],
         cos=preds.cos_to_ref["qat"])
     ref_top1 = preds.correct1("ref").mean()
-    assert qat.verdict["budget"] == pytest.approx(ref_top1 / 100) and qat.verdict["criterion"] == acceptance.describe()
+    assert qat.verdict.budget == pytest.approx(ref_top1 / 100) and qat.verdict.criterion == acceptance.describe()
     assert v["ptq"].compared_with is None and v["ptq"].verdict is not None
     assert v["control"].verdict is None and v["control"].paired is not None  # FP32: measured, not judged
     assert v["broken"].paired is None and v["broken"].verdict is None
     assert v["ref"].paired is None
-    assert report.acceptance == {"max_drop": 1.0, "drop": "relative", "label": None, "description": acceptance.describe()}
-    assert type(report.acceptance["drop"]) is str
+    assert report.acceptance.model_dump(mode="json") == {"max_drop": 1.0, "drop": "relative", "label": None,
+                                                         "description": acceptance.describe()}
+    assert report.acceptance.drop is DropKind.relative
 
 
 def test_nothing_is_judged_without_the_reference_predictions(tmp_path):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, Recipe, RunConfig
+from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, RunConfig
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
@@ -46,53 +46,6 @@ def _friendly(fn):
 @click.version_option(package_name="int8eval")
 def main() -> None:
     """What INT8 costs an image classifier in accuracy, and what it buys in speed and size."""
-
-
-def build_recipes(
-    backends: tuple[str, ...],
-    calibs: tuple[str, ...],
-    percentile: float,
-    per_tensor: bool,
-    legacy: bool,
-    precisions: tuple[str, ...],
-    fp32_only: bool,
-    qat_epochs: int = 0,
-    lr: float = 1e-5,
-    tensorrt_on_cpu: bool = False,
-    keeps: tuple[tuple[str, ...], ...] = ((),),
-    bias_correction: bool = True,
-    activation_type: str | None = None,
-) -> tuple[Recipe, ...]:
-    """One INT8 recipe per backend x calibration method x set of layers kept in FP32 (`keeps`, () for none),
-    plus any extra precision baselines (bf16, fp16). `bias_correction=False` turns it off in the INT8 recipes;
-    `activation_type` sets ONNX Runtime's INT8 activations (None: the CPU's choice)."""
-    from int8eval.backends import BACKENDS, default_calib
-
-    if fp32_only:
-        return ()
-    chosen = [Backend(b) for b in backends] or [b for b, info in BACKENDS.items() if info.installed and info.default]
-    if activation_type is not None and Backend.onnxruntime not in chosen:
-        raise ConfigError("--activation-type applies to onnxruntime's INT8 recipes; add --backend onnxruntime")
-    recipes = []
-    for backend in chosen:
-        methods = [CalibMethod(c) for c in calibs] or [default_calib(backend)]
-        emulate = backend is Backend.tensorrt and tensorrt_on_cpu
-        for method in methods:
-            for keep in keeps:
-                common = dict(backend=backend, calib=method, percentile=percentile, per_channel=not per_tensor,
-                              emulate=emulate, keep_fp32=keep)
-                act = dict(activation_type=activation_type) if backend is Backend.onnxruntime else {}
-                recipes.append(Recipe(**common, **act, bias_correction=None if bias_correction else False))
-                if legacy and backend is Backend.torch:
-                    recipes.append(Recipe(**common, legacy=True))
-        for p in precisions:
-            recipes.append(Recipe(backend=backend, precision=Precision(p), emulate=emulate))
-    if qat_epochs:  # QAT and its control: the same fine-tuning without quantization
-        tuned = dict(backend=Backend.torch, qat_epochs=qat_epochs, lr=lr)
-        recipes += [Recipe(**tuned), Recipe(**tuned, precision=Precision.fp32)]
-        if legacy:
-            recipes.append(Recipe(**tuned, legacy=True))
-    return tuple(recipes)
 
 
 ACTIVATION_TYPE = click.option(
@@ -168,22 +121,26 @@ def keep_options(keep_help: str = _KEEP_HELP):
 @_friendly
 def run(**kw) -> None:
     """Evaluate FP32 and INT8 variants of a model in one pass and write RUN_DIR/report.{json,md}."""
+    from int8eval.commands.run import run as run_command
     from int8eval.data.fetch import default_data_root
-    from int8eval.pipeline import run as run_pipeline
+    from int8eval.session import expand_recipes, resolve_keep
 
     reject_ignored_flags(click.get_current_context())
 
-    recipes = build_recipes(
-        kw.pop("backends"), kw.pop("calibs"), kw.pop("percentile"), kw.pop("per_tensor"), kw.pop("legacy"),
-        kw.pop("precisions"), kw.pop("fp32_only"), kw.pop("qat_epochs"), kw.pop("lr"), kw.pop("tensorrt_on_cpu"),
-        resolve_keep(kw.pop("keeps"), kw.pop("sensitivity"), kw["out"]), not kw.pop("no_bias_correction"),
-        kw.pop("activation_type"),
+    fp32_only = kw.pop("fp32_only")
+    r = {k: kw.pop(k) for k in ("backends", "calibs", "percentile", "per_tensor", "legacy", "precisions", "qat_epochs",
+                                 "lr", "tensorrt_on_cpu", "keeps", "sensitivity", "no_bias_correction", "activation_type")}
+    recipes = () if fp32_only else expand_recipes(
+        r["backends"], r["calibs"], percentile=r["percentile"], per_channel=not r["per_tensor"], legacy=r["legacy"],
+        precisions=r["precisions"], qat_epochs=r["qat_epochs"], lr=r["lr"], tensorrt_on_cpu=r["tensorrt_on_cpu"],
+        keeps=resolve_keep(r["keeps"], r["sensitivity"], kw["out"]), bias_correction=not r["no_bias_correction"],
+        activation_type=r["activation_type"],
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
         kw["data"] = default_data_root()
     config = RunConfig(**kw, recipes=recipes, acceptance=acceptance)
-    report = run_pipeline(config, console=Console(stderr=True))
+    report = run_command(config, console=Console(stderr=True))
     _print_summary(report, config.out)
 
 
@@ -250,63 +207,24 @@ def reject_ignored_flags(ctx: click.Context) -> None:
                       f"add --precision int8 or drop {flag(name)}")
 
 
-def resolve_keep(values: tuple[str, ...], sensitivity: Path | None, out: Path) -> tuple[tuple[str, ...], ...]:
-    """`--keep-fp32` values -> sets of layer names: "none" (quantize every layer), "a,b,c" (module paths), or
-    "topN" (the N most sensitive layers in `sensitivity`, a sensitivity.json that `int8eval diagnose` wrote;
-    default: OUT/sensitivity.json)."""
-    import json
-    import re
-
-    if not values:
-        return ((),)
-    sensitivity = sensitivity or Path(out) / "sensitivity.json"
-    keeps = []
-    for value in values:
-        value = value.strip()
-        if value == "none":
-            keeps.append(())
-        elif m := re.fullmatch(r"top(\d+)", value):
-            if not sensitivity.is_file():
-                raise ConfigError(
-                    f"--keep-fp32 {value} reads the ranking of `int8eval diagnose`, and {sensitivity} does not exist: "
-                    f"run `int8eval diagnose --out {sensitivity.parent}` first or pass --sensitivity FILE"
-                )
-            try:
-                ranking = json.loads(sensitivity.read_text())["ranking"]
-                if not isinstance(ranking, list) or not all(isinstance(r, str) for r in ranking):
-                    raise ValueError("'ranking' is not a list of layer names")
-            except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
-                why = "no 'ranking'" if isinstance(e, (KeyError, TypeError)) else f"{type(e).__name__}: {e}"
-                raise ConfigError(
-                    f"--keep-fp32 {value}: cannot read the ranking in {sensitivity} ({why}); pass the sensitivity.json "
-                    "that `int8eval diagnose` wrote, or run it again"
-                ) from None
-            n = int(m.group(1))
-            if not 0 < n <= len(ranking):
-                raise ConfigError(f"--keep-fp32 {value}: {sensitivity} ranks {len(ranking)} layers; choose top1..top{len(ranking)}")
-            keeps.append(tuple(ranking[:n]))
-        else:
-            keeps.append(tuple(v.strip() for v in value.split(",")))
-    return tuple(keeps)
-
-
 def _print_summary(report, out: Path) -> None:
-    table = Table(title=f"{report.model.name}: {report.data.num_images} images, {report.data.num_skipped} skipped")
+    # Names, errors and reasons are text, never rich markup: an error may hold "[red]" or a path with brackets.
+    table = Table(title=f"{escape(report.model.name)}: {report.data.num_images} images, {report.data.num_skipped} skipped")
     table.add_column("variant", overflow="fold")  # names carry the recipe: never cut them
     for col in ("status", "top-1 %", "top-5 %", "agreement %", "size MB"):
         table.add_column(col)
     for v in report.variants:
-        table.add_row(v.name, v.status, pct(v.top1), pct(v.top5), pct(v.agreement_top1), num(v.size_mb))
+        table.add_row(escape(v.name), v.status.value, pct(v.top1), pct(v.top5), pct(v.agreement_top1), num(v.size_mb))
     console.print(table)
     for v in report.variants:
         if v.error:
-            console.print(f"[red]{v.name}[/red]: {v.error}")
+            console.print(f"[red]{escape(v.name)}[/red]: {escape(v.error)}")
     if report.data.num_skipped:
         console.print(f"[yellow]{report.data.num_skipped} images or folders skipped[/yellow] (reasons in report.md)")
     for v in report.variants:
         if v.verdict:
-            console.print(f"{v.name}: [bold]{v.verdict['verdict']}[/bold] ({v.verdict['reason']})")
-    console.print(f"report: {out / 'report.json'} (rendered: report.md, report.html)")
+            console.print(f"{escape(v.name)}: [bold]{v.verdict.verdict.value}[/bold] ({escape(v.verdict.reason)})")
+    console.print(f"report: {escape(str(out / 'report.json'))} (rendered: report.md, report.html)")
 
 
 @main.command()
@@ -372,15 +290,9 @@ def prepare_cmd(source: Path, labels: Path, out: Path, copy: bool) -> None:
 @_friendly
 def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool) -> None:
     """Re-render RUN_DIR's report from its report.json, without re-running; with a budget, re-judge the verdicts."""
-    from int8eval.report import rendered_paths, rerender
-    from int8eval.verdict import apply_to_run_dir
+    from int8eval.commands.report import report as report_command
 
-    acceptance = acceptance_from_flags(max_drop, drop, mlperf)
-    if acceptance is None:
-        paths = rerender(run_dir)  # refuses a folder whose files are not all from its report.json's run
-    else:
-        apply_to_run_dir(run_dir, acceptance)  # re-judges, rewrites report.json and renders it
-        paths = rendered_paths(run_dir)
+    paths = report_command(run_dir, acceptance_from_flags(max_drop, drop, mlperf))
     for path in paths:
         console.print(f"wrote {escape(str(path))}")  # a folder name is not rich markup
 
@@ -400,17 +312,20 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
 @_friendly
 def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, sensitivity, threads, batch_size,
           activation_type) -> None:
-    """Speed and size of a model per backend and precision (no accuracy pass): writes OUT/bench.{json,md}."""
-    from int8eval.bench import bench_command
+    """Speed and size of a model per backend and precision (no accuracy pass): writes OUT/report.{json,md,html}."""
+    from int8eval.commands.bench import bench as bench_command
+    from int8eval.report.bench import bench_markdown
+    from int8eval.session import resolve_keep
 
     reject_ignored_flags(click.get_current_context())
 
-    bench_command(
+    report = bench_command(
         model, backends, precisions or ("fp32", "int8"), out=out, data=data, checkpoint=checkpoint, weights=weights,
         keeps=resolve_keep(keeps, sensitivity, out), threads=threads, activation_type=activation_type,
-        batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(msg),
+        batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(escape(msg)),
     )
-    console.print((out / "bench.md").read_text())  # its warnings included
+    console.print(escape("\n".join(bench_markdown(report.variants, report.bench))))  # its warnings included
+    console.print(f"report: {escape(str(out / 'report.json'))} (rendered: report.md, report.html)")
 
 
 @main.command()
@@ -437,7 +352,8 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
 def diagnose(**kw) -> None:
     """Which layers cost the accuracy: per-layer sensitivity of a fake-quantized model (written to sensitivity.json)."""
     from int8eval.data.fetch import default_data_root
-    from int8eval.diagnose import FakeQuantSpec, run_diagnose
+    from int8eval.commands.diagnose import run_diagnose
+    from int8eval.diagnose import FakeQuantSpec
 
     reject_ignored_flags(click.get_current_context())
 
@@ -483,10 +399,11 @@ def diagnose(**kw) -> None:
 @click.option("--check", is_flag=True, help="Only list what the recipe needs and whether it is here.")
 @_friendly
 def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib_size, train_size, workers, check) -> None:
-    """Reproduce a published pipeline as a recipe (NAME: seed, or a YAML file) and write its table."""
+    """Reproduce a published pipeline as a recipe (NAME: seed, or a YAML file): OUT/report.json (.md, .html) and its
+    table, OUT/seed_table.md (.json)."""
+    from int8eval.commands.reproduce import reproduce as run_recipe
     from int8eval.data.fetch import default_data_root
     from int8eval.recipes.reproduce import load_recipe, requirements
-    from int8eval.recipes.reproduce import reproduce as run_recipe
 
     reject_ignored_flags(click.get_current_context())
     recipe = load_recipe(name)
@@ -494,11 +411,11 @@ def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib
         for need in requirements(recipe, data=data, train_data=train_data, checkpoint=checkpoint):
             console.print(escape(str(need)))
         return
-    result = run_recipe(
+    run_recipe(
         recipe, data=data or default_data_root(), out=out, train_data=train_data, labels=labels,
         checkpoint=checkpoint, max_images=max_images, calib_size=calib_size, train_size=train_size, workers=workers,
     )
-    console.print(result.table_path.read_text())
+    console.print(escape((out / "seed_table.md").read_text()))
 
 
 if __name__ == "__main__":  # pragma: no cover

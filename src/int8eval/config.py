@@ -7,8 +7,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from int8eval.verdict import Acceptance
-
 
 class Backend(str, Enum):
     torch = "torch"
@@ -76,20 +74,61 @@ class Preprocessing(_Strict):
         return self
 
 
+class DropKind(str, Enum):
+    absolute = "absolute"  # points of top-1: FP32 76.1% -> INT8 75.3% is a 0.8-point drop
+    relative = "relative"  # percent of FP32's top-1: the same is a 1.05% relative drop
+
+
+class Acceptance(_Strict):
+    """How much top-1 a variant may lose against the FP32 reference (`int8eval.verdict.decide` judges it).
+
+    `max_drop` is in points when `drop` is absolute, in percent of the reference's top-1 when relative.
+    MLPerf's rule (INT8 >= 99% of FP32) is `Acceptance.mlperf()`, i.e. a 1% relative drop.
+    """
+
+    max_drop: float = Field(ge=0.0, le=100.0)
+    drop: DropKind = DropKind.absolute
+    label: str | None = None  # e.g. "mlperf", shown in the report
+
+    @classmethod
+    def mlperf(cls) -> Acceptance:
+        return cls(max_drop=1.0, drop=DropKind.relative, label="mlperf")
+
+    def budget(self, ref_top1: float) -> float:
+        """The largest allowed drop, as a fraction of images (the reference's measured top-1 fixes a relative one)."""
+        if self.drop is DropKind.absolute:
+            return self.max_drop / 100.0
+        return ref_top1 * self.max_drop / 100.0
+
+    def describe(self) -> str:
+        if self.label == "mlperf":
+            return "MLPerf: top-1 at least 99% of FP32's (a 1% relative drop)"
+        if self.drop is DropKind.absolute:
+            return f"top-1 drop of at most {self.max_drop:g} point{'' if self.max_drop == 1 else 's'}"
+        return f"top-1 drop of at most {self.max_drop:g}% of FP32's top-1"
+
+
 def _is_ptq(precision, legacy, qat_epochs) -> bool:
     """Whether a recipe is INT8 post-training quantization by a current (not legacy) API."""
     return precision in (Precision.int8, Precision.int8.value) and not legacy and not qat_epochs
 
 
 class Recipe(_Strict):
-    """How one variant is built: the backend, its precision and, for INT8, the calibration recipe."""
+    """How one variant is built: the backend, its precision and, for INT8, the calibration recipe.
+
+    A Recipe states everything it does: `calib` is minmax unless given. `session.expand_recipes` (what the CLI uses)
+    gives each backend its own default calibration (`backends.default_calib`)."""
 
     backend: Backend
     precision: Precision = Precision.int8
+    # Each backend has its own code for a method (PyTorch's and NNCF's observers, int8eval's `backends.ranges`): the
+    # variant's details["calibration"] names it. PT2E QAT's ranges are the X86 HistogramObserver's, recorded as mse.
     calib: CalibMethod = CalibMethod.minmax
     percentile: float = Field(99.999, gt=50.0, le=100.0)
     per_channel: bool = True
-    legacy: bool = False  # PyTorch: the seed's torch.ao.quantization API; TensorRT: the implicit INT8 calibrator
+    # Three things, by where it applies (the variant's details["legacy"] says which ran): torch PTQ, torch.ao FX
+    # prepare_fx/convert_fx; QAT (qat_epochs), torch.ao eager prepare_qat/convert; TensorRT, the implicit calibrator.
+    legacy: bool = False
     qat_epochs: int = Field(0, ge=0)  # > 0: fine-tune first (INT8: QAT; FP32: the same schedule without quantization)
     lr: float = Field(1e-5, gt=0)  # fine-tuning learning rate
     emulate: bool = False  # TensorRT only: run the ONNX TensorRT would get with ONNX Runtime on the CPU
@@ -176,15 +215,16 @@ class Recipe(_Strict):
         return "-".join(parts)
 
 
-class RunConfig(_Strict):
-    """Everything `int8eval run` needs. Paths are checked when the data and model are loaded."""
+class SessionSpec(_Strict):
+    """What every command opens before building anything (`session.open_session`): the model, the images, and how
+    they are split into training, calibration and evaluation images. Paths are checked when they are loaded."""
 
     model: str
     checkpoint: Path | None = None
     weights: str | None = None
+    preprocessing: Preprocessing | None = None  # None: the weights' own
     data: Path
     labels: Path | None = None
-    out: Path
     calib_data: Path | None = None
     calib_size: int = Field(100, gt=0)
     seed: int = 0
@@ -192,11 +232,17 @@ class RunConfig(_Strict):
     workers: int = Field(0, ge=0)  # decoding processes; 0 decodes in this process
     max_images: int | None = Field(None, gt=0)
     on_bad_image: OnBadImage = OnBadImage.skip
-    recipes: tuple[Recipe, ...] = ()
-    acceptance: Acceptance | None = None
     train_data: Path | None = None  # QAT training images (default: a seeded split of --data, then not evaluated)
     train_size: int = Field(300, gt=0)
     train_batch_size: int = Field(32, gt=0)
+
+
+class RunConfig(SessionSpec):
+    """Everything `int8eval run` needs: the session, the recipes, the budget, and where the run folder goes."""
+
+    out: Path
+    recipes: tuple[Recipe, ...] = ()
+    acceptance: Acceptance | None = None
     bench: bool = False  # also time every variant (latency, throughput) after the accuracy pass
 
     @model_validator(mode="after")

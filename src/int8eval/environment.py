@@ -8,6 +8,8 @@ import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -157,6 +159,22 @@ def _isa_flags() -> set[str]:
         return {k for k, on in torch.cpu.get_capabilities().items() if on is True}
     except Exception:  # noqa: BLE001 - an old torch without it: cannot tell
         return set()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run PyTorch with `threads` intra-op threads inside the block, restored after it (no-op when None)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def environment() -> dict:

@@ -8,7 +8,7 @@ different model on purpose -- can never stand in for a backend's FP32.
 from __future__ import annotations
 
 from int8eval.config import Backend, Precision, Recipe
-from int8eval.report.schema import ParityCheck, VariantResult
+from int8eval.report.schema import ParityCheck, Status, VariantResult
 
 PARITY_THRESHOLD = 0.999
 REFERENCE = Recipe(backend=Backend.torch, precision=Precision.fp32)
@@ -45,7 +45,7 @@ def apply_gate(plan: list[Recipe], results: dict[str, VariantResult], threshold:
     checked. Mutates `results`."""
     for recipe in plan:
         result = results[recipe.name]
-        if is_parity_check(recipe) and result.status == "ok":
+        if is_parity_check(recipe) and result.status == Status.ok:
             agreement = result.agreement_top1
             result.parity = ParityCheck(agreement_top1=agreement, threshold=threshold, passed=agreement >= threshold)
     for recipe in plan:
@@ -54,14 +54,14 @@ def apply_gate(plan: list[Recipe], results: dict[str, VariantResult], threshold:
         if gate is None:
             continue
         result.gated_by = gate.name
-        if result.status != "ok" or gate == REFERENCE:
+        if result.status != Status.ok or gate == REFERENCE:
             continue
         checked = results[gate.name]
-        if checked.status != "ok":
-            result.status = "parity_failed"
+        if checked.status != Status.ok:
+            result.status = Status.parity_failed
             result.error = f"{gate.name} could not be checked against the reference ({checked.error}), so its {result.precision.upper()} numbers cannot be trusted"
         elif not checked.parity.passed:
-            result.status = "parity_failed"
+            result.status = Status.parity_failed
             result.error = (
                 f"{gate.name} agrees with the PyTorch reference on only {100 * checked.parity.agreement_top1:.2f}% "
                 f"of images (needs {100 * threshold:.1f}%)"

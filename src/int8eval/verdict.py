@@ -9,63 +9,22 @@ says roughly how many images would settle it.
 from __future__ import annotations
 
 import math
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from int8eval import stats
+from int8eval.config import Acceptance, DropKind, Precision
 from int8eval.errors import ConfigError
+from int8eval.report import Report, folder, write_rendered
+from int8eval.report.format import pct
+from int8eval.report.schema import VariantResult
+from int8eval.report.sections import AcceptanceRecord, PairedSection, Status, Verdict, VerdictSection
 
-if TYPE_CHECKING:  # imported lazily below, so that config.py can import Acceptance from here without a cycle
+if TYPE_CHECKING:  # imported where used: evaluate reaches the backends, which judging needs not
     from int8eval.evaluate import Predictions
-    from int8eval.report.schema import Report, VariantResult
 
 # Floating-point slack when comparing a limit with the budget: "exactly at the budget" must not flip on 1e-17.
 _TOL = 1e-9
-
-
-class DropKind(str, Enum):
-    absolute = "absolute"  # points of top-1: FP32 76.1% -> INT8 75.3% is a 0.8-point drop
-    relative = "relative"  # percent of FP32's top-1: the same is a 1.05% relative drop
-
-
-class Verdict(str, Enum):
-    passed = "pass"
-    failed = "fail"
-    inconclusive = "inconclusive"
-
-
-class Acceptance(BaseModel):
-    """How much top-1 a variant may lose against the FP32 reference.
-
-    `max_drop` is in points when `drop` is absolute, in percent of the reference's top-1 when relative.
-    MLPerf's rule (INT8 >= 99% of FP32) is `Acceptance.mlperf()`, i.e. a 1% relative drop.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_drop: float = Field(ge=0.0, le=100.0)
-    drop: DropKind = DropKind.absolute
-    label: str | None = None  # e.g. "mlperf", shown in the report
-
-    @classmethod
-    def mlperf(cls) -> Acceptance:
-        return cls(max_drop=1.0, drop=DropKind.relative, label="mlperf")
-
-    def budget(self, ref_top1: float) -> float:
-        """The largest allowed drop, as a fraction of images (the reference's measured top-1 fixes a relative one)."""
-        if self.drop is DropKind.absolute:
-            return self.max_drop / 100.0
-        return ref_top1 * self.max_drop / 100.0
-
-    def describe(self) -> str:
-        if self.label == "mlperf":
-            return "MLPerf: top-1 at least 99% of FP32's (a 1% relative drop)"
-        if self.drop is DropKind.absolute:
-            return f"top-1 drop of at most {self.max_drop:g} point{'' if self.max_drop == 1 else 's'}"
-        return f"top-1 drop of at most {self.max_drop:g}% of FP32's top-1"
 
 
 def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool) -> Acceptance | None:
@@ -96,26 +55,24 @@ def _images_to_settle(n: int | None, drop: float, half_width: float, budget: flo
     return "" if needed is None else f"; roughly {needed:,} images (now {n:,}) would settle it"
 
 
-def images_to_settle(verdict: dict, n: int | None) -> int | None:
-    """Roughly how many evaluated images would settle an inconclusive verdict (a dict from `decide`) measured on
-    `n` images; None for a verdict that is not inconclusive or cannot tell."""
-    if verdict.get("verdict") != Verdict.inconclusive.value:
+def images_to_settle(verdict: VerdictSection, n: int | None) -> int | None:
+    """Roughly how many evaluated images would settle an inconclusive verdict (from `decide`) measured on `n`
+    images; None for a verdict that is not inconclusive or cannot tell."""
+    if verdict.verdict is not Verdict.inconclusive:
         return None
-    drop, (lo, hi), budget = verdict["drop"], verdict["drop_ci95"], verdict["budget"]
+    drop, (lo, hi), budget = verdict.drop, verdict.drop_ci95, verdict.budget
     return _settle_count(n, drop, hi - drop if drop <= budget + _TOL else drop - lo, budget)
 
 
 def decide(
     acceptance: Acceptance, ref_top1: float, diff: float, diff_ci: tuple[float, float], n: int | None = None
-) -> dict:
+) -> VerdictSection:
     """Verdict for one variant from its paired top-1 difference (variant - reference) and its 95% CI.
 
     pass: the whole CI of the drop is within the budget (its upper limit may touch it);
     fail: the whole CI is beyond the budget; inconclusive: the CI straddles it (or starts exactly at it).
-    Returns {"verdict", "reason", "budget", "drop", "drop_ci95", "criterion"}; drops are fractions.
+    Returns the verdict with its reason, the budget, the drop and its CI (fractions) and the criterion.
     """
-    from int8eval.report.format import pct  # not at the top: int8eval.report imports config, which imports us
-
     budget = acceptance.budget(ref_top1)
     drop = -diff
     lo, hi = -diff_ci[1], -diff_ci[0]  # the drop's CI is the difference's, mirrored
@@ -136,18 +93,13 @@ def decide(
         verdict = Verdict.inconclusive
         reason = f"{shown}: the estimate exceeds {limit} but the CI reaches back within it"
         reason += _images_to_settle(n, drop, drop - lo, budget)
-    return {
-        "verdict": verdict.value,
-        "reason": reason,
-        "budget": budget,
-        "drop": drop,
-        "drop_ci95": [lo, hi],
-        "criterion": acceptance.describe(),
-    }
+    return VerdictSection(
+        verdict=verdict, reason=reason, budget=budget, drop=drop, drop_ci95=(lo, hi), criterion=acceptance.describe()
+    )
 
 
-def _paired_for(preds: Predictions, name: str, reference: str) -> dict:
-    return stats.paired_stats(
+def _paired_for(preds: Predictions, name: str, reference: str) -> PairedSection:
+    return _paired(
         preds.correct1(reference),
         preds.correct1(name),
         preds.top1(reference),
@@ -160,6 +112,11 @@ def _paired_for(preds: Predictions, name: str, reference: str) -> dict:
     )
 
 
+def _paired(*args, **kwargs) -> PairedSection:
+    """stats.paired_stats (plain, JSON-ready numbers) as the report's typed section."""
+    return PairedSection.model_validate(stats.paired_stats(*args, **kwargs))
+
+
 def add_paired_stats(report: Report, predictions: Predictions, acceptance: Acceptance | None = None) -> Report:
     """Fill `paired` for every non-reference variant with predictions, and `verdict` for each one that is not an
     FP32 parity check when `acceptance` is given; record the criterion in `report.acceptance`. Mutates `report`.
@@ -170,12 +127,14 @@ def add_paired_stats(report: Report, predictions: Predictions, acceptance: Accep
     ref = report.reference
     if ref is None or ref.name not in predictions.top5:
         return report
-    report.acceptance = None if acceptance is None else {**acceptance.model_dump(mode="json"), "description": acceptance.describe()}
+    report.acceptance = None if acceptance is None else AcceptanceRecord(
+        **acceptance.model_dump(), description=acceptance.describe()
+    )
     for v in report.variants:
-        if v.reference or v.name not in predictions.top5 or v.status not in ("ok", "parity_failed"):
+        if v.reference or v.name not in predictions.top5 or v.status not in (Status.ok, Status.parity_failed):
             continue
         v.paired = _paired_for(predictions, v.name, ref.name)
-        v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != "fp32" else None
+        v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != Precision.fp32 else None
         others = [o for o in _compared_with(v, report.variants) if o in predictions.top5]
         v.compared_with = {o: _paired_against(predictions, v.name, o) for o in others} or None
     return report
@@ -185,35 +144,36 @@ def _compared_with(v: VariantResult, variants: list[VariantResult]) -> list[str]
     """What a QAT variant is judged against besides the reference, as the seed intends: its FP32 control (the same
     fine-tuning without quantization) and PyTorch's post-training INT8 of the reference's weights."""
     recipe = v.recipe or {}
-    if not recipe.get("qat_epochs") or v.precision != "int8":
+    if not recipe.get("qat_epochs") or v.precision != Precision.int8:
         return []
     control = [
         o.name for o in variants
-        if o.precision == "fp32" and o.status == "ok" and (o.recipe or {}).get("qat_epochs") == recipe["qat_epochs"]
-        and (o.recipe or {}).get("lr") == recipe.get("lr")
+        if o.precision == Precision.fp32 and o.status == Status.ok
+        and (o.recipe or {}).get("qat_epochs") == recipe["qat_epochs"] and (o.recipe or {}).get("lr") == recipe.get("lr")
     ]
     ptq = [
         o.name for o in variants
-        if o.backend == v.backend and o.precision == "int8" and o.status == "ok" and not (o.recipe or {}).get("qat_epochs")
+        if o.backend == v.backend and o.precision == Precision.int8 and o.status == Status.ok
+        and not (o.recipe or {}).get("qat_epochs")
     ]
     return control + ptq
 
 
-def _paired_against(preds: Predictions, name: str, other: str) -> dict:
+def _paired_against(preds: Predictions, name: str, other: str) -> PairedSection:
     # KL and cosine in the predictions are to the reference's logits, so they are left out here.
-    return stats.paired_stats(
+    return _paired(
         preds.correct1(other), preds.correct1(name), preds.top1(other), preds.top1(name),
         correct5_ref=preds.correct5(other), correct5_var=preds.correct5(name),
     )
 
 
-def _verdict_for(v: VariantResult, acceptance: Acceptance) -> dict:
-    t = v.paired["top1"]
-    out = decide(acceptance, t["ref"], t["diff"], tuple(t["diff_ci95"]), v.paired["n"])
-    if v.status == "parity_failed":
+def _verdict_for(v: VariantResult, acceptance: Acceptance) -> VerdictSection:
+    t = v.paired.top1
+    out = decide(acceptance, t.ref, t.diff, t.diff_ci95, v.paired.n)
+    if v.status == Status.parity_failed:
         # The backend's own FP32 does not match the reference, so its INT8 drop cannot be attributed to INT8.
-        out["verdict"] = Verdict.inconclusive.value
-        out["reason"] = f"{v.error}; measured {out['reason']}"
+        out.verdict = Verdict.inconclusive
+        out.reason = f"{v.error}; measured {out.reason}"
     return out
 
 
@@ -222,7 +182,6 @@ def apply_to_run_dir(run_dir: Path, acceptance: Acceptance | None) -> Report:
     budget), rewrite report.json and re-render report.md/.html (`int8eval.report.rendered_paths`). Nothing is
     re-evaluated."""
     from int8eval.evaluate import Predictions
-    from int8eval.report import Report, folder, write_rendered
 
     run_dir = Path(run_dir)
     with folder.locked(run_dir):  # no run may replace the folder's files while they are judged

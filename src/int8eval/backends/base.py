@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,29 @@ class CalibrationData:
     @property
     def num_images(self) -> int:
         return sum(len(b) for b in self.batches)
+
+
+@dataclass
+class BuildContext:
+    """What the builds of one session share, and what fine-tuning recipes need.
+
+    Backends memoise here what several recipes of one model reuse (the FP32 ONNX export and its activation
+    statistics, OpenVINO's converted model), each memo recording the module it was made from: a context is per
+    session, never module-global, so two contexts share nothing. `backends.build_variant` without a context
+    makes a fresh one, so a build on its own shares nothing either.
+    """
+
+    workdir: Path  # where shared artifacts (the FP32 ONNX export and its pre-processed copy) are written
+    train: list = field(default_factory=list)  # training Samples (data.layouts.Sample) for QAT and its FP32 control
+    train_batch_size: int = 32  # fine-tuning: images per step
+    seed: int = 0  # fine-tuning: data order and augmentation
+    workers: int = 0  # fine-tuning: decoding processes for the training images
+    freeze_bn: bool = True  # fine-tuning: fold BatchNorm and train in eval mode (qat.FinetuneSpec.freeze_bn)
+    legacy_engine: str = "x86"  # fine-tuning: the quantized engine of the legacy eager QAT (the seed used "fbgemm")
+    compile_qat: bool = True  # PT2E QAT: compile the INT8 model (False: the same numbers, none of the speed)
+    # Memos, filled by the backends that use them:
+    onnx: Any = None  # onnx_qdq.PreparedOnnx: the FP32 export and its activation statistics per calibration set
+    openvino: Any = None  # openvino_backend.Conversion: the converted FP32 model and the module it came from
 
 
 def require_calibration(recipe: Recipe, calib: CalibrationData | None) -> None:

@@ -3,8 +3,8 @@
 INT8 activations are uint8 (U8S8 kernels) on x86 with VNNI/AMX, int8 (S8S8) elsewhere, unless the recipe says
 (`activation_choice`); on x86 CPUs whose INT8 dot products saturate the session uses exact kernels (`OrtVariant`).
 
-INT8 recipes share one ONNX export and one calibration pass per (model, calibration set), cached in `onnx_qdq`
-(and shared with the TensorRT backend): a histogram of every activation is collected once and each recipe only
+INT8 recipes share one ONNX export and one calibration pass per (model, calibration set) within a BuildContext
+(`onnx_qdq.fp32_export`, `onnx_qdq.activation_stats`; shared with the TensorRT builders): a histogram of every activation is collected once and each recipe only
 derives its ranges from it. `prepare_s` still reports the full cost of building the recipe on its own (export +
 calibration + quantization + session creation).
 """
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from int8eval.backends.base import CalibrationData, Variant, require_calibration
+from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
+from int8eval.backends.onnx_calibration import calibration_phrase
 from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_fp16, keep_fp32_nodes
-from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, module_bias_shifts, quantize_qdq
+from int8eval.backends.onnx_qdq import activation_stats, fp32_export, module_bias_shifts, quantize_qdq
 from int8eval.config import ActivationType, Backend, Precision, Recipe
 from int8eval.environment import CpuArch, cpu_capabilities
 from int8eval.errors import ConfigError
@@ -82,11 +83,15 @@ def check_recipe(recipe: Recipe) -> None:
         cpu_capabilities()  # a bad INT8EVAL_CPU fails here, before any work
 
 
-def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
-    """Build the ONNX Runtime variant `recipe` describes; artifacts are written under `workdir`."""
+def build(
+    loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path, context: BuildContext | None = None
+) -> Variant:
+    """Build the ONNX Runtime variant `recipe` describes; artifacts are written under `workdir`, the FP32 export
+    and its activation statistics shared through `context` (None: a fresh one)."""
     check_recipe(recipe)
     require_calibration(recipe, calib)
     workdir = Path(workdir)
+    context = context if context is not None else BuildContext(workdir=workdir)
     if recipe.precision is Precision.fp16:
         start = time.perf_counter()
         # Export the half-precision module: ORT then runs its fp16 kernels (slower than fp32 on x86 CPUs).
@@ -95,14 +100,14 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
         variant.prepare_s = time.perf_counter() - start
         return variant
 
-    prepared = cached_fp32_export(loaded, workdir)
+    prepared = fp32_export(loaded, context)
     if recipe.precision is Precision.fp32:
         session_start = time.perf_counter()
         variant = OrtVariant(recipe, prepared.fp32)
         variant.prepare_s = prepared.export_s + (time.perf_counter() - session_start)
         return variant
 
-    stats = cached_activation_stats(prepared, calib, workdir)
+    stats = activation_stats(prepared, calib, context)
     quant_start = time.perf_counter()
     activation_type, why = activation_choice(recipe)
     path = quantize_qdq(
@@ -118,6 +123,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     )
     variant = OrtVariant(recipe, path)
     variant.details.update(activation_type=activation_type.value, why=why)
+    variant.details["calibration"] = calibration_phrase(recipe.calib, recipe.percentile)
     variant.details["bias_correction"] = "int8eval" if recipe.bias_correction else None
     variant.prepare_s = prepared.export_s + stats.collect_s + (time.perf_counter() - quant_start)
     return variant

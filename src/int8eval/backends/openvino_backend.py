@@ -11,7 +11,7 @@ INT8 (NNCF, symmetric "performance" preset, then int8eval's bias correction), by
   per image and then averaged, which clips residual activations to ~half their range and loses ~30 points of
   top-1 agreement on EfficientNet-Lite0). So NNCF quantizes with minmax ranges, then each per-tensor activation
   quantizer is narrowed to the range `int8eval.backends.ranges` computes from a histogram of all calibration
-  values, as the other backends do.
+  values, as the other backends do (`openvino_ranges`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import itertools
 import logging
 import time
 import warnings
-import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from int8eval.backends.base import CalibrationData, Variant, require_calibration
+from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
+from int8eval.backends.openvino_ranges import HISTOGRAM_METHODS, calibration_phrase, narrow_activation_ranges
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.environment import cpu_capabilities
 from int8eval.errors import ConfigError
@@ -44,10 +45,6 @@ DEVICE = "CPU"
 # Bias correction is int8eval's (`correct_biases`), not NNCF's: on EfficientNet-Lite0 (700 images, calibration
 # seeds 0 and 1) NNCF's accurate bias correction left a mean KL to the FP32 logits of 0.0143 and 0.0179, int8eval's
 # 0.0122 and 0.0109 (NNCF's fast one was weaker still in FINDINGS.md).
-
-# Calibration methods whose activation ranges int8eval computes itself (see the module docstring).
-HISTOGRAM_METHODS = (CalibMethod.percentile, CalibMethod.entropy)
-HIST_BINS = 4096  # over the minmax range; ranges.histogram_range folds it to 2048 bins of |x|
 
 _LAYER_OPS = ("Convolution", "GroupConvolution", "MatMul")  # what NNCF quantizes in a CNN
 
@@ -118,8 +115,15 @@ class OpenVINOVariant(Variant):
         return np.array(out[0], dtype=np.float32, copy=True)
 
 
-# Converting takes seconds to tens of seconds (a torch.jit trace); a sweep builds several variants of one model.
-_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclass
+class Conversion:
+    """The converted FP32 model of one module (weights as `fingerprint` says), memoised in a BuildContext: converting
+    takes seconds to tens of seconds (a torch.jit trace), and a sweep builds several variants of one model."""
+
+    module: nn.Module  # the LoadedModel's module it was converted from
+    fingerprint: tuple
+    model: ov.Model
+    folded: nn.Module  # the BatchNorm-folded copy actually converted (same module paths)
 
 
 def _fingerprint(loaded) -> tuple:
@@ -128,21 +132,21 @@ def _fingerprint(loaded) -> tuple:
     return (loaded.input_shape, loaded.module.training, tuple((t.data_ptr(), t._version) for t in tensors))
 
 
-def convert(loaded) -> ov.Model:
+def convert(loaded, context: BuildContext | None = None) -> ov.Model:
     """Convert `loaded.module` (a LoadedModel's FP32 module) to an OpenVINO model with a dynamic batch dimension.
 
-    Converted once per module and weights; each call returns a fresh copy that callers may change.
+    Converted once per context, module and weights; each call returns a fresh copy that callers may change.
     """
-    return _conversion(loaded)[1].clone()
+    return conversion(loaded, context).model.clone()
 
 
-def _conversion(loaded) -> tuple[tuple, ov.Model, nn.Module]:
-    """(fingerprint, converted model, the BatchNorm-folded module it was converted from), cached per module."""
+def conversion(loaded, context: BuildContext | None = None) -> Conversion:
+    """`loaded`'s Conversion, made once per `context` while the module and its weights stay the same."""
     import openvino as ov
 
     key = _fingerprint(loaded)
-    cached = _CONVERTED.get(loaded.module)
-    if cached is None or cached[0] != key:
+    cached = context.openvino if context is not None else None
+    if cached is None or cached.module is not loaded.module or cached.fingerprint != key:
         c, h, w = loaded.input_shape
         # BatchNorm folded first: OpenVINO would fold it too, but then names each convolution after the BatchNorm's
         # Multiply; folded here, convolutions keep their module paths, which `keep_fp32` needs to find them.
@@ -152,7 +156,9 @@ def _conversion(loaded) -> tuple[tuple, ov.Model, nn.Module]:
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.trace")
             # A batch-2 example keeps the tracer from specialising on batch 1; `input` makes the batch dynamic.
             model = ov.convert_model(module, example_input=loaded.example_input(2), input=[-1, c, h, w])
-        cached = _CONVERTED[loaded.module] = (key, model, module)
+        cached = Conversion(loaded.module, key, model, module)
+        if context is not None:
+            context.openvino = cached
     return cached
 
 
@@ -248,7 +254,7 @@ def quantize(
         nncf_logger.setLevel(level)
         nncf_logger.removeFilter(_per_channel_rollback)
     if recipe.calib in HISTOGRAM_METHODS:
-        changed = narrow_activation_ranges(quantized, ov_model, calib, recipe)
+        changed = narrow_activation_ranges(quantized, ov_model, calib, recipe, device=DEVICE)
         log.info("%s: %d activation ranges narrowed from minmax", recipe.name, changed)
     return quantized
 
@@ -278,18 +284,18 @@ def first_layer_fp32(ov_model: ov.Model) -> list[str]:
     return found
 
 
-def correct_biases(quantized: ov.Model, loaded, calib: CalibrationData) -> int:
+def correct_biases(quantized: ov.Model, folded: nn.Module, calib: CalibrationData) -> int:
     """int8eval's bias correction (`backends.bias_correction`) of an NNCF-quantized model, in place: each
     Convolution/GroupConvolution/MatMul whose weights NNCF stored as INT8 (Constant -> Convert -> Multiply by the
-    scale) gets its mean output shift, measured with the torch module's FP32 inputs, taken off its bias (the constant
-    of the Add after it; one is added where the conversion dropped a zero bias). Returns how many were corrected."""
+    scale) gets its mean output shift, measured with the FP32 inputs of `folded` (the module `quantized` was
+    converted from: `conversion(...).folded`), taken off its bias (the constant of the Add after it; one is added
+    where the conversion dropped a zero bias). Returns how many were corrected."""
     import openvino as ov
     import openvino.opset13 as ops
     import torch
 
     from int8eval.backends.bias_correction import output_shifts
 
-    folded = _conversion(loaded)[2]  # the module `convert` converted: the same FP32 weights
     modules = dict(folded.named_modules())
     errors, outputs = {}, {}
     for path, module_ops in _module_ops(quantized).items():
@@ -342,84 +348,6 @@ def _dequantized_weight(node: ov.Node) -> np.ndarray | None:
     return ((q - zero) * scale.get_data().astype(np.float32)).astype(np.float32)
 
 
-def _activation_quantizers(model: ov.Model) -> list[ov.Node]:
-    """Per-tensor FakeQuantize nodes on activations (NNCF has already folded the weight ones into int8 constants).
-
-    Per-channel activation quantizers (NNCF gives depthwise convolutions' inputs one) keep NNCF's ranges.
-    """
-    out = []
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() == "Constant":
-            continue
-        if _limit(op, 2).size == 1:
-            out.append(op)
-    return out
-
-
-def _limit(fq: ov.Node, i: int) -> np.ndarray:
-    """FakeQuantize input i (1..4: input_low, input_high, output_low, output_high), a constant."""
-    return fq.input_value(i).get_node().get_data()
-
-
-def narrow_activation_ranges(quantized: ov.Model, fp32: ov.Model, calib: CalibrationData, recipe: Recipe) -> int:
-    """Narrow each per-tensor activation quantizer of `quantized` (in place) to the range `recipe.calib` picks
-    from a histogram of that activation over all calibration images in `fp32`. Returns how many were changed.
-
-    The histogram spans the quantizer's minmax range; the new threshold T scales all four FakeQuantize limits by
-    T / old_high, which keeps NNCF's grid (signed [-128, 127] or unsigned [0, 255] steps) and only shrinks it.
-    """
-    import openvino as ov
-    import openvino.properties.hint as hints
-    from openvino import opset13
-
-    from int8eval.backends.ranges import histogram_range
-
-    # Probe a copy of the FP32 model at every quantizer's input: the values the range should describe.
-    stats_model = fp32.clone()
-    fp32_nodes = {op.get_friendly_name(): op for op in stats_model.get_ordered_ops()}
-    probes: list[tuple[ov.Node, ov.Output]] = []
-    for fq in _activation_quantizers(quantized):
-        src = fq.input_value(0)
-        node = fp32_nodes.get(src.get_node().get_friendly_name())
-        if node is None:  # NNCF renamed or created the producer: this quantizer keeps its minmax range
-            log.warning("no FP32 tensor for %s; its minmax range is kept", fq.get_friendly_name())
-            continue
-        probes.append((fq, node.output(src.get_index())))
-    if not probes:
-        return 0
-    n_out = len(stats_model.outputs)
-    stats_model.add_outputs([p for _, p in probes])
-    compiled = ov.Core().compile_model(stats_model, DEVICE, {hints.inference_precision: ov.Type.f32})
-    request = compiled.create_infer_request()
-
-    limits = [(float(_limit(fq, 1).min()), float(_limit(fq, 2).max())) for fq, _ in probes]  # input_low, input_high
-    hists = [np.zeros(HIST_BINS, dtype=np.int64) for _ in probes]
-    for batch in calib.batches:
-        result = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
-        for k, (lo, hi) in enumerate(limits):
-            v = np.asarray(result[n_out + k], dtype=np.float32).reshape(-1)
-            idx = ((v - lo) * (HIST_BINS / (hi - lo))).astype(np.intp) if hi > lo else np.zeros(v.size, np.intp)
-            np.clip(idx, 0, HIST_BINS - 1, out=idx)
-            hists[k] += np.bincount(idx, minlength=HIST_BINS)
-
-    changed = 0
-    for (fq, _), (lo, hi), counts in zip(probes, limits, hists, strict=True):
-        if hi <= 0.0 or counts.sum() == 0:
-            continue
-        edges = np.linspace(lo, hi, HIST_BINS + 1)
-        r_lo, r_hi = histogram_range(recipe.calib.value, counts, edges, percentile=recipe.percentile)
-        threshold = max(-r_lo, r_hi) if lo < 0.0 else r_hi
-        if not 0.0 < threshold < hi:
-            continue
-        factor = threshold / hi
-        for i in range(1, 5):
-            old = _limit(fq, i)
-            new = opset13.constant((old * factor).astype(np.float32))
-            fq.input(i).replace_source_output(new.output(0))
-        changed += 1
-    return changed
-
-
 def _compile(artifact: Path, recipe: Recipe) -> ov.CompiledModel:
     import openvino as ov
     import openvino.properties.hint as hints
@@ -430,8 +358,11 @@ def _compile(artifact: Path, recipe: Recipe) -> ov.CompiledModel:
     return ov.Core().compile_model(str(artifact), DEVICE, {hints.inference_precision: precision})
 
 
-def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
-    """Convert `loaded` to OpenVINO, quantize it with NNCF for INT8 recipes, save the IR and compile it on the CPU.
+def build(
+    loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path, context: BuildContext | None = None
+) -> Variant:
+    """Convert `loaded` to OpenVINO (once per `context`: None, a fresh one), quantize it with NNCF for INT8 recipes,
+    save the IR and compile it on the CPU.
 
     Example:
         >>> v = build(load_model("tiny_test"), Recipe(backend="openvino", precision="fp32"), None, Path("/tmp/w"))
@@ -442,9 +373,12 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
 
     check_recipe(recipe)
     require_calibration(recipe, calib)
+    workdir = Path(workdir)
+    context = context if context is not None else BuildContext(workdir=workdir)
     details: dict[str, Any] = {}
     start = time.perf_counter()
-    model = convert(loaded)
+    converted = conversion(loaded, context)
+    model = converted.model.clone()
     details["convert_s"] = time.perf_counter() - start
     if recipe.precision is Precision.int8:
         t = time.perf_counter()
@@ -455,7 +389,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
         details["bias_correction"] = None
         if recipe.bias_correction:
             details["bias_correction"] = "int8eval"
-            details["bias_corrected_layers"] = correct_biases(model, loaded, calib)
+            details["bias_corrected_layers"] = correct_biases(model, converted.folded, calib)
         details["quantize_s"] = time.perf_counter() - t
         details["nncf"] = {
             "preset": opts["preset"].value,
@@ -463,6 +397,7 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
             "calibration_images": calib.num_images,
         }
         details["why"] = overflow_choice()[1]
+        details["calibration"] = calibration_phrase(recipe)
     t = time.perf_counter()
     artifact = workdir / f"{recipe.name}.xml"
     # save_model compresses float weights to FP16 unless told not to; the FP32 artifact must stay FP32.

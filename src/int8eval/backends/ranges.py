@@ -1,11 +1,17 @@
-"""Activation calibration ranges from a histogram of |x| (numpy only): the one implementation every backend uses.
+"""Activation calibration ranges from a histogram of |x| (numpy only): int8eval's own percentile, entropy and mse.
 
 Each method picks a clipping threshold t on |x| and `clip_range` turns it into the range (max(min, -t), min(max, t)),
 so a non-negative tensor keeps 0 as its lower end. percentile: |x| at that percentile (as ONNX Runtime and TensorRT
 mean it); entropy: TensorRT's KL-divergence threshold; mse: the threshold minimising expected squared error.
-The ONNX path (`onnx_qdq.activation_ranges`) collects |x| histograms itself; the torch backend's histogram observer
-(torchao's PT2E observers have no percentile or entropy method) and OpenVINO pass a signed histogram to
-`histogram_range`, which folds it to |x| first.
+
+Who uses it, and over which histogram (the variant's `details["calibration"]` says which code set its ranges):
+- ONNX Runtime and TensorRT (and its CPU emulation), every method: `onnx_calibration.activation_ranges` on
+  HIST_BINS = 2048 bins of |x| collected by int8eval.
+- PyTorch percentile and entropy (torchao's PT2E observers and torch.ao's have no such method), PT2E and legacy FX:
+  `torch_observers`' observer keeps an 8192-bin signed histogram, which `histogram_range` folds to 2048 bins of |x|.
+- OpenVINO percentile and entropy: a 4096-bin signed histogram over NNCF's min/max range, folded the same way.
+Not used: minmax anywhere but ONNX (each library's own min/max observer), and mse on PyTorch (torchao's
+HistogramObserver, its own L2 search over 2048 bins) and OpenVINO (NNCF's HISTOGRAM range estimator).
 """
 
 from __future__ import annotations
@@ -14,6 +20,29 @@ import numpy as np
 
 HIST_BINS = 2048  # bins of |x|, as TensorRT's and pytorch-quantization's histogram calibrators
 METHODS = ("percentile", "entropy", "mse")
+
+
+def widen_histogram(counts: np.ndarray, factor: int, *, centred: bool = False) -> np.ndarray:
+    """The histogram of the same values over a range `factor` (a power of two) times as wide, with as many bins:
+    each `factor` neighbouring bins summed into one, so old counts stay exactly on bin boundaries (unlike
+    re-binning). [0, m] grows to [0, factor * m] (a histogram of |x|); `centred`, [-m, m] to [-factor * m, factor * m].
+    """
+    bins = len(counts)
+    merged = counts.reshape(-1, factor).sum(axis=1) if factor <= bins else counts.sum(keepdims=True)
+    out = np.zeros_like(counts)
+    start = (bins - len(merged)) // 2 if centred else 0
+    out[start : start + len(merged)] = merged
+    return out
+
+
+def calibration_phrase(method: str, *, percentile: float = 99.999, histogram: str = f"{HIST_BINS} bins of |x|") -> str:
+    """What `details["calibration"]` says when this module set the ranges, e.g. "int8eval ranges.mse_threshold over
+    2048 bins of |x|"; `histogram` names the histogram it was given."""
+    _check_method(method)
+    which = f"percentile_threshold ({percentile:g}%)" if method == "percentile" else f"{method}_threshold"
+    if method == "entropy":
+        which += " (TensorRT's KL method)"
+    return f"int8eval ranges.{which} over {histogram}"
 
 
 def steps(num_levels: int, nonnegative: bool) -> int:

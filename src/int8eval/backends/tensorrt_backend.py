@@ -9,8 +9,8 @@ Legacy (the seed's method, `recipe.legacy`): implicit INT8 with `IInt8EntropyCal
 calibrator) fed from the calibration split, its cache beside the engine. Deprecated since TensorRT 10.1 and
 removed from TensorRT 11, so offered only where TensorRT <= 10 is installed.
 
-Without TensorRT or a GPU, the same Q/DQ ONNX still runs under ONNX Runtime on the CPU
-(`build_qdq_onnx_variant`), so its accuracy is measured wherever int8eval runs.
+Without TensorRT or a GPU, the same Q/DQ ONNX still runs under ONNX Runtime on the CPU (`tensorrt_on_cpu`, the
+builder of `recipe.emulate`), so its accuracy is measured wherever int8eval runs.
 
 Nothing here imports tensorrt at module level; engines are fed with PyTorch CUDA tensors (no pycuda).
 """
@@ -18,15 +18,13 @@ Nothing here imports tensorrt at module level; engines are fed with PyTorch CUDA
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
 
-from int8eval.backends.base import CalibrationData, Variant, require_calibration
+from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
 from int8eval.config import Backend, CalibMethod, Precision, Recipe
-from int8eval.environment import cpu_capabilities
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
 
 OPT_BATCH = 32  # the batch the engine is tuned for (the pipeline's default batch size)
@@ -68,7 +66,7 @@ def _require_cuda() -> None:
 def check_recipe(recipe: Recipe) -> None:
     """Reject what this backend cannot build here, before any work: unsupported recipes (ConfigError), no TensorRT
     or no GPU (BackendUnavailable), the legacy calibrator on TensorRT >= 11 (ConfigError)."""
-    _check_recipe_options(recipe)
+    check_recipe_options(recipe)
     trt = _tensorrt()
     _require_cuda()
     if recipe.legacy and trt_major(trt) >= 11:
@@ -78,19 +76,8 @@ def check_recipe(recipe: Recipe) -> None:
         )
 
 
-def check_emulated_recipe(recipe: Recipe) -> None:
-    """`check_recipe` for `build_qdq_onnx_variant`: needs ONNX and ONNX Runtime, not TensorRT or a GPU."""
-    _check_recipe_options(recipe)
-    if recipe.legacy:
-        raise ConfigError("the legacy implicit calibrator exists only inside TensorRT; it cannot run on ONNX Runtime")
-    missing = [p for p in ("onnx", "onnxruntime") if importlib.util.find_spec(p) is None]
-    if missing:
-        raise BackendUnavailable(f"running TensorRT's ONNX on the CPU needs {', '.join(missing)}: pip install 'int8eval[onnxruntime]'")
-    if recipe.precision is Precision.int8:
-        cpu_capabilities()  # the CPU session's kernels follow it: a bad INT8EVAL_CPU fails here, before any work
-
-
-def _check_recipe_options(recipe: Recipe) -> None:
+def check_recipe_options(recipe: Recipe) -> None:
+    """What no TensorRT path can do (on the GPU or run by ONNX Runtime on the CPU): ConfigError."""
     if recipe.backend is not Backend.tensorrt:
         raise ConfigError(f"recipe {recipe.name} is for backend {recipe.backend.value}, not tensorrt")
     if recipe.precision is Precision.bf16:
@@ -393,21 +380,23 @@ def legacy_calibrator(calib: CalibrationData, cache: Path, *, method: CalibMetho
     return _Calibrator()
 
 
-def _recipe_onnx(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> tuple[Path, float]:
+def recipe_onnx(
+    loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path, context: BuildContext
+) -> tuple[Path, float]:
     """The ONNX TensorRT is given for `recipe` and the seconds it cost: the FP16 export, the FP32 export (FP32 and the
     legacy calibrator), or the explicit-quantization Q/DQ model. The FP32 export and the activation statistics are
-    shared with the other recipes of the model (`onnx_qdq`'s cache, as onnxruntime's) and counted in full here."""
+    shared with the other recipes of the model through `context` (as onnxruntime's) and counted in full here."""
     from int8eval.backends.onnx_export import export_onnx_fp16, keep_fp32_nodes
-    from int8eval.backends.onnx_qdq import cached_activation_stats, cached_fp32_export, module_bias_shifts
+    from int8eval.backends.onnx_qdq import activation_stats, fp32_export, module_bias_shifts
 
     if recipe.precision is Precision.fp16:
         start = time.perf_counter()
         path = export_onnx_fp16(loaded, workdir / f"{loaded.name}.fp16.onnx")
         return path, time.perf_counter() - start
-    prepared = cached_fp32_export(loaded, workdir)
+    prepared = fp32_export(loaded, context)
     if recipe.precision is not Precision.int8 or recipe.legacy:
         return prepared.fp32, prepared.export_s
-    stats = cached_activation_stats(prepared, calib, workdir)
+    stats = activation_stats(prepared, calib, context)
     start = time.perf_counter()
     qdq = build_trt_qdq_onnx(
         prepared.fp32, stats, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
@@ -417,16 +406,20 @@ def _recipe_onnx(loaded, recipe: Recipe, calib: CalibrationData | None, workdir:
     return qdq, prepared.export_s + stats.collect_s + (time.perf_counter() - start)
 
 
-def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
-    """Build and load the TensorRT engine `recipe` describes (needs TensorRT and a GPU)."""
+def build(
+    loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path, context: BuildContext | None = None
+) -> Variant:
+    """Build and load the TensorRT engine `recipe` describes (needs TensorRT and a GPU); the FP32 export and the
+    activation statistics are shared through `context` (None: a fresh one)."""
     import torch
 
     check_recipe(recipe)
     require_calibration(recipe, calib)
     workdir = Path(workdir)
+    context = context if context is not None else BuildContext(workdir=workdir)
     timing_cache = workdir / TIMING_CACHE
     engine = workdir / f"{recipe.name}.engine"
-    onnx_path, onnx_s = _recipe_onnx(loaded, recipe, calib, workdir)
+    onnx_path, onnx_s = recipe_onnx(loaded, recipe, calib, workdir, context)
     start = time.perf_counter()
     calibrator = None
     if recipe.legacy:  # int8 only (check_recipe): TensorRT's implicit calibrator on the FP32 export
@@ -438,55 +431,21 @@ def build(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) 
     variant.prepare_s = onnx_s + (time.perf_counter() - start)
     variant.details = {"tensorrt": _tensorrt().__version__, "mode": "implicit (legacy calibrator)" if recipe.legacy
                        else "strongly typed", "gpu": torch.cuda.get_device_name()}
+    if recipe.precision is Precision.int8:
+        variant.details["calibration"] = calibration_phrase(recipe)
+    if recipe.legacy:
+        variant.details["legacy"] = "TensorRT's implicit INT8 calibration (BuilderFlag.INT8 and a calibrator)"
     if recipe.precision is Precision.int8 and not recipe.legacy:
         variant.details.update(activation_type="int8", why=TRT_ACTIVATIONS)
     return variant
 
 
-# --------------------------------------------------------------------------------------------- CPU validation
+def calibration_phrase(recipe: Recipe) -> str:
+    """What set an INT8 TensorRT recipe's activation ranges (`details["calibration"]`); `legacy` here means
+    TensorRT's implicit calibrator, not PyTorch's torch.ao API."""
+    from int8eval.backends.onnx_calibration import calibration_phrase as qdq_phrase
 
-
-def emulated_name(recipe: Recipe) -> str:
-    """The report name of a TensorRT recipe's ONNX run with ONNX Runtime on the CPU."""
-    return recipe.name if recipe.emulate else f"{recipe.name}@onnxruntime"
-
-
-def build_qdq_onnx_variant(loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path) -> Variant:
-    """The ONNX that `build` would hand TensorRT for `recipe`, run by ONNX Runtime on the CPU (no TensorRT, no GPU).
-
-    For INT8 it is the explicit-quantization Q/DQ model (symmetric INT8 activations, per-channel weights, float
-    biases): its accuracy is what a TensorRT INT8 engine should reach, up to TensorRT's own kernel numerics.
-    The variant's name is `emulated_name(recipe)`, e.g. "tensorrt-int8-entropy@onnxruntime".
-    """
-    check_emulated_recipe(recipe)
-    require_calibration(recipe, calib)
-    workdir = Path(workdir)
-    path, onnx_s = _recipe_onnx(loaded, recipe, calib, workdir)
-    start = time.perf_counter()
-    input_dtype = np.float16 if recipe.precision is Precision.fp16 else np.float32
-    variant = EmulatedVariant(recipe, path, input_dtype=input_dtype)
-    variant.prepare_s = onnx_s + (time.perf_counter() - start)
-    variant.details = {"runs_on": "onnxruntime CPUExecutionProvider, not TensorRT", "onnx": str(path)}
-    if recipe.precision is Precision.int8 and not recipe.legacy:
-        variant.details.update(
-            activation_type="int8", why=TRT_ACTIVATIONS, exact_int8_kernels=variant._session.exact_int8
-        )
-    return variant
-
-
-class EmulatedVariant(Variant):
-    """A TensorRT recipe's ONNX model run by ONNX Runtime's CPU session (reported as `emulated_name(recipe)`)."""
-
-    def __init__(self, recipe: Recipe, model: Path, *, input_dtype: type = np.float32) -> None:
-        from int8eval.backends.onnxruntime_backend import OrtVariant
-
-        super().__init__(recipe)
-        self._session = OrtVariant(recipe, model, input_dtype=input_dtype)
-        self.artifact = Path(model)
-
-    @property
-    def name(self) -> str:
-        return emulated_name(self.recipe)
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self._session.predict(images)
+    if recipe.legacy:
+        name = "IInt8EntropyCalibrator2" if recipe.calib is CalibMethod.entropy else "IInt8MinMaxCalibrator"
+        return f"TensorRT's implicit {name} (legacy)"
+    return qdq_phrase(recipe.calib, recipe.percentile)

@@ -3,31 +3,36 @@
 INT8 is PT2E (torchao's `prepare_pt2e`/`convert_pt2e` with the X86InductorQuantizer) compiled by inductor into
 oneDNN INT8 kernels. `recipe.legacy` selects the seed's deprecated `torch.ao.quantization` FX path instead
 (`prepare_fx`/`convert_fx`, x86 engine), kept as a labelled baseline: it loses far more accuracy.
+
+What torch.export/PT2E steps the builders share is in `pt2e`; int8eval's own observers in `torch_observers`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.ao.quantization.observer import UniformQuantizationObserverBase
 
-from int8eval.backends.base import CalibrationData, Variant, require_calibration
+from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
 from int8eval.backends.bias_correction import output_shifts, subtract_from_biases
-from int8eval.backends.ranges import histogram_range
+from int8eval.backends.pt2e import calibrate, drop_unused_tensors, export_program, save_program, untie_reused_modules
+from int8eval.backends.ranges import HIST_BINS, calibration_phrase as ranges_phrase
+from int8eval.backends.torch_observers import (
+    OBSERVER_BINS,
+    LegacyHistogramRangeObserver,
+    pt2e_histogram_observer,
+    pt2e_shared_scale_weight_observer,
+)
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.environment import cpu_capabilities
 from int8eval.errors import BackendUnavailable, ConfigError, Int8EvalError
@@ -78,7 +83,7 @@ def _inductor_freezing():
     return inductor_config.patch(freezing=True)
 
 
-def _cxx_compiler() -> str | None:
+def cxx_compiler() -> str | None:
     candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
     return next((c for c in candidates if c and shutil.which(c)), None)
 
@@ -96,7 +101,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise BackendUnavailable(
                 "torch int8 (PT2E) needs torchao: pip install 'int8eval[pt2e]' (or use the legacy torch.ao FX path)"
             )
-        if _cxx_compiler() is None:
+        if cxx_compiler() is None:
             raise ConfigError(
                 "torch int8 (PT2E) compiles oneDNN kernels with inductor, which needs a C++ compiler (g++ or clang++; "
                 "set CXX); install one, or use the legacy torch.ao FX path"
@@ -105,15 +110,23 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def build(
-    loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path, *, compile: bool = True
+    loaded,
+    recipe: Recipe,
+    calib: CalibrationData | None,
+    workdir: Path,
+    context: BuildContext | None = None,
+    *,
+    compile: bool = True,
 ) -> Variant:
     """Build the FP32, BF16 or INT8 variant of `loaded.module`, its artifact under `workdir`.
 
     INT8 calibrates on every batch of `calib`. `compile=False` skips inductor for INT8 PT2E (the model then
-    runs its quantize/dequantize ops in FP32: the same numbers, none of the speed; for tests).
+    runs its quantize/dequantize ops in FP32: the same numbers, none of the speed; for tests). `context` is
+    accepted as by every builder; PyTorch shares nothing between builds.
     """
     check_recipe(recipe)
     require_calibration(recipe, calib)
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if recipe.precision is Precision.int8:
         return _build_legacy(loaded, recipe, calib, workdir) if recipe.legacy else _build_pt2e(
@@ -128,78 +141,13 @@ def build(
     return variant
 
 
-# --- reused modules -------------------------------------------------------------------------------------------
-
-
-def untie_reused_modules(model: nn.Module) -> nn.Module:
-    """Give every call of a module that `forward` calls more than once its own copy; outputs are identical.
-
-    PT2E's X86InductorQuantizer groups graph nodes by the module they came from, so a module used at several
-    places (torchvision's Bottleneck calls `self.relu` three times) becomes one partition with several outputs
-    and `prepare_pt2e` fails with "Input partition has more than one output node". Returns `model` itself when
-    nothing is reused, else an FX GraphModule over a deep copy (the caller's model is not touched). Modules with
-    parameters are copied too (tied weights become separate, equal tensors). Models that torch.fx cannot trace
-    are returned unchanged.
-    """
-    try:
-        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
-    except Exception:  # noqa: BLE001 - FX raises many types for untraceable Python; export may still work
-        return model
-    uses = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    if not any(count > 1 for count in uses.values()):
-        return model
-    existing = {name for name, _ in gm.named_modules()}
-    seen: Counter[str] = Counter()
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or uses[node.target] < 2:
-            continue
-        seen[node.target] += 1
-        if seen[node.target] == 1:  # the first use keeps the original module
-            continue
-        k = seen[node.target] - 1
-        while f"{node.target}_use{k}" in existing:
-            k += 1
-        name = f"{node.target}_use{k}"
-        existing.add(name)
-        gm.add_submodule(name, copy.deepcopy(gm.get_submodule(node.target)))
-        # torch.export takes the module path of each call from this metadata (the tracer recorded the old one).
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            node.meta["nn_module_stack"] = type(stack)(
-                (name, (name, cls)) if fqn == node.target else (key, (fqn, cls)) for key, (fqn, cls) in stack.items()
-            )
-        node.target = name
-    gm.recompile()
-    return gm
-
-
 # --- PT2E (torchao) -------------------------------------------------------------------------------------------
-
-
-def _calibrate(prepared, calib: CalibrationData) -> None:
-    """Feed every calibration batch through a model with observers."""
-    with torch.no_grad():
-        for batch in calib:
-            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
 
 
 def _example(calib: CalibrationData) -> torch.Tensor:
     """Two calibration images: a batch of 1 would make torch.export specialise the batch dimension to 1."""
     x = torch.from_numpy(np.ascontiguousarray(calib.batches[0][:2], dtype=np.float32))
     return x if len(x) > 1 else torch.cat([x, x])
-
-
-def _export(module: nn.Module, example: torch.Tensor):
-    batch = torch.export.Dim("batch")
-    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-
-
-def save_program(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """Export `module` (dynamic batch) and save the program to `path` (a .pt2), without the example inputs."""
-    program = _export(module, example)
-    program.example_inputs = None  # else the .pt2 carries the example images too
-    torch.export.save(program, path)
-    return path
 
 
 def int8_ranges() -> tuple[int, int, str]:
@@ -292,7 +240,7 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
     config = quantization_config(recipe, ranges=tuple(ranges))
     module = _bias_corrected(loaded.module, config.weight, recipe, calib) if recipe.bias_correction else loaded.module
     try:
-        exported = _export(untie_reused_modules(module), example)
+        exported = export_program(untie_reused_modules(module), example)
     except Exception as e:  # noqa: BLE001 - export raises many types
         raise Int8EvalError(
             f"torch.export failed for {loaded.name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
@@ -313,9 +261,9 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
             f"PT2E cannot quantize {loaded.name}: a module is called at several places and torch.fx could not "
             "trace the model to give each call its own copy. Give each use its own module in the model code."
         ) from e
-    _calibrate(prepared, calib)
+    calibrate(prepared, calib)
     converted = convert_pt2e(prepared)
-    _drop_unused_tensors(converted)
+    drop_unused_tensors(converted)
     artifact = save_program(converted, example, workdir / f"{recipe.name}.pt2")
     module = torch.compile(converted, dynamic=False) if compile else converted
     variant = TorchVariant(recipe, module, artifact, freezing=compile)
@@ -327,6 +275,7 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
         "bias_correction": "int8eval" if recipe.bias_correction else None,
         "depthwise_act_qmax": 255 if isinstance(quantizer, _DepthwiseFullRange) else ranges[0],
         "why": why,
+        "calibration": calibration_phrase(recipe),
     }
     if compile:  # compile now (lazy otherwise) so that prepare_s counts it
         variant.predict(calib.batches[0])
@@ -358,15 +307,16 @@ def _bias_corrected(module: nn.Module, weight_spec, recipe: Recipe, calib: Calib
     return folded
 
 
-def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
-    """convert_pt2e leaves the FP32 weights on the module beside their INT8 copies; drop what the graph no
-    longer reads, so the saved model holds INT8 weights only."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
-        if name not in used:
-            owner, _, leaf = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, leaf)
-    gm.delete_all_unused_submodules()
+def calibration_phrase(recipe: Recipe) -> str:
+    """What set an INT8 recipe's activation ranges (`details["calibration"]`): PyTorch's own observers for minmax and
+    mse, int8eval's `ranges` for percentile and entropy (`torch_observers`)."""
+    library = "torch.ao" if recipe.legacy else "torchao"
+    if recipe.calib is CalibMethod.minmax:
+        return f"{library} MinMaxObserver"
+    if recipe.calib is CalibMethod.mse:
+        return f"{library} HistogramObserver (L2 error search over 2048 bins)"
+    histogram = f"an {OBSERVER_BINS}-bin signed histogram folded to {HIST_BINS} bins of |x|"
+    return ranges_phrase(recipe.calib.value, percentile=recipe.percentile, histogram=histogram)
 
 
 # --- legacy torch.ao.quantization FX ----------------------------------------------------------------------------
@@ -410,106 +360,18 @@ def _build_legacy(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path)
             f"torch.ao FX could not trace {loaded.name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "use PT2E (legacy off)"
         ) from e
-    _calibrate(prepared, calib)
+    calibrate(prepared, calib)
     quantized = convert_fx(prepared)
     artifact = workdir / f"{recipe.name}.pt"
     torch.save(quantized.state_dict(), artifact)  # packed INT8 weights
     variant = TorchVariant(recipe, quantized, artifact)
-    variant.details = {"flow": "torch.ao-fx", "engine": "x86", "act_qmax": 127, "weight_qmax": 127}
+    variant.details = {
+        "flow": "torch.ao-fx",
+        "legacy": "PyTorch's torch.ao.quantization FX post-training quantization (prepare_fx/convert_fx)",
+        "engine": "x86",
+        "act_qmax": 127,
+        "weight_qmax": 127,
+        "calibration": calibration_phrase(recipe),
+    }
     variant.prepare_s = time.perf_counter() - start
     return variant
-
-
-# --- histogram observers (percentile, entropy) ------------------------------------------------------------------
-
-
-class _HistogramRangeMixin:
-    """Collects a histogram of everything it sees and takes the range from `ranges.histogram_range`.
-
-    The histogram spans [-bound, bound] with bound a power of two, doubled as larger values arrive by merging
-    neighbouring bins (exact, unlike re-binning); max|x| > bound / 2, so at least bins / 4 bins cover [0, max|x|].
-    """
-
-    def __init__(self, method: str = "percentile", percentile: float = 99.999, bins: int = 8192,
-                 dtype: torch.dtype = torch.quint8, qscheme=torch.per_tensor_affine, **kwargs) -> None:
-        super().__init__(dtype=dtype, qscheme=qscheme, **kwargs)
-        self.method = method
-        self.percentile = percentile
-        self.bins = bins
-        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
-        self.register_buffer("bound", torch.tensor(0.0))
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
-
-    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        x = x_orig.detach().float()
-        if x.numel() == 0:
-            return x_orig
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # checked on the extremes: a full pass costs 1/3 more
-            x = x[torch.isfinite(x)]
-            if x.numel() == 0:
-                return x_orig
-            lo, hi = (float(v) for v in torch.aminmax(x))
-        self.min_val.fill_(min(lo, float(self.min_val)))
-        self.max_val.fill_(max(hi, float(self.max_val)))
-        amax, bound = max(-lo, hi), float(self.bound)
-        if bound == 0.0:
-            bound = 2.0 ** math.ceil(math.log2(max(amax, 2**-24)))
-        while amax > bound:
-            # Twice the range, same bin count: pairs of old bins become the middle half of the new histogram.
-            merged = self.histogram.view(-1, 2).sum(dim=1)
-            self.histogram.zero_()
-            self.histogram[self.bins // 4 : 3 * self.bins // 4] = merged
-            bound *= 2.0
-        self.bound.fill_(bound)
-        self.histogram += torch.histc(x, self.bins, -bound, bound).double()
-        return x_orig
-
-    def calculate_qparams(self):
-        if float(self.bound) == 0.0:  # never saw a value
-            return torch.tensor([1.0]), torch.tensor([0])
-        bound = float(self.bound)
-        lo, hi = histogram_range(
-            self.method,
-            self.histogram.numpy(),
-            np.linspace(-bound, bound, self.bins + 1),
-            percentile=self.percentile,
-            num_levels=self.quant_max - self.quant_min + 1,
-        )
-        lo, hi = max(lo, float(self.min_val)), min(hi, float(self.max_val))
-        return self._calculate_qparams(torch.tensor(lo), torch.tensor(hi))
-
-    def extra_repr(self) -> str:
-        return f"method={self.method}, min_val={float(self.min_val):g}, max_val={float(self.max_val):g}"
-
-
-class LegacyHistogramRangeObserver(_HistogramRangeMixin, UniformQuantizationObserverBase):
-    """Percentile / entropy / mse activation observer for the legacy torch.ao FX flow."""
-
-
-@functools.cache
-def pt2e_histogram_observer() -> type:
-    """The same observer for torchao's PT2E flow, which only accepts subclasses of its own base class
-    (defined on first use so that the FP32 path never imports torchao)."""
-    from torchao.quantization.pt2e import UniformQuantizationObserverBase as TorchaoBase
-
-    class HistogramRangeObserver(_HistogramRangeMixin, TorchaoBase):
-        """Percentile / entropy / mse activation observer for PT2E."""
-
-    return HistogramRangeObserver
-
-
-@functools.cache
-def pt2e_shared_scale_weight_observer() -> type:
-    """A per-channel weight observer whose channels all get the per-tensor scale (min/max of the whole weight)."""
-    from torchao.quantization.pt2e import PerChannelMinMaxObserver
-
-    # torchao's prepare only passes ch_axis to observers with "PerChannel" in their class name.
-    class PerChannelSharedScaleObserver(PerChannelMinMaxObserver):
-        def calculate_qparams(self):
-            lo = torch.full_like(self.min_val, float(self.min_val.min()))
-            hi = torch.full_like(self.max_val, float(self.max_val.max()))
-            return self._calculate_qparams(lo, hi)
-
-    return PerChannelSharedScaleObserver

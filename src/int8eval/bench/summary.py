@@ -11,6 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
+from int8eval.report.bench import field_of
+from int8eval.report.sections import VariantBench, Verdict, VerdictSection
+from int8eval.verdict import images_to_settle
+
 # Without a verdict from the accuracy budget, a variant counts as accurate enough when its top-1 agrees with the
 # FP32 reference on at least this fraction of images.
 AGREEMENT_BUDGET = 0.99
@@ -52,11 +58,6 @@ def meets_budget(verdict: Any) -> bool | None:
     return None
 
 
-def field_of(v: Any, key: str) -> Any:
-    """`key` of a report variant given as a dict or an object."""
-    return v.get(key) if isinstance(v, Mapping) else getattr(v, key, None)
-
-
 def accurate_enough(v: Any, *, budget: float = AGREEMENT_BUDGET) -> bool | None:
     """Whether a report variant meets the accuracy budget: its `verdict` where it has one, else top-1 agreement
     with the FP32 reference >= `budget`; the reference itself always does. None when nothing was measured."""
@@ -69,28 +70,25 @@ def accurate_enough(v: Any, *, budget: float = AGREEMENT_BUDGET) -> bool | None:
     return None if agreement is None else agreement >= budget
 
 
-def _precision(v: Any) -> str | None:
-    return field_of(v, "precision") or (field_of(v, "bench") or {}).get("precision")
+def _bench(v: Any) -> VariantBench | None:
+    """A variant's speed: a VariantResult's `bench`, or a row's as the plain dict bench_run keeps."""
+    b = field_of(v, "bench")
+    return VariantBench.model_validate(b) if isinstance(b, Mapping) else b
 
 
-def _thr(v: Any) -> float:
-    return field_of(v, "bench")["throughput_ips"]
-
-
-def _inconclusive(v: Any) -> dict | None:
+def _inconclusive(v: Any) -> Any | None:
+    """The variant's verdict (a VerdictSection, or a dict of that shape) when it is inconclusive, else None."""
     verdict = field_of(v, "verdict")
-    if isinstance(verdict, Mapping) and verdict.get("verdict") == "inconclusive":
-        return verdict
-    return None
+    return verdict if field_of(verdict, "verdict") == Verdict.inconclusive else None
 
 
-def _settle(v: Any, verdict: Mapping) -> int | None:
-    from int8eval.verdict import images_to_settle
-
+def _settle(v: Any, verdict: Any) -> int | None:
     try:
-        return images_to_settle(dict(verdict), (field_of(v, "paired") or {}).get("n"))
-    except (KeyError, TypeError, ValueError):  # a verdict written by hand, without the numbers
+        verdict = VerdictSection.model_validate(verdict) if isinstance(verdict, Mapping) else verdict
+    except ValidationError:  # a verdict written by hand, without the numbers
         return None
+    paired = field_of(v, "paired")
+    return images_to_settle(verdict, None if paired is None else field_of(paired, "n"))
 
 
 def fastest_variant(variants: Iterable[Any], *, budget: float = AGREEMENT_BUDGET) -> dict | None:
@@ -105,13 +103,19 @@ def fastest_variant(variants: Iterable[Any], *, budget: float = AGREEMENT_BUDGET
         variants: VariantResult objects or dicts with `name`, `bench` and optionally `precision`, `status`,
             `verdict`, `paired`, `agreement_top1`, `reference`.
     """
+    variants = list(variants)
+    speed = {id(v): _bench(v) for v in variants}
+
+    def _thr(v: Any) -> float:
+        return speed[id(v)].throughput_ips
+
     timed = [
         v for v in variants
-        if field_of(v, "status") in (None, "ok") and (field_of(v, "bench") or {}).get("throughput_ips") is not None
+        if field_of(v, "status") in (None, "ok") and speed[id(v)] is not None and speed[id(v)].throughput_ips is not None
     ]
     if not timed:
         return None
-    baselines = [v for v in timed if field_of(v, "reference") or _precision(v) == BASELINE]
+    baselines = [v for v in timed if field_of(v, "reference") or (field_of(v, "precision") or speed[id(v)].precision) == BASELINE]
     candidates = [v for v in timed if v not in baselines]
     measured = any(field_of(v, "agreement_top1") is not None or field_of(v, "verdict") is not None for v in candidates)
     if not measured:
@@ -128,13 +132,13 @@ def fastest_variant(variants: Iterable[Any], *, budget: float = AGREEMENT_BUDGET
         out.update(fp32=field_of(fp32, "name"), fp32_ips=_thr(fp32))
     best = max(ok, key=_thr) if ok else None
     if best is not None:
-        fastest_lat = min(ok, key=lambda v: field_of(v, "bench")["latency_ms_p50"])
+        fastest_lat = min(ok, key=lambda v: speed[id(v)].latency_ms_p50)
         out.update(
             throughput=field_of(best, "name"),
             throughput_ips=_thr(best),
-            throughput_batch=field_of(best, "bench").get("throughput_batch"),
+            throughput_batch=speed[id(best)].throughput_batch,
             latency=field_of(fastest_lat, "name"),
-            latency_ms_p50=field_of(fastest_lat, "bench")["latency_ms_p50"],
+            latency_ms_p50=speed[id(fastest_lat)].latency_ms_p50,
             speedup_vs_fp32=None if fp32 is None else _thr(best) / _thr(fp32),
         )
     # Faster than the pick (or than the FP32 baseline when nothing passes) but not settled either way.
@@ -149,44 +153,8 @@ def fastest_variant(variants: Iterable[Any], *, budget: float = AGREEMENT_BUDGET
             "times_faster": None if bar is None else _thr(v) / _thr(bar),
             "than": None if bar is None else field_of(bar, "name"),
             "images_to_settle": _settle(v, verdict),
-            "images_now": (field_of(v, "paired") or {}).get("n"),
-            "estimate_within_budget": verdict.get("drop") is not None and verdict.get("budget") is not None
-            and verdict["drop"] <= verdict["budget"],
+            "images_now": None if field_of(v, "paired") is None else field_of(field_of(v, "paired"), "n"),
+            "estimate_within_budget": field_of(verdict, "drop") is not None and field_of(verdict, "budget") is not None
+            and field_of(verdict, "drop") <= field_of(verdict, "budget"),
         })
     return out
-
-
-def summary_lines(fastest: Mapping | None, *, batch: int | None = None) -> list[str]:
-    """The summary in words (Markdown): the pick, its speedup over FP32, and each faster inconclusive variant."""
-    if not fastest:
-        return []
-    lines = []
-    fp32 = f"{fastest['fp32']} ({fastest['fp32_ips']:.1f} images/s)" if fastest.get("fp32") else None
-    at = f" at batch {fastest.get('throughput_batch') or batch}" if (fastest.get("throughput_batch") or batch) else ""
-    if fastest.get("throughput"):
-        speedup = f", {fastest['speedup_vs_fp32']:.2f}× the fastest FP32 variant, {fp32}" if fastest.get("speedup_vs_fp32") else ""
-        lines.append(
-            f"**Fastest variant that passes** ({fastest['criterion']}): **{fastest['throughput']}**, "
-            f"{fastest['throughput_ips']:.1f} images/s{at}{speedup}; lowest batch-1 latency: {fastest['latency']} "
-            f"({fastest['latency_ms_p50']:.2f} ms p50)."
-        )
-        if fastest.get("speedup_vs_fp32") is not None and fastest["speedup_vs_fp32"] < 1:
-            lines.append(f"It is slower than FP32 on this machine: {fastest['fp32']} is the faster choice here.")
-    else:
-        lines.append(
-            f"**No INT8 or reduced-precision variant passes** ({fastest['criterion']})"
-            + (f": the FP32 baseline stays the fastest choice, {fp32}." if fp32 else ".")
-        )
-    for f in fastest.get("faster_inconclusive") or []:
-        faster = f"{f['times_faster']:.2f}× faster than {f['than']}" if f.get("times_faster") else "faster"
-        settle = (
-            f"roughly {f['images_to_settle']:,} evaluated images (now {f['images_now']:,}) would settle it"
-            if f.get("images_to_settle") and f.get("images_now") else "more evaluated images would settle it"
-        )
-        leaning = "its drop estimate is within the budget" if f.get("estimate_within_budget") else "its drop estimate exceeds the budget"
-        lines.append(f"- **{f['name']}** is {faster} ({f['throughput_ips']:.1f} images/s) but its verdict is inconclusive ({leaning}): {settle}.")
-    lines.append(
-        "FP32 variants are the baseline every speedup is measured against, not candidates: the question is which "
-        "reduced-precision variant to ship instead."
-    )
-    return lines

@@ -16,14 +16,14 @@ import gc
 import inspect
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from int8eval.bench.deploy import timed_call
+from int8eval.environment import torch_threads
 
 Clock = Callable[[], float]
 
@@ -171,22 +171,6 @@ def make_input(input_shape: Sequence[int], batch: int, *, images: np.ndarray | N
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
         raise ValueError(f"images have shape {images.shape}, expected [N, {', '.join(map(str, input_shape))}]")
     return np.ascontiguousarray(images[np.arange(batch) % len(images)])
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run PyTorch with `threads` intra-op threads inside the block (no-op when None)."""
-    if threads is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def runtime_threads(variant) -> int | None:

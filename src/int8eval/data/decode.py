@@ -17,7 +17,7 @@ from int8eval.config import Preprocessing
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError
 
-_INTERPOLATION = {
+INTERPOLATION = {
     "nearest": transforms.InterpolationMode.NEAREST,
     "bilinear": transforms.InterpolationMode.BILINEAR,
     "bicubic": transforms.InterpolationMode.BICUBIC,
@@ -27,7 +27,7 @@ _INTERPOLATION = {
 def build_transform(pre: Preprocessing) -> transforms.Compose:
     return transforms.Compose(
         [
-            transforms.Resize(pre.resize, interpolation=_INTERPOLATION[pre.interpolation.value]),
+            transforms.Resize(pre.resize, interpolation=INTERPOLATION[pre.interpolation.value]),
             transforms.CenterCrop(pre.crop),
             transforms.ToTensor(),
             transforms.Normalize(pre.mean, pre.std),

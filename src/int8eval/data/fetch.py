@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from int8eval.data.ground_truth import read_ground_truth
-from int8eval.data.layouts import _is_image
+from int8eval.data.layouts import is_image
 from int8eval.data.synsets import wnid_to_index
 from int8eval.errors import DatasetError
 
@@ -60,7 +60,7 @@ def fetch_sample(dest: Path | None = None, url: str = SAMPLE_URL) -> Path:
         for info in z.infolist():
             name = Path(info.filename).name
             wnid = name.split("_", 1)[0]
-            if info.is_dir() or not _is_image(name) or wnid not in index:
+            if info.is_dir() or not is_image(name) or wnid not in index:
                 continue
             target = _target(root, wnid, name)  # under DEST, never through a link
             _in_the_way(target, want="file")
@@ -104,7 +104,7 @@ def _prepare_from_folder(source: Path, truth: dict[str, str], root: Path, *, cop
     count = 0
     for path in sorted(source.iterdir()):
         # stat follows a symlink; anything but a regular file (a FIFO, a device) is never opened.
-        if not (_is_image(path.name) and path.stem in truth and path.is_file()):
+        if not (is_image(path.name) and path.stem in truth and path.is_file()):
             continue
         target = _target(root, truth[path.stem], path.name)
         if os.path.lexists(target) and not target.is_symlink() and os.path.samefile(target, path):
@@ -129,7 +129,7 @@ def _prepare_from_tar(source: Path, truth: dict[str, str], root: Path) -> int:
             for member in tar:
                 # Only the file name counts: a member's folders (../, absolute paths) never reach the target path.
                 name = Path(member.name).name
-                if not (member.isfile() and _is_image(name) and Path(name).stem in truth):
+                if not (member.isfile() and is_image(name) and Path(name).stem in truth):
                     continue
                 if name in seen:
                     raise DatasetError(f"{source} holds {name} twice ({seen[name]} and {member.name}): which one is the image?")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from int8eval.data.ground_truth import read_ground_truth
 from int8eval.data.synsets import WNID, wnid_to_index
-from int8eval.errors import DatasetError
+from int8eval.errors import ConfigError, DatasetError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -37,7 +37,7 @@ class SampleSet:
         return len(self.samples)
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
@@ -130,7 +130,7 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
             skipped.append({"path": d.name + "/", "reason": "folder (with --labels the images sit directly in the data folder)"})
         for e in files:
             stem = Path(e.name).stem
-            if not _is_image(e.name):
+            if not is_image(e.name):
                 skipped.append({"path": e.name, "reason": "not an image file"})
             elif stem not in truth:
                 skipped.append({"path": e.name, "reason": f"no ground truth in {Path(labels).name}"})
@@ -157,7 +157,7 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
                     skipped.append({"path": rel + "/", "reason": f"folder inside a class folder (its images are not taken as {d.name})"})
                 elif why := _why_not_a_file(e):
                     skipped.append({"path": rel, "reason": why})
-                elif not _is_image(e.name):
+                elif not is_image(e.name):
                     skipped.append({"path": rel, "reason": "not an image file"})
                 else:
                     add(e, rel, d.name)
@@ -170,7 +170,7 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
         unlabelled = []
         for e in files:
             wnid = e.name.split("_", 1)[0]
-            if not _is_image(e.name):
+            if not is_image(e.name):
                 skipped.append({"path": e.name, "reason": "not an image file"})
             elif wnid in index:
                 add(e, e.name, wnid)
@@ -229,3 +229,30 @@ def subsample(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
         return samples
     keep = set(random.Random(seed + 1).sample(range(len(samples)), n))
     return [s for i, s in enumerate(samples) if i in keep]
+
+
+def split_training(
+    samples: list[Sample], *, size: int = 300, seed: int = 0, train_root: Path | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, the rest of `samples`): the rest is what may still be calibrated on or evaluated.
+
+    Without `train_root` the training images are a seeded subset of `samples`; with another folder (not the one
+    `samples` come from: pass None for that) they are a seeded subset of it, minus any file that is also in `samples`.
+    """
+    if size < 1:
+        raise ConfigError(f"training set size must be at least 1, got {size}")
+    eval_paths = {s.path.resolve() for s in samples}
+    if train_root is not None:
+        pool = [s for s in discover(train_root).samples if s.path.resolve() not in eval_paths]
+        if not pool:
+            raise DatasetError(f"--train-data {train_root} holds no images outside the evaluation set")
+        chosen = pool if size >= len(pool) else [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), size))]
+        return chosen, samples
+    if size >= len(samples):
+        raise DatasetError(
+            f"training on {size} of the {len(samples)} images leaves none to evaluate; lower the training set size "
+            "or pass --train-data DIR"
+        )
+    # A different stream from the calibration split's, so the two subsets are not the same images.
+    chosen = set(random.Random(f"train-{seed}").sample(range(len(samples)), size))
+    return [s for i, s in enumerate(samples) if i in chosen], [s for i, s in enumerate(samples) if i not in chosen]

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from int8eval.report.format import DASH, ci, num, p_value, pct, pts
 from int8eval.report.schema import Report
+from int8eval.report.sections import Sensitivity, Tally
 
 Wrap = Callable[[str], str]
 
@@ -30,7 +31,7 @@ def verdict_label(v) -> str:
     if v.reference:
         return "reference"
     if v.verdict:
-        return VERDICT_MARK.get(v.verdict["verdict"], v.verdict["verdict"])
+        return VERDICT_MARK[v.verdict.verdict]
     return DASH
 
 
@@ -49,7 +50,8 @@ def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks
         items.append(f"Calibration: {c.num_images} images from {esc(c.source)} (seed {c.seed}), excluded from evaluation")
     t = report.timing
     if t:
-        items.append(f"Run: {t.get('total_s', 0):.1f} s in all, {t.get('images_per_s', 0):.1f} images/s for the evaluation pass")
+        speed = f", {t['images_per_s']:.1f} images/s for the evaluation pass" if t.get("images_per_s") is not None else ""
+        items.append(f"Run: {t.get('total_s', 0):.1f} s in all{speed}")
     return items
 
 
@@ -85,12 +87,11 @@ def comparison_items(report: Report, *, esc: Wrap = _same) -> list[str]:
     items = []
     for v in report.variants:
         for other, s in (v.compared_with or {}).items():
-            t = s["top1"]
-            lo, hi = t["diff_ci95"]
+            t = s.top1
             items.append(
-                f"{esc(v.name)} vs {esc(other)}: top-1 {pct(t['var'])}% vs {pct(t['ref'])}%, "
-                f"Δ {pts(t['diff'])} pts (95% CI {ci((lo, hi), signed=True)}), McNemar p {p_value(t['mcnemar_p'])}, "
-                f"agreement {pct(s['agreement_top1'])}% (n = {s['n']})"
+                f"{esc(v.name)} vs {esc(other)}: top-1 {pct(t.var)}% vs {pct(t.ref)}%, "
+                f"Δ {pts(t.diff)} pts (95% CI {ci(t.diff_ci95, signed=True)}), McNemar p {p_value(t.mcnemar_p)}, "
+                f"agreement {pct(s.agreement_top1)}% (n = {s.n})"
             )
     return items
 
@@ -99,9 +100,9 @@ def classes_lost_most(variants, limit: int) -> list[tuple[str, str]]:
     """(variant name, its `limit` classes that lost most, as text) for each paired variant that lost any."""
     out = []
     for v in variants:
-        worst = (v.paired or {}).get("classes_lost_most") or []
+        worst = v.paired.classes_lost_most if v.paired else []
         if worst:
-            out.append((v.name, ", ".join(f"{c['name']} ({c['wnid']}) −{c['net']} of {c['n']}" for c in worst[:limit])))
+            out.append((v.name, ", ".join(f"{c.name} ({c.wnid}) −{c.net} of {c.n}" for c in worst[:limit])))
     return out
 
 
@@ -123,35 +124,37 @@ class LayerRow(NamedTuple):
     sqnr_accumulated: str
 
 
-def sensitivity_rows(sensitivity: dict, min_rows: int) -> list[LayerRow]:
+def _kl(tally: Tally | None) -> str:
+    return num(None if tally is None else tally.kl, ".2e")
+
+
+def sensitivity_rows(sensitivity: Sensitivity, min_rows: int) -> list[LayerRow]:
     """The most sensitive layers in ranking order: the top-k kept in FP32, and at least `min_rows` of them."""
-    layers = {layer["module"]: layer for layer in sensitivity.get("layers") or []}
+    layers = {layer.module: layer for layer in sensitivity.layers}
     rows = []
-    for i, name in enumerate(sensitivity.get("ranking", [])[: max(len(sensitivity.get("top_k") or []), min_rows)], 1):
+    for i, name in enumerate(sensitivity.ranking[: max(len(sensitivity.top_k), min_rows)], 1):
         layer = layers[name]
-        only, allbut = layer.get("only") or {}, layer.get("all_but") or {}
-        ow, oa, q = layer.get("only_weight") or {}, layer.get("only_act") or {}, layer.get("sqnr_db") or {}
+        q = layer.sqnr_db
         rows.append(LayerRow(
-            str(i), name, layer.get("onnx_node") or DASH, layer.get("type", ""), pct(only.get("agreement")),
-            num(only.get("kl"), ".2e"), pct(allbut.get("agreement")), num(ow.get("kl"), ".2e"), num(oa.get("kl"), ".2e"),
-            num(q.get("local")), num(q.get("local_weight")), num(q.get("local_act")), num(q.get("accumulated")),
+            str(i), name, layer.onnx_node or DASH, layer.type, pct(layer.only.agreement), _kl(layer.only),
+            pct(layer.all_but and layer.all_but.agreement), _kl(layer.only_weight), _kl(layer.only_act),
+            *(num(None if q is None else getattr(q, k)) for k in ("local", "local_weight", "local_act", "accumulated")),
         ))
     return rows
 
 
-def keep_fp32_sentences(sensitivity: dict, *, strong: Wrap = _same) -> tuple[str | None, str | None]:
+def keep_fp32_sentences(sensitivity: Sensitivity, *, strong: Wrap = _same) -> tuple[str | None, str | None]:
     """What keeping the top-k in FP32 gave on the sweep's images, and on the confirmation images (None: not run)."""
-    whole = sensitivity.get("all_quantized") or {}
-    keep, confirm = sensitivity.get("keep_fp32"), sensitivity.get("confirm")
+    whole, keep, confirm = sensitivity.all_quantized, sensitivity.keep_fp32, sensitivity.confirm
     keep_text = confirm_text = None
     if keep:
-        keep_text = (f"Keeping the top {len(keep['layers'])} in FP32: agreement {pct(whole.get('agreement'))}% → "
-                     f"{strong(pct(keep.get('agreement')) + '%')}, mean KL {num(whole.get('kl'), '.2e')} → "
-                     f"{num(keep.get('kl'), '.2e')}.")
+        keep_text = (f"Keeping the top {len(keep.layers)} in FP32: agreement {pct(whole.agreement)}% → "
+                     f"{strong(pct(keep.agreement) + '%')}, mean KL {num(whole.kl, '.2e')} → "
+                     f"{num(keep.kl, '.2e')}.")
     if confirm:
-        a, k = confirm["all_quantized"], confirm["keep_fp32"]
-        confirm_text = (f"On {k['n']} other images: agreement {pct(a['agreement'])}% with every layer INT8, "
-                        f"{strong(pct(k['agreement']) + '%')} with the top {len(confirm['layers'])} in FP32.")
+        a, k = confirm.all_quantized, confirm.keep_fp32
+        confirm_text = (f"On {k.n} other images: agreement {pct(a.agreement)}% with every layer INT8, "
+                        f"{strong(pct(k.agreement) + '%')} with the top {len(confirm.layers)} in FP32.")
     return keep_text, confirm_text
 
 

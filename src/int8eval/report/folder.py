@@ -134,9 +134,11 @@ def stagings(run_dir: Path) -> list[Path]:
 def commit(staging: Path, out: Path) -> None:
     """Move the complete run in `staging` into `out`, report.json last. Idempotent: a commit cut short anywhere is
     finished by calling it again."""
-    for name in (PREDICTIONS, *RENDERED):
-        if (staging / name).exists():
-            os.replace(staging / name, out / name)
+    # Every file a command wrote beside report.json (predictions.npz, report.md/.html, bench.json, sensitivity.json,
+    # seed_table.md ...), then artifacts/, then report.json.
+    for path in sorted(staging.iterdir()):
+        if path.is_file() and not path.is_symlink() and path.name != REPORT and not path.name.startswith("."):
+            os.replace(path, out / path.name)
     new_artifacts, old_artifacts = staging / ARTIFACTS, out / ARTIFACTS
     if new_artifacts.exists():
         if old_artifacts.exists() or old_artifacts.is_symlink():

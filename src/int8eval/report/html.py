@@ -94,7 +94,7 @@ def _table(header: list[str], rows: list[list], *, left: int = 1, row_classes: l
 
 
 def _verdict_cell(v) -> Cell:
-    word = (v.verdict or {}).get("verdict")
+    word = v.verdict.verdict if v.verdict else None
     return Cell(Raw(escape(verdict_label(v))), VERDICT_CSS.get(word, "l"))
 
 
@@ -106,17 +106,16 @@ def _summary(report: Report) -> str:
         header.append("images/s")
     rows, classes = [], []
     for v in report.variants:
-        s = v.paired or {}
-        t1 = s.get("top1") or {}
+        t1 = v.paired.top1 if v.paired else None
         status = v.status if v.parity is None or v.parity.passed else f"{v.status} (parity failed)"
         row = [
             v.name + (" (reference)" if v.reference else ""), v.backend, v.precision, status, _verdict_cell(v),
-            pct(v.top1), ci(v.top1_ci95), pct(v.top5), pts(t1.get("diff", v.delta_top1)),
-            ci(t1.get("diff_ci95"), signed=True), str(t1.get("ref_right_var_wrong", "—")),
-            str(t1.get("ref_wrong_var_right", "—")), p_value(t1.get("mcnemar_p")), pct(v.agreement_top1), num(v.size_mb),
+            pct(v.top1), ci(v.top1_ci95), pct(v.top5), pts(t1.diff if t1 else v.delta_top1),
+            ci(t1 and t1.diff_ci95, signed=True), str(t1.ref_right_var_wrong if t1 else "—"),
+            str(t1.ref_wrong_var_right if t1 else "—"), p_value(t1 and t1.mcnemar_p), pct(v.agreement_top1), num(v.size_mb),
         ]
         if key == "throughput_ips":
-            row.append(num((v.bench or {}).get("throughput_ips")))
+            row.append(num(v.bench.throughput_ips if v.bench else None))
         rows.append(row)
         classes.append("reference" if v.reference else "")
     return _table(header, rows, left=5, row_classes=classes)
@@ -127,12 +126,12 @@ def _verdicts(report: Report) -> str:
         return ('<p class="note">No acceptance criterion was declared (<code>--max-drop POINTS [--drop relative]</code> '
                 "or <code>--mlperf</code>), so no verdicts.</p>")
     items = [
-        f'<li><span class="{VERDICT_CSS.get(v.verdict["verdict"], "")}">{escape(verdict_label(v))}</span> '
-        f"<b>{escape(v.name)}</b>: {escape(v.verdict['reason'])}</li>"
+        f'<li><span class="{VERDICT_CSS.get(v.verdict.verdict, "")}">{escape(verdict_label(v))}</span> '
+        f"<b>{escape(v.name)}</b>: {escape(v.verdict.reason)}</li>"
         for v in report.variants
         if v.verdict
     ]
-    head = f"<p>Criterion: <b>{escape(report.acceptance['description'])}</b>, judged on the 95% CI of the drop.</p>"
+    head = f"<p>Criterion: <b>{escape(report.acceptance.description)}</b>, judged on the 95% CI of the drop.</p>"
     return head + (f'<ul class="reasons">{"".join(items)}</ul>' if items else "<p>No variant to judge.</p>")
 
 
@@ -143,17 +142,17 @@ def _paired_details(report: Report) -> str:
     rows = []
     for v in paired:
         s = v.paired
-        t5 = s.get("top5") or {}
+        t5 = s.top5
         rows.append([
-            v.name, str(s["n"]), pct(s["agreement_top1"]), ci(s["agreement_top1_ci95"]), pts(t5.get("diff")),
-            ci(t5.get("diff_ci95"), signed=True), p_value(t5.get("mcnemar_p")), num(s.get("kl_mean"), ".2e"),
-            num(s.get("cos_mean"), ".5f"),
+            v.name, str(s.n), pct(s.agreement_top1), ci(s.agreement_top1_ci95), pts(t5 and t5.diff),
+            ci(t5 and t5.diff_ci95, signed=True), p_value(t5 and t5.mcnemar_p), num(s.kl_mean, ".2e"),
+            num(s.cos_mean, ".5f"),
         ])
     table = _table(["variant", "images", "agreement %", "95% CI", "Δ top-5 pts", "Δ 95% CI", "McNemar p (top-5)",
                     "KL mean", "cosine mean"], rows)
     losers = [f"<li><b>{escape(name)}</b>: {escape(text)}</li>" for name, text in classes_lost_most(paired, limit=8)]
-    note = (f'<p class="note">Paired over the same images; CIs: {escape(paired[0].paired["ci_method"])}; '
-            f'test: {escape(paired[0].paired["test"])}.</p>')
+    note = (f'<p class="note">Paired over the same images; CIs: {escape(paired[0].paired.ci_method)}; '
+            f'test: {escape(paired[0].paired.test)}.</p>')
     out = note + table
     if losers:
         out += "<h3>Classes that lost most</h3><ul>" + "".join(losers) + "</ul>"
@@ -162,10 +161,10 @@ def _paired_details(report: Report) -> str:
 
 def _sensitivity(report: Report) -> str:
     s = report.sensitivity
-    if not s:
+    if s is None:
         return ""
-    whole = s.get("all_quantized") or {}
-    split = any("only_weight" in layer for layer in s.get("layers") or [])  # network-level weight/activation runs
+    whole = s.all_quantized
+    split = any(layer.only_weight is not None for layer in s.layers)  # network-level weight/activation runs
     rows = []
     for r in sensitivity_rows(s, min_rows=10):
         row = [r.rank, _code(r.module), _code(r.onnx_node), r.type, r.only_agreement, r.only_kl, r.all_but_agreement]
@@ -178,11 +177,11 @@ def _sensitivity(report: Report) -> str:
     header += ["SQNR dB, local w+a", "local w", "local a", "in the INT8 model"]
     table = _table(header, rows, left=4)
     keep_text = "".join(f"<p>{text}</p>" for text in keep_fp32_sentences(s, strong=_bold) if text)
-    intro = (f"<p>Fake INT8 in PyTorch ({escape(str(s.get('spec_description', '')))}), {escape(str(s.get('num_calib')))} "
-             f"calibration images, {escape(str(s.get('num_images')))} evaluation images. Everything quantized: agreement with FP32 "
-             f"{pct(whole.get('agreement'))}%; weights only {pct((s.get('weights_only') or {}).get('agreement'))}%; "
-             f"activations only {pct((s.get('activations_only') or {}).get('agreement'))}%. Ranked by "
-             f"{escape(str(s.get('rank_by')))}. Output SQNR: local = the layer's own error with FP32 inputs (w: its "
+    intro = (f"<p>Fake INT8 in PyTorch ({escape(s.spec_description)}), {s.num_calib} "
+             f"calibration images, {s.num_images} evaluation images. Everything quantized: agreement with FP32 "
+             f"{pct(whole.agreement)}%; weights only {pct(s.weights_only and s.weights_only.agreement)}%; "
+             f"activations only {pct(s.activations_only and s.activations_only.agreement)}%. Ranked by "
+             f"{escape(s.rank_by)}. Output SQNR: local = the layer's own error with FP32 inputs (w: its "
              "weights only, a: its input only); in the INT8 model = the error accumulated up to its output when "
              "every layer is INT8.</p>")
     return intro + table + keep_text + _img(plots.sensitivity_bars(s), "per-layer sensitivity bar chart")
@@ -213,16 +212,19 @@ def render_html(report: Report) -> str:
     body = [
         f"<h1>int8eval report: {escape(report.model.name)}</h1>",
         _overview(report),
-        "<h2>Summary</h2>",
-        f'<p class="note">Δ and flips are against {escape(ref.name) if ref else "the reference"}: lost = FP32 right → '
-        "variant wrong, gained = the reverse.</p>",
-        _summary(report),
-        "<h2>Verdicts</h2>",
-        _verdicts(report),
-        "<h2>Accuracy vs " + ("speed" if key == "throughput_ips" else "size") + "</h2>",
-        speed_note,
-        _img(plots.accuracy_vs_speed(report), f"top-1 against {axis}"),
     ]
+    if report.variants:  # a run folder `int8eval diagnose` wrote has none
+        body += [
+            "<h2>Summary</h2>",
+            f'<p class="note">Δ and flips are against {escape(ref.name) if ref else "the reference"}: lost = FP32 right '
+            "→ variant wrong, gained = the reverse.</p>",
+            _summary(report),
+            "<h2>Verdicts</h2>",
+            _verdicts(report),
+            "<h2>Accuracy vs " + ("speed" if key == "throughput_ips" else "size") + "</h2>",
+            speed_note,
+            _img(plots.accuracy_vs_speed(report), f"top-1 against {axis}"),
+        ]
     details = _paired_details(report)
     if details:
         body += ["<h2>Paired statistics</h2>", details]

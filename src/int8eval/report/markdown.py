@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from int8eval.report.bench import bench_markdown
 from int8eval.report.content import (
     RECIPE_HEADER,
     classes_lost_most,
@@ -51,29 +52,18 @@ def md_code(value, *, table: bool = False) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def _escaped(value):
-    """`value` (JSON-like) with every string and key as Markdown text, for renderers that do not escape."""
-    if isinstance(value, str):
-        return md_text(value)
-    if isinstance(value, dict):
-        return {md_text(k) if isinstance(k, str) else k: _escaped(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_escaped(v) for v in value]
-    return value
-
-
 def _paired_section(report: Report) -> list[str]:
     ref = report.reference
     paired = [v for v in report.variants if v.paired]
     if ref is None or not paired:
         return []
-    n = paired[0].paired["n"]
+    n = paired[0].paired.n
     lines = [
         "",
         f"## Paired comparison with {md_text(ref.name)}",
         "",
         f"The same {n} images for every variant. Δ = variant − reference in top-1 points, with the "
-        f"{md_text(paired[0].paired['ci_method'])} 95% CI; lost = reference right → variant wrong, gained = the reverse; "
+        f"{md_text(paired[0].paired.ci_method)} 95% CI; lost = reference right → variant wrong, gained = the reverse; "
         "p = McNemar's exact test on the lost and gained images.",
         "",
         "| variant | verdict | Δ top-1 pts | 95% CI | lost | gained | McNemar p | agreement % | 95% CI | Δ top-5 pts | KL mean | cos mean |",
@@ -81,18 +71,18 @@ def _paired_section(report: Report) -> list[str]:
     ]
     for v in paired:
         s = v.paired
-        t1, t5 = s["top1"], s.get("top5")
+        t1, t5 = s.top1, s.top5
         lines.append(
-            f"| {md_text(v.name)} | {md_text(verdict_label(v))} | {pts(t1['diff'])} | {ci(t1['diff_ci95'], signed=True)} | "
-            f"{t1['ref_right_var_wrong']} | {t1['ref_wrong_var_right']} | {p_value(t1['mcnemar_p'])} | "
-            f"{pct(s['agreement_top1'])} | {ci(s['agreement_top1_ci95'])} | {pts(t5['diff']) if t5 else '—'} | "
-            f"{num(s.get('kl_mean'), '.2e')} | {num(s.get('cos_mean'), '.5f')} |"
+            f"| {md_text(v.name)} | {md_text(verdict_label(v))} | {pts(t1.diff)} | {ci(t1.diff_ci95, signed=True)} | "
+            f"{t1.ref_right_var_wrong} | {t1.ref_wrong_var_right} | {p_value(t1.mcnemar_p)} | "
+            f"{pct(s.agreement_top1)} | {ci(s.agreement_top1_ci95)} | {pts(t5.diff) if t5 else '—'} | "
+            f"{num(s.kl_mean, '.2e')} | {num(s.cos_mean, '.5f')} |"
         )
     if report.acceptance:
-        lines += ["", f"### Verdicts ({md_text(report.acceptance['description'])})", ""]
+        lines += ["", f"### Verdicts ({md_text(report.acceptance.description)})", ""]
         for v in paired:
             if v.verdict:
-                lines.append(f"- **{md_text(v.name)}: {md_text(verdict_label(v))}** — {md_text(v.verdict['reason'])}")
+                lines.append(f"- **{md_text(v.name)}: {md_text(verdict_label(v))}** — {md_text(v.verdict.reason)}")
     else:
         lines += ["", "No acceptance criterion was declared (`--max-drop POINTS [--drop relative]` or `--mlperf`), so no verdicts."]
     losers = classes_lost_most(paired, limit=5)
@@ -113,21 +103,20 @@ def _recipe_section(report: Report) -> list[str]:
 
 def _sensitivity_section(report: Report) -> list[str]:
     s = report.sensitivity
-    if not s:
+    if s is None:
         return []
-    spec = s.get("spec", {})
-    whole = s.get("all_quantized") or {}
+    whole = s.all_quantized
     lines = [
         "",
         "## Per-layer sensitivity",
         "",
-        f"Fake INT8 in PyTorch ({md_text(s.get('spec_description', spec))}), {md_text(s.get('num_calib'))} calibration "
-        f"images, {md_text(s.get('num_images'))} evaluation images; agreement = top-1 agreement with FP32. Everything quantized: "
-        f"agreement {pct(whole.get('agreement'))}%, mean KL {num(whole.get('kl'), '.2e')}; weights only "
-        f"{pct(s.get('weights_only', {}).get('agreement'))}%, activations only "
-        f"{pct(s.get('activations_only', {}).get('agreement'))}%.",
+        f"Fake INT8 in PyTorch ({md_text(s.spec_description)}), {md_text(s.num_calib)} calibration "
+        f"images, {md_text(s.num_images)} evaluation images; agreement = top-1 agreement with FP32. Everything quantized: "
+        f"agreement {pct(whole.agreement)}%, mean KL {num(whole.kl, '.2e')}; weights only "
+        f"{pct(s.weights_only and s.weights_only.agreement)}%, activations only "
+        f"{pct(s.activations_only and s.activations_only.agreement)}%.",
         "",
-        f"Most sensitive layers (ranked by {md_text(s.get('rank_by'))}):",
+        f"Most sensitive layers (ranked by {md_text(s.rank_by)}):",
         "",
         "| # | PyTorch module | ONNX node | only this layer INT8: agreement % / KL | all but this layer: agreement % | "
         "only weights / only activations: KL | output SQNR dB (local w+a / w / a / in the INT8 model) |",
@@ -152,15 +141,16 @@ def render_markdown(report: Report) -> str:
     d = report.data
     lines = [f"# int8eval report: {md_text(report.model.name)}", ""]
     lines += [f"- {item}" for item in overview_items(report, esc=md_text, code=md_code)]
-    lines += [
-        "",
-        "## Variants",
-        "",
-        "| variant | backend | precision | status | top-1 % | 95% CI | top-5 % | agreement % | Δ top-1 pts | size MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    if report.variants:  # a run folder `int8eval diagnose` wrote has none
+        lines += [
+            "",
+            "## Variants",
+            "",
+            "| variant | backend | precision | status | top-1 % | 95% CI | top-5 % | agreement % | Δ top-1 pts | size MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for v in report.variants:
-        status = v.status if v.parity is None or v.parity.passed else f"{v.status} (parity FAILED)"
+        status = v.status if v.parity is None or v.parity.passed else f"{v.status} (parity FAILED)"  # a StrEnum: its word
         lines.append(
             f"| {md_text(v.name)}{' (reference)' if v.reference else ''} | {v.backend} | {v.precision} | {status} | "
             f"{pct(v.top1)} | {ci(v.top1_ci95)} | {pct(v.top5)} | {pct(v.agreement_top1)} | {pts(v.delta_top1)} | "
@@ -169,14 +159,9 @@ def render_markdown(report: Report) -> str:
     lines += _paired_section(report)
     lines += _recipe_section(report)
     lines += _sensitivity_section(report)
-    if report.bench or any(v.bench for v in report.variants):
-        from int8eval.bench import render_markdown as bench_markdown  # the speed section is bench's to render
-
-        # It formats what it is given as it is: give it the report's strings already escaped.
-        variants = [_escaped(v.model_dump(mode="json")) for v in report.variants]
-        bench_lines = bench_markdown(variants, _escaped(report.bench))
-        if bench_lines:
-            lines += [""] + bench_lines
+    bench_lines = bench_markdown(report.variants, report.bench, esc=md_text)
+    if bench_lines:
+        lines += [""] + bench_lines
     errors = [v for v in report.variants if v.error]
     if errors:
         lines += ["", "## Errors", ""] + [f"- **{md_text(v.name)}**: {md_text(v.error)}" for v in errors]

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from int8eval.data.synsets import wnid_to_name  # noqa: E402
 from int8eval.report.schema import Report  # noqa: E402
+from int8eval.report.sections import Sensitivity  # noqa: E402
 
 VERDICT_COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#ef6c00", None: "#546e7a"}
 REFERENCE_COLOUR = "#1565c0"
@@ -33,14 +34,14 @@ def _png(fig: Figure) -> bytes:
 
 def speed_axis(report: Report) -> tuple[str, str]:
     """Which x axis the accuracy plot uses: ("throughput_ips", label) when a benchmark ran, else size."""
-    if any(v.bench and v.bench.get("throughput_ips") for v in report.variants):
+    if any(v.bench and v.bench.throughput_ips for v in report.variants):
         return "throughput_ips", "throughput, images/s (higher is better)"
     return "size_mb", "artifact size, MB (no speed measured in this run)"
 
 
 def _x_value(v, key: str) -> float | None:
     if key == "throughput_ips":
-        return (v.bench or {}).get("throughput_ips")
+        return v.bench.throughput_ips if v.bench else None
     return v.size_mb
 
 
@@ -59,7 +60,7 @@ def accuracy_vs_speed(report: Report) -> bytes | None:
         # Variants at (nearly) the same spot, e.g. FP32 of two backends, get their labels stacked, not overprinted.
         near = sum(abs(x - px) < 0.05 * span_x and abs(100 * v.top1 - py) < 0.05 * span_y for px, py in placed)
         placed.append((x, 100 * v.top1))
-        verdict = (v.verdict or {}).get("verdict")
+        verdict = v.verdict.verdict if v.verdict else None
         colour = REFERENCE_COLOUR if v.reference else VERDICT_COLOURS.get(verdict, VERDICT_COLOURS[None])
         lo, hi = v.top1_ci95 or (v.top1, v.top1)
         ax.errorbar(
@@ -72,7 +73,7 @@ def accuracy_vs_speed(report: Report) -> bytes | None:
     ax.set_ylabel("top-1 %, 95% CI")
     ax.set_title("Accuracy vs " + ("speed" if key == "throughput_ips" else "size"))
     ax.grid(alpha=0.3)
-    present = {"reference" if v.reference else ((v.verdict or {}).get("verdict") or "no verdict") for v, _ in points}
+    present = {"reference" if v.reference else (v.verdict.verdict if v.verdict else "no verdict") for v, _ in points}
     colours = {"reference": REFERENCE_COLOUR, "no verdict": VERDICT_COLOURS[None],
                **{k: c for k, c in VERDICT_COLOURS.items() if k is not None}}
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colours.items() if k in present]
@@ -84,15 +85,15 @@ def accuracy_vs_speed(report: Report) -> bytes | None:
     return _png(fig)
 
 
-def sensitivity_bars(sensitivity: dict) -> bytes | None:
+def sensitivity_bars(sensitivity: Sensitivity) -> bytes | None:
     """Per layer, in execution order: output KL to FP32 when only that layer is INT8, and its local output SQNR."""
-    layers = sensitivity.get("layers") or []
+    layers = sensitivity.layers
     if not layers:
         return None
-    top = set(sensitivity.get("top_k") or [])
-    names = [layer["module"] for layer in layers]
-    kl = [((layer.get("only") or {}).get("kl") or 0.0) for layer in layers]
-    sqnr = [((layer.get("sqnr_db") or {}).get("local")) for layer in layers]
+    top = set(sensitivity.top_k)
+    names = [layer.module for layer in layers]
+    kl = [layer.only.kl or 0.0 for layer in layers]
+    sqnr = [layer.sqnr_db.local if layer.sqnr_db else None for layer in layers]
     colours = ["#c62828" if n in top else "#546e7a" for n in names]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(names)), 7), sharex=True)
     ax1.bar(range(len(names)), [max(k, 1e-9) for k in kl], color=colours)
@@ -110,13 +111,13 @@ def sensitivity_bars(sensitivity: dict) -> bytes | None:
 
 def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int = 6) -> bytes | None:
     """Per non-reference variant: the classes with the most flips, lost (left, red) and gained (right, green)."""
-    variants = [v for v in report.variants if v.paired and v.paired.get("flips_by_class")][:max_variants]
+    variants = [v for v in report.variants if v.paired and v.paired.flips_by_class][:max_variants]
     if not variants:
         return None
     rows = []
     for v in variants:
-        flips = v.paired["flips_by_class"]
-        ranked = sorted(flips.items(), key=lambda kv: (-(kv[1]["lost"] + kv[1]["gained"]), -kv[1]["lost"], kv[0]))
+        flips = v.paired.flips_by_class
+        ranked = sorted(flips.items(), key=lambda kv: (-(kv[1].lost + kv[1].gained), -kv[1].lost, kv[0]))
         rows.append((v, ranked[:max_classes]))
     heights = [max(2, len(r)) for _, r in rows]
     fig, axes = plt.subplots(
@@ -127,16 +128,16 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
     for ax, (v, ranked) in zip(axes[:, 0], rows):
         labels = [_plain(f"{(names.get(w) or w)[:28]} ({w})") for w, _ in ranked]
         ys = range(len(ranked))
-        ax.barh(ys, [-f["lost"] for _, f in ranked], color="#c62828", label="lost (FP32 right → wrong)")
-        ax.barh(ys, [f["gained"] for _, f in ranked], color="#2e7d32", label="gained (FP32 wrong → right)")
+        ax.barh(ys, [-f.lost for _, f in ranked], color="#c62828", label="lost (FP32 right → wrong)")
+        ax.barh(ys, [f.gained for _, f in ranked], color="#2e7d32", label="gained (FP32 wrong → right)")
         ax.set_yticks(list(ys))
         ax.set_yticklabels(labels, fontsize=7)
         ax.set_ylim(len(ranked) - 0.5, -0.5)  # most flips on top, bars of one height whatever the count
         # Symmetric around 0 so lost and gained read at the same scale in every panel.
-        m = max(max(f["lost"], f["gained"]) for _, f in ranked) + 0.5
+        m = max(max(f.lost, f.gained) for _, f in ranked) + 0.5
         ax.set_xlim(-m, m)
         ax.axvline(0, color="black", lw=0.8)
-        total_lost, total_gained = v.paired["top1"]["ref_right_var_wrong"], v.paired["top1"]["ref_wrong_var_right"]
+        total_lost, total_gained = v.paired.top1.ref_right_var_wrong, v.paired.top1.ref_wrong_var_right
         ax.set_title(f"{_plain(v.name)}: {total_lost} lost, {total_gained} gained (top {len(ranked)} classes)", fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(axis="x", alpha=0.3)

@@ -7,32 +7,35 @@ from __future__ import annotations
 
 import json
 import re
-from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from int8eval.config import Backend, Precision, Preprocessing
 from int8eval.errors import RunFolderError
 from int8eval.report.folder import write_atomic
-from int8eval.verdict import Verdict
+from int8eval.report.sections import (
+    AcceptanceRecord,
+    BenchSection,
+    PairedSection,
+    Section,
+    Sensitivity,
+    Status,
+    VariantBench,
+    VerdictSection,
+)
 
-SCHEMA_VERSION = "1.1"  # 1.1: run_id and files (sha256 of predictions.npz and the artifacts); 1.0 files still read
+# 1.1: run_id and files (sha256 of predictions.npz and the artifacts). 1.2: the paired, verdict, bench, acceptance
+# and sensitivity sections are typed (report.sections): the same keys as before, now checked, an unknown one refused.
+# 1.0 and 1.1 files still read.
+SCHEMA_VERSION = "1.2"
 
 
 class _Section(BaseModel):
     # Sections may carry fields added by later versions; readers ignore what they do not know. Enums are checked
     # when read and kept as their plain string values, so report.json reads back exactly as it was written.
     model_config = ConfigDict(extra="allow", use_enum_values=True)
-
-
-class Status(str, Enum):
-    """What became of a variant: measured, failed (`error` says why), or measured but its backend's FP32 does not
-    match the reference, so its INT8 numbers cannot be attributed to INT8 (`error` says by how much)."""
-
-    ok = "ok"
-    error = "error"
-    parity_failed = "parity_failed"
 
 
 def _errors(e: ValidationError, limit: int = 3) -> str:
@@ -64,51 +67,6 @@ def _checked(model: type[BaseModel]):
 class SkippedEntry(_Section):
     path: str
     reason: str
-
-
-class VerdictSection(_Section):
-    verdict: Verdict
-    reason: str
-
-
-class PairedBlock(_Section):
-    ref: float
-    var: float
-    diff: float
-    diff_ci95: tuple[float, float]
-    ref_right_var_wrong: int
-    ref_wrong_var_right: int
-    mcnemar_p: float | None = None
-
-
-class ClassFlips(_Section):
-    n: int
-    lost: int
-    gained: int
-
-
-class ClassLoss(ClassFlips):
-    wnid: str
-    name: str
-    net: int
-
-
-class PairedSection(_Section):
-    n: int
-    ci_method: str
-    test: str
-    top1: PairedBlock
-    agreement_top1: float
-    agreement_top1_ci95: tuple[float, float]
-    top5: PairedBlock | None = None
-    kl_mean: float | None = None
-    cos_mean: float | None = None
-    flips_by_class: dict[str, ClassFlips] = Field(default_factory=dict)
-    classes_lost_most: list[ClassLoss] = Field(default_factory=list)
-
-
-class AcceptanceSection(_Section):
-    description: str
 
 
 class TimingSection(_Section):
@@ -153,6 +111,9 @@ class ParityCheck(_Section):
 
 
 class VariantResult(_Section):
+    # Assigned values are checked too: a writer that assigns a section as a dict gets it checked and typed.
+    model_config = ConfigDict(validate_assignment=True)
+
     name: str
     backend: Backend
     precision: Precision
@@ -169,29 +130,55 @@ class VariantResult(_Section):
     size_mb: float | None = None
     artifact: str | None = None
     prepare_s: float | None = None
-    details: dict | None = None
+    details: dict | None = None  # backend provenance: free-form by design, each backend says what it chose and why
     predict_s: float | None = None
     parity: ParityCheck | None = None  # a backend's FP32 of the reference's weights, checked against the reference
     gated_by: str | None = None  # the FP32 variant whose parity check gates this one (int8eval.parity.gate_for)
     per_class_top1: dict[str, dict] | None = None
     # Paired statistics against the reference (stats.paired_stats) and the acceptance verdict (verdict.decide).
-    paired: dict | None = None
-    verdict: dict | None = None
+    paired: PairedSection | None = None
+    verdict: VerdictSection | None = None
     # Paired statistics against other variants than the reference, by their name: QAT against its fine-tuned FP32
     # control (what quantization costs after the same training) and against post-training quantization.
-    compared_with: dict[str, dict] | None = None
-    bench: dict | None = None  # int8eval.bench: latency, throughput, speedups and size vs the backend's FP32/BF16
+    compared_with: dict[str, PairedSection] | None = None
+    bench: VariantBench | None = None  # int8eval.bench: latency, throughput, speedups and size vs the backend's FP32/BF16
 
-    _paired = field_validator("paired")(_checked(PairedSection))
-    _verdict = field_validator("verdict")(_checked(VerdictSection))
-
-    @field_validator("compared_with")
+    @field_validator("status")
     @classmethod
-    def _compared(cls, value):
-        return value if value is None else {k: _checked(PairedSection)(v) for k, v in value.items()}
+    def _status_member(cls, value: str) -> Status:
+        # The Status member itself, not the plain string the other enums of a section are kept as: a StrEnum, so it
+        # is written, formatted and compared as its word all the same.
+        return Status(value)
+
+
+class ReproductionRow(Section):
+    """One row of a reproduction's table (`int8eval reproduce`): published numbers or measured ones. Top-1 in
+    percent and size reduction as a fraction, as the published tables give them."""
+
+    name: str
+    kind: Literal["published", "measured"]
+    fp32_top1: float | None = None
+    int8_top1: float | None = None
+    loss_points: float | None = None  # fp32_top1 - int8_top1
+    speedup: float | None = None
+    size_reduction: float | None = None
+    note: str = ""
+
+
+class ReproductionSection(Section):
+    """What `int8eval reproduce` compared: the recipe as run (int8eval.recipes), its published numbers and the
+    measured ones (int8eval.recipes.table renders them as seed_table.md)."""
+
+    recipe: dict
+    rows: list[ReproductionRow]
+    notes: list[str] = Field(default_factory=list)
+    requirements: list[dict] = Field(default_factory=list)  # what the recipe needs and whether it was here
+    on_gpu: bool = False  # TensorRT on a GPU, else the CPU recipes
 
 
 class Report(_Section):
+    model_config = ConfigDict(validate_assignment=True)
+
     schema_version: str = SCHEMA_VERSION
     created: str
     command: list[str] = Field(default_factory=list)
@@ -200,15 +187,15 @@ class Report(_Section):
     variants: list[VariantResult]
     environment: dict
     timing: dict = Field(default_factory=dict)
-    acceptance: dict | None = None  # the declared criterion (verdict.Acceptance) the verdicts answer
-    sensitivity: dict | None = None  # per-layer sensitivity (diagnose.diagnose), when asked for
-    bench: dict | None = None  # int8eval.bench section: machine (ISA, GPU), settings, warnings, fastest variant
+    acceptance: AcceptanceRecord | None = None  # the declared criterion (config.Acceptance) the verdicts answer
+    sensitivity: Sensitivity | None = None  # per-layer sensitivity (int8eval diagnose), when asked for
+    bench: BenchSection | None = None  # int8eval.bench section: machine (ISA, GPU), settings, warnings, fastest variant
+    reproduction: ReproductionSection | None = None  # int8eval reproduce: the published numbers beside ours
     # Ties the run folder's other files to this report.json (report.folder.verify): the run's id, and the sha256 of
     # predictions.npz and of every artifact by their path in the run folder. None in reports written before 1.1.
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
     files: dict[str, str] | None = None
 
-    _acceptance = field_validator("acceptance")(_checked(AcceptanceSection))
     _timing = field_validator("timing")(_checked(TimingSection))
 
     @field_validator("files")
@@ -230,8 +217,10 @@ class Report(_Section):
         return next((v for v in self.variants if v.reference), None)
 
     def write(self, path: Path) -> None:
-        """Write report.json atomically (a temporary file renamed into place): never a truncated one."""
-        write_atomic(Path(path), json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        """Write report.json atomically (a temporary file renamed into place): never a truncated one. It is written in
+        this version's schema (every section was checked against it), also when it was read from an older file."""
+        data = {**self.model_dump(mode="json"), "schema_version": SCHEMA_VERSION}
+        write_atomic(Path(path), json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> Report:

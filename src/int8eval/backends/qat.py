@@ -5,20 +5,23 @@ model, so a change in accuracy could come from the fine-tuning as much as from Q
 that trains the same float model on the same images, in the same order, with the same augmentation and optimizer,
 but without fake quantization ("torch-fp32-finetuned"); the report can then separate the two effects.
 
+This module is the registered builder of every recipe with `qat_epochs` (`build`): the fine-tuning settings
+come from the recipe (epochs, lr) and the BuildContext (training images, batch size, seed, workers).
+
 Two QAT paths:
 
 - PT2E (current): `torch.export` -> torchao's `prepare_qat_pt2e` with `X86InductorQuantizer(is_qat=True)` ->
   train -> `convert_pt2e`; the INT8 model is compiled with inductor, which lowers it to oneDNN INT8 kernels.
-- legacy (the seed's API): torchvision's quantizable twin of the architecture, `fuse_model(is_qat=True)`,
-  `torch.ao.quantization.get_default_qat_qconfig(engine)`, `prepare_qat`, train, `convert`. Deprecated in PyTorch,
-  offered only where the installed version still has it, and only for architectures torchvision ships a
-  quantizable twin of (ResNet, MobileNetV2/V3, GoogLeNet, Inception v3, ShuffleNetV2, ResNeXt).
+  The model surgery (tracing, BatchNorm folding, preparation, the PTQ-calibrated ranges) is in `qat_pt2e`.
+- legacy (the seed's eager torch.ao API, `qat_legacy`): torchvision's quantizable twin, `prepare_qat`, `convert`.
 
 Activation ranges. torchao's QAT config tracks each activation's min/max by a moving average, which starts from the
 first batch; on EfficientNet-Lite0 min/max ranges cost ~6 points of top-1 (FINDINGS: PT2E with min/max vs the
 histogram observer). So, given calibration images, PT2E QAT first calibrates the activations as PTQ does (the X86
 quantizer's HistogramObserver), loads those ranges into the fake quantizers and keeps them fixed: QAT then starts
 from the PTQ model and trains the weights to fit it (NVIDIA's pytorch-quantization recipe: calibrate, then QAT).
+Its recipe is therefore recorded with `calib: mse` (the HistogramObserver's L2 search, as torch PTQ's mse), and
+`details["calibration"]` names what ran.
 
 BatchNorm. By default (`freeze_bn=True`) BatchNorm is folded into the convolutions before training and the model
 trains in eval mode (no dropout): with a few hundred images in batches of 32, updating BatchNorm statistics would
@@ -27,7 +30,7 @@ BatchNorm rewrite both hard-code eps=1e-5 (EfficientNet-Lite uses 1e-3).
 
 Example:
     >>> loaded = load_model("efficientnet_lite0")
-    >>> train, rest = split_training(discover(root).samples, size=300, seed=0)
+    >>> train, rest = split_training(discover(root).samples, size=300, seed=0)  # int8eval.data.layouts
     >>> spec = FinetuneSpec(epochs=1, lr=1e-5)
     >>> qat = build_finetuned_variant(loaded, train, Path("runs/x"), spec=spec, quantize=True)
     >>> control = build_finetuned_variant(loaded, train, Path("runs/x"), spec=spec, quantize=False)
@@ -35,9 +38,7 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,24 +49,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from int8eval.backends.base import CalibrationData
-from int8eval.backends.torch_backend import (
-    TorchVariant,
-    _calibrate,
-    _drop_unused_tensors,
-    _export,
-    save_program,
-    untie_reused_modules,
-)
-from int8eval.config import Backend, Precision, Preprocessing, Recipe
-from int8eval.data.decode import _INTERPOLATION, ImageDataset
+from int8eval.backends import qat_legacy, qat_pt2e
+from int8eval.backends.base import BuildContext, CalibrationData
+from int8eval.backends.pt2e import save_program
+from int8eval.backends.torch_backend import TorchVariant
+from int8eval.config import Backend, CalibMethod, Precision, Preprocessing, Recipe
+from int8eval.data.decode import INTERPOLATION, ImageDataset
 from int8eval.data.decode import loader as image_loader
-from int8eval.data.layouts import Sample, discover
+from int8eval.data.layouts import Sample
 from int8eval.errors import BackendUnavailable, ConfigError, DatasetError
-
-DEFAULT_TRAIN_SIZE = 300
-_TORCHAO_BN_EPS = 1e-5  # what torchao's QAT conv-bn pattern and train/eval rewrite assume
-_LEGACY_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 
 
 class QATMethod(str, Enum):
@@ -112,8 +104,8 @@ class FinetuneSpec:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.batch_size < 1:
             raise ConfigError(f"training batch size must be at least 1, got {self.batch_size}")
-        if self.engine not in _LEGACY_ENGINES:
-            raise ConfigError(f"quantized engine {self.engine!r} is not one of {', '.join(_LEGACY_ENGINES)}")
+        if self.engine not in qat_legacy.ENGINES:
+            raise ConfigError(f"quantized engine {self.engine!r} is not one of {', '.join(qat_legacy.ENGINES)}")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} is not 'cpu' or 'cuda'")
 
@@ -140,8 +132,35 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError("legacy selects the seed's eager QAT API; the FP32 control has no legacy form")
     if recipe.keep_fp32:
         raise ConfigError("keep_fp32 applies to post-training quantization; QAT quantizes every layer here")
+    if recipe.precision is Precision.int8 and recipe.calib in (CalibMethod.percentile, CalibMethod.entropy):
+        raise ConfigError(
+            f"QAT takes its activation ranges from PyTorch's observers (PT2E: the X86 quantizer's HistogramObserver, "
+            f"calib mse; legacy: moving-average min/max, calib minmax), not {recipe.calib.value}; leave calib out"
+        )
     if recipe.precision is Precision.int8 and not recipe.legacy and importlib.util.find_spec("torchao") is None:
         raise BackendUnavailable("PT2E QAT needs torchao: pip install 'int8eval[pt2e]' (or use legacy)")
+
+
+def finetune_spec(recipe: Recipe, context: BuildContext) -> FinetuneSpec:
+    """The schedule of a fine-tuning recipe: epochs and learning rate from `recipe`, training batch size, seed,
+    decoding workers, BatchNorm freezing and the legacy engine from the session's `context`."""
+    return FinetuneSpec(
+        epochs=recipe.qat_epochs, lr=recipe.lr, batch_size=context.train_batch_size, seed=context.seed,
+        workers=context.workers, freeze_bn=context.freeze_bn, engine=context.legacy_engine,
+    )
+
+
+def build(
+    loaded, recipe: Recipe, calib: CalibrationData | None, workdir: Path, context: BuildContext | None = None
+) -> FinetunedVariant:
+    """The registered builder of recipes with `qat_epochs`: fine-tune `loaded` on `context.train` (QAT for an INT8
+    recipe, PT2E or `legacy` eager; the FP32 control otherwise), artifacts under `workdir`."""
+    check_recipe(recipe)
+    context = context if context is not None else BuildContext(workdir=Path(workdir))
+    return build_finetuned_variant(
+        loaded, context.train, workdir, spec=finetune_spec(recipe, context), quantize=recipe.precision is Precision.int8,
+        legacy=recipe.legacy, calib=calib, recipe=recipe, compile=context.compile_qat,
+    )
 
 
 @dataclass
@@ -165,40 +184,13 @@ class FinetuneResult:
 # ---------------------------------------------------------------------------------------------- training data
 
 
-def split_training(
-    samples: list[Sample], *, size: int = DEFAULT_TRAIN_SIZE, seed: int = 0, train_root: Path | None = None
-) -> tuple[list[Sample], list[Sample]]:
-    """(training samples, the rest of `samples`): the rest is what may still be evaluated or calibrated on.
-
-    Without `train_root` (or with the evaluation folder itself) the training images are a seeded subset of
-    `samples`; with another folder they are a seeded subset of it, minus any file that is also in `samples`.
-    """
-    if size < 1:
-        raise ConfigError(f"training set size must be at least 1, got {size}")
-    eval_paths = {s.path.resolve() for s in samples}
-    if train_root is not None:
-        pool = [s for s in discover(train_root).samples if s.path.resolve() not in eval_paths]
-        if not pool:
-            raise DatasetError(f"--train-data {train_root} holds no images outside the evaluation set")
-        chosen = pool if size >= len(pool) else [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), size))]
-        return chosen, samples
-    if size >= len(samples):
-        raise DatasetError(
-            f"training on {size} of the {len(samples)} images leaves none to evaluate; lower the training set size "
-            "or pass --train-data DIR"
-        )
-    # A different stream from the calibration split's, so the two subsets are not the same images.
-    chosen = set(random.Random(f"train-{seed}").sample(range(len(samples)), size))
-    return [s for i, s in enumerate(samples) if i in chosen], [s for i, s in enumerate(samples) if i not in chosen]
-
-
 def train_transform(pre: Preprocessing):
     """Training-time augmentation at the model's input size and normalisation: RandomResizedCrop + flip."""
     from torchvision import transforms
 
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(pre.crop, interpolation=_INTERPOLATION[pre.interpolation.value]),
+            transforms.RandomResizedCrop(pre.crop, interpolation=INTERPOLATION[pre.interpolation.value]),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(pre.mean, pre.std),
@@ -206,7 +198,8 @@ def train_transform(pre: Preprocessing):
     )
 
 
-def _loader(samples: list[Sample], pre: Preprocessing, spec: FinetuneSpec):
+def training_loader(samples: list[Sample], pre: Preprocessing, spec: FinetuneSpec):
+    """The training images, augmented (`train_transform`) and shuffled by `spec.seed`."""
     # A seeded generator drives both the shuffling and (through the workers' seeds or the global RNG reset in
     # _train) the augmentation, so the QAT run and its control see the same crops in the same order.
     return image_loader(
@@ -218,147 +211,7 @@ def _loader(samples: list[Sample], pre: Preprocessing, spec: FinetuneSpec):
     )
 
 
-# ---------------------------------------------------------------------------------------------- model surgery
-
-
-def trace(module: nn.Module) -> torch.fx.GraphModule:
-    """`torch.fx.symbolic_trace`, with a usable error for models that cannot be traced."""
-    try:
-        return torch.fx.symbolic_trace(module)
-    except Exception as e:  # noqa: BLE001 - tracing raises many types
-        raise ConfigError(
-            f"fine-tuning needs a model torch.fx can trace; {type(module).__name__} cannot be: {type(e).__name__}: {e}"
-        ) from e
-
-
-def fold_batchnorm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Fold every BatchNorm that follows a convolution into it (eval-mode statistics); all weights trainable."""
-    from torch.fx.experimental.optimization import fuse
-
-    folded = fuse(gm.eval(), inplace=False)
-    for p in folded.parameters():  # fuse() creates the folded biases without gradients
-        p.requires_grad_(True)
-    return folded
-
-
-def _float_graph(loaded, spec: FinetuneSpec) -> torch.fx.GraphModule:
-    """The float model as an FX graph: BatchNorm folded (when frozen), each reused module untied."""
-    gm = trace(copy.deepcopy(loaded.module).eval())
-    if spec.freeze_bn:
-        gm = fold_batchnorm(gm)
-    # Trace again after untying: retargeted nodes keep the nn_module_stack recorded for the shared module, and
-    # torch.export reuses it, so the X86 quantizer would still see one partition with several outputs.
-    return torch.fx.symbolic_trace(untie_reused_modules(gm))
-
-
-def _check_bn_eps(module: nn.Module) -> None:
-    odd = sorted({m.eps for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} - {_TORCHAO_BN_EPS})
-    if odd:
-        raise ConfigError(
-            f"this model's BatchNorm uses eps {odd}; torchao's QAT conv-bn fusion assumes eps=1e-5 and would change "
-            "the model. Keep BatchNorm frozen (freeze_bn=True, the default), which folds it before training"
-        )
-
-
-def _pt2e_prepare(gm: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
-    try:
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
-    except ImportError as e:
-        raise BackendUnavailable("PT2E QAT needs torchao: pip install 'int8eval[pt2e]'") from e
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-    return prepare_qat_pt2e(_export(gm, example).module(), quantizer)
-
-
-def _ptq_activation_qparams(gm: torch.fx.GraphModule, example: torch.Tensor, calib: CalibrationData) -> dict:
-    """{observer name: (scale, zero_point)} of every activation, calibrated the PTQ way (X86 default config)."""
-    from torchao.quantization.pt2e import ObserverBase
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(_export(gm, example).module(), quantizer)
-    _calibrate(prepared, calib)
-    return {
-        name: obs.calculate_qparams()
-        for name, obs in prepared.named_modules()
-        if isinstance(obs, ObserverBase) and obs.qscheme == torch.per_tensor_affine
-    }
-
-
-def _fix_activation_ranges(model: nn.Module, qparams: dict) -> int:
-    """Load PTQ activation qparams into the QAT fake quantizers of the same names and stop their observers.
-
-    BatchNorm is folded before both graphs are prepared, so prepare_pt2e and prepare_qat_pt2e annotate the same
-    graph and name their observers alike. The observer's min/max are set to the grid's ends too, because
-    convert_pt2e reads the qparams from the observer, not from the fake quantizer."""
-    from torchao.quantization.pt2e import FakeQuantizeBase
-
-    done = 0
-    for name, fq in model.named_modules():
-        if not isinstance(fq, FakeQuantizeBase) or name not in qparams:
-            continue
-        scale, zero_point = (t.detach().reshape(-1) for t in qparams[name])
-        fq.scale.resize_(scale.shape).copy_(scale)
-        fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
-        obs = fq.activation_post_process
-        obs.min_val = ((obs.quant_min - zero_point) * scale).reshape(obs.min_val.shape or ()).to(obs.min_val)
-        obs.max_val = ((obs.quant_max - zero_point) * scale).reshape(obs.max_val.shape or ()).to(obs.max_val)
-        fq.disable_observer()
-        done += 1
-    return done
-
-
-def _legacy_twin(loaded) -> nn.Module:
-    """torchvision's quantizable twin of `loaded` (QuantStub/DeQuantStub, FloatFunctional adds) with its weights."""
-    if not all(hasattr(torch.ao.quantization, f) for f in ("get_default_qat_qconfig", "prepare_qat", "convert")):
-        raise BackendUnavailable(
-            f"this PyTorch ({torch.__version__}) no longer has the eager torch.ao.quantization QAT API; use the PT2E path"
-        )
-    import torchvision.models.quantization as tvq
-
-    builder = getattr(tvq, loaded.name, None)
-    if builder is None or not callable(builder):
-        raise ConfigError(
-            f"legacy eager QAT needs a torchvision architecture with a quantizable twin (resnet18, resnet50, "
-            f"mobilenet_v2, mobilenet_v3_large, googlenet, inception_v3, shufflenet_v2_*, resnext101_*); "
-            f"{loaded.name} has none: use the PT2E path (drop legacy)"
-        )
-    twin = builder(weights=None, quantize=False)
-    result = twin.load_state_dict(loaded.module.state_dict(), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(
-            f"{loaded.name}'s weights do not fit torchvision's quantizable {loaded.name}: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
-    return twin.eval()
-
-
-def _legacy_prepare(loaded, spec: FinetuneSpec) -> nn.Module:
-    twin = _legacy_twin(loaded)
-    twin.fuse_model(is_qat=True)  # conv+bn(+relu) -> torch.ao.nn.intrinsic QAT modules (fuse_modules_qat)
-    twin.qconfig = torch.ao.quantization.get_default_qat_qconfig(spec.engine)
-    twin.train()  # prepare_qat insists on training mode
-    torch.ao.quantization.prepare_qat(twin, inplace=True)
-    return twin
-
-
 # ---------------------------------------------------------------------------------------------- training
-
-
-def _set_mode(model: nn.Module, *, train: bool, exported: bool) -> None:
-    if exported:  # exported graphs refuse .train()/.eval(); torchao rewrites their dropout/BN ops instead
-        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
-        (move_exported_model_to_train if train else move_exported_model_to_eval)(model)
-    else:
-        model.train(train)
 
 
 def _train(
@@ -438,28 +291,28 @@ def qat_finetune(
     fixed = 0  # activation fake quantizers whose ranges come from PTQ calibration
 
     if method is QATMethod.legacy:
-        model = _legacy_prepare(loaded, spec).to(device)
-        set_mode = lambda train: _set_mode(model, train=train, exported=False)  # noqa: E731
+        model = qat_legacy.prepare(loaded, spec.engine).to(device)
+        set_mode = lambda train: qat_pt2e.set_mode(model, train=train, exported=False)  # noqa: E731
     else:
-        gm = _float_graph(loaded, spec)
+        gm = qat_pt2e.float_graph(loaded, freeze_bn=spec.freeze_bn)
         if method is QATMethod.none:
             model = gm.to(device)
-            set_mode = lambda train: _set_mode(model, train=train, exported=False)  # noqa: E731
+            set_mode = lambda train: qat_pt2e.set_mode(model, train=train, exported=False)  # noqa: E731
         else:
             if not spec.freeze_bn:
-                _check_bn_eps(gm)
-            model = _pt2e_prepare(gm, example)
+                qat_pt2e.check_bn_eps(gm)
+            model = qat_pt2e.prepare(gm, example)
             if spec.calibrate_first and calib is not None and calib.num_images:
-                fixed = _fix_activation_ranges(model, _ptq_activation_qparams(gm, example, calib))
+                fixed = qat_pt2e.fix_activation_ranges(model, qat_pt2e.ptq_activation_qparams(gm, example, calib))
             model = model.to(device)
-            set_mode = lambda train: _set_mode(model, train=train, exported=True)  # noqa: E731
+            set_mode = lambda train: qat_pt2e.set_mode(model, train=train, exported=True)  # noqa: E731
     if method is not QATMethod.none and not fixed:
         set_mode(False)
         _warm_up_observers(model, calib, device)
     prepare_s = time.perf_counter() - start
 
     train_start = time.perf_counter()
-    losses, seen, bad = _train(model, _loader(train_samples, loaded.preprocessing, spec), spec, device, set_mode)
+    losses, seen, bad = _train(model, training_loader(train_samples, loaded.preprocessing, spec), spec, device, set_mode)
     skipped = [{"path": train_samples[i].id, "reason": reason} for i, reason in bad]
     train_s = time.perf_counter() - train_start
 
@@ -475,33 +328,8 @@ def _finish(loaded, model: nn.Module, method: QATMethod, spec: FinetuneSpec, exa
         model = model.cpu().eval()
         return model, model
     if method is QATMethod.legacy:
-        model = model.cpu().eval()
-        float_model = _legacy_float_weights(model)
-        torch.backends.quantized.engine = spec.engine
-        return torch.ao.quantization.convert(model, inplace=False), float_model
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if device != "cpu":
-        # Exported graphs may hold device-specific constants: rebuild the prepared graph on the CPU and load the
-        # trained weights and quantizer states into it, rather than moving the GPU graph back.
-        model = _pt2e_prepare(_float_graph(loaded, spec), example)
-        model.load_state_dict(state)
-    _set_mode(model, train=False, exported=True)
-    float_model = _float_graph(loaded, spec)
-    # The prepared graph keeps the float module's parameter names: the QAT-trained float weights load back.
-    float_model.load_state_dict({k: v for k, v in state.items() if k in float_model.state_dict()}, strict=True)
-    converted = convert_pt2e(model)
-    _drop_unused_tensors(converted)
-    return converted, float_model.eval()
-
-
-def _legacy_float_weights(qat_model: nn.Module) -> nn.Module:
-    """The QAT-trained model computing in float: fake quantization and observers switched off."""
-    float_model = copy.deepcopy(qat_model)
-    float_model.apply(torch.ao.quantization.disable_fake_quant)
-    float_model.apply(torch.ao.quantization.disable_observer)
-    return float_model.eval()
+        return qat_legacy.finish(model, spec.engine)
+    return qat_pt2e.finish(loaded, model, freeze_bn=spec.freeze_bn, example=example, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -575,9 +403,12 @@ def build_finetuned_variant(
         # lowering of the in-memory graph (also after re-exporting it) agreed with FP32 on 85% of images, the
         # same model saved and loaded back on 97.6%, as the uncompiled Q/DQ model does.
         module = torch.compile(torch.export.load(artifact).module(), dynamic=False)
-    recipe = recipe or Recipe(
-        backend=Backend.torch, precision=Precision.int8 if quantize else Precision.fp32, legacy=legacy and quantize
-    )
+    if recipe is None:  # what was built, as a recipe: PT2E QAT's ranges come from the HistogramObserver (mse)
+        pt2e = result.method is QATMethod.pt2e
+        recipe = Recipe(
+            backend=Backend.torch, precision=Precision.int8 if quantize else Precision.fp32, legacy=legacy and quantize,
+            qat_epochs=spec.epochs, lr=spec.lr, calib=CalibMethod.mse if pt2e else CalibMethod.minmax,
+        )
     engine = spec.engine if result.method is QATMethod.legacy else None
     variant = FinetunedVariant(recipe, name, module, artifact, freezing=compiled, engine=engine)
     variant.result = result
@@ -608,4 +439,16 @@ def finetune_summary(result: FinetuneResult) -> dict:
         "activation_ranges": f"PTQ-calibrated, fixed ({result.fixed_ranges})" if result.fixed_ranges else
         ("moving average" if result.method is not QATMethod.none else None),
         "skipped": result.skipped,
+        **({"calibration": _calibration_phrase(result)} if result.method is not QATMethod.none else {}),
+        **({"legacy": "PyTorch's eager torch.ao.quantization QAT (prepare_qat/convert) on torchvision's quantizable "
+                      "twin"} if result.method is QATMethod.legacy else {}),
     }
+
+
+def _calibration_phrase(result: FinetuneResult) -> str:
+    """What set a QAT model's activation ranges (`details["calibration"]`)."""
+    if result.method is QATMethod.legacy:
+        return f"torch.ao default QAT qconfig ({result.spec.engine}): moving-average min/max fake quantizers"
+    if result.fixed_ranges:
+        return "torchao HistogramObserver (X86 PTQ config, L2 error search over 2048 bins), fixed while training"
+    return "torchao X86 QAT config: moving-average min/max fake quantizers"

@@ -1,0 +1,78 @@
+"""`int8eval run`: spec -> model -> data -> variants -> one pass -> statistics -> report.json/md/html."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from int8eval.commands import write_run
+from int8eval.config import RunConfig
+from int8eval.parity import REFERENCE, plan_recipes
+from int8eval.report import Report
+from int8eval.session import build_variants, check_recipes, measure, new_report, open_session
+from int8eval.verdict import add_paired_stats
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    )
+
+
+def run(config: RunConfig, *, console: Console | None = None) -> Report:
+    """Evaluate the FP32 reference and every recipe of `config` in one pass; write report.json/.md/.html,
+    predictions.npz and artifacts/ into `config.out` (staged, then moved in once complete).
+
+    Example:
+        >>> run(RunConfig(model="efficientnet_lite0", data=Path("imagenet-sample"), out=Path("runs/lite0")))
+    """
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    plan = plan_recipes(config.recipes)
+    check_recipes(plan)  # fail before any work on a missing backend or an impossible recipe
+    return write_run(config.out, lambda staging: _run_into(staging, config, plan, console, start))
+
+
+def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float) -> Report:
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"loading {config.model}", total=None)
+        decoding = {}
+
+        def on_calibration(done: int, total: int) -> None:
+            if not decoding:
+                progress.update(task, total=1, completed=1)
+                decoding["task"] = progress.add_task("decoding calibration images", total=total)
+            progress.update(decoding["task"], completed=done)
+
+        session = open_session(config, config.recipes, on_calibration=on_calibration)
+        progress.update(task, total=1, completed=1)
+        building: list = []
+
+        def say(msg: str) -> None:  # one line per variant, ticked once the next one starts
+            if building:
+                progress.update(building[-1], total=1, completed=1)
+            building.append(progress.add_task(msg, total=None))
+
+        built = build_variants(session, plan, out / "artifacts", required=[REFERENCE], say=say)
+        progress.update(building[-1], total=1, completed=1)
+        measured = measure(session, plan, built, progress=progress)
+
+    measured.predictions.save(out / "predictions.npz")
+    report = new_report(
+        session, [measured.results[r.name] for r in plan], num_images=len(measured.predictions.labels),
+        skipped=measured.skipped, config=config.model_dump(mode="json"),
+        timing={"total_s": time.perf_counter() - start, "eval_s": measured.eval_s,
+                "images_per_s": len(measured.predictions.labels) / measured.eval_s},
+    )
+    add_paired_stats(report, measured.predictions, config.acceptance)
+    if config.bench:
+        from int8eval.bench import add_bench
+
+        console.print("timing every variant (--bench)")
+        report.bench = add_bench(measured.results, built.variants, session.loaded, reference=REFERENCE.name,
+                                 workdir=out / "artifacts")
+    return report

@@ -1,0 +1,412 @@
+"""The stages every command shares: open a session (the model with its preprocessing, the images split in one
+fixed order, the calibration images decoded once), expand the recipes asked for, and build the variants in one loop
+that survives a failing variant.
+
+`run`, `bench`, `diagnose` and `reproduce` (int8eval.commands) are short compositions of these stages, so a seed,
+a calibration set or a failing backend means the same thing in each of them.
+
+Example:
+    >>> session = open_session(SessionSpec(model="efficientnet_lite0", data=Path("imagenet-sample")), recipes)
+    >>> built = build_variants(session, plan_recipes(recipes), Path("runs/lite0/artifacts"))
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from int8eval import backends, stats
+from int8eval.backends import BuildContext, CalibrationData, Variant
+from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, Recipe, SessionSpec
+from int8eval.data.decode import decode_samples
+from int8eval.data.layouts import Sample, discover, split, split_training, subsample
+from int8eval.errors import ConfigError, DatasetError
+from int8eval.environment import environment
+from int8eval.evaluate import Predictions, evaluate
+from int8eval.models import LoadedModel, load_model
+from int8eval.parity import REFERENCE, apply_gate
+from int8eval.report import Report
+from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, VariantResult
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def expand_recipes(
+    backends_: Sequence[Backend | str] = (),
+    calibs: Sequence[CalibMethod | str] = (),
+    *,
+    int8: bool = True,
+    precisions: Sequence[Precision | str] = (),
+    percentile: float = 99.999,
+    per_channel: bool = True,
+    legacy: bool = False,
+    qat_epochs: int = 0,
+    lr: float = 1e-5,
+    tensorrt_on_cpu: bool = False,
+    keeps: Sequence[tuple[str, ...]] = ((),),
+    bias_correction: bool = True,
+    activation_type: ActivationType | str | None = None,
+) -> tuple[Recipe, ...]:
+    """The recipes a command asks for: per backend (default: every installed default backend), one INT8 recipe per
+    calibration method (default: the backend's own, `backends.default_calib`) x set of layers kept in FP32 (`keeps`,
+    () for none); then the other precisions asked for (fp32, bf16, fp16) per backend; then QAT and its FP32 control.
+
+    `bias_correction=False` turns it off in the INT8 recipes; `activation_type` sets ONNX Runtime's INT8 activations
+    (None: the CPU's choice); `legacy` adds the seed's torch.ao path on torch (and for QAT)."""
+    chosen = [Backend(b) for b in backends_] or [b for b, info in backends.BACKENDS.items() if info.installed and info.default]
+    if activation_type is not None and Backend.onnxruntime not in chosen:
+        raise ConfigError("--activation-type applies to onnxruntime's INT8 recipes; add --backend onnxruntime")
+    recipes: list[Recipe] = []
+    for backend in chosen:
+        emulate = backend is Backend.tensorrt and tensorrt_on_cpu
+        if int8:
+            for method in [CalibMethod(c) for c in calibs] or [backends.default_calib(backend)]:
+                for keep in keeps:
+                    common = dict(backend=backend, calib=method, percentile=percentile, per_channel=per_channel,
+                                  emulate=emulate, keep_fp32=keep)
+                    act = dict(activation_type=activation_type) if backend is Backend.onnxruntime else {}
+                    recipes.append(Recipe(**common, **act, bias_correction=None if bias_correction else False))
+                    if legacy and backend is Backend.torch:
+                        recipes.append(Recipe(**common, legacy=True))
+        for p in precisions:
+            recipes.append(Recipe(backend=backend, precision=Precision(p), emulate=emulate))
+    if qat_epochs:  # QAT and its control: the same fine-tuning without quantization
+        recipes += qat_recipes(qat_epochs, lr, legacy=legacy)
+    return tuple(recipes)
+
+
+def qat_recipes(epochs: int, lr: float, *, legacy: bool = False, pt2e: bool = True, control: bool = True) -> list[Recipe]:
+    """QAT (PT2E; `legacy`: also the seed's eager torch.ao QAT) and its FP32 control, the same fine-tuning without
+    quantization."""
+    tuned = dict(backend=Backend.torch, qat_epochs=epochs, lr=lr)
+    recipes = [Recipe(**tuned, calib=CalibMethod.mse)] if pt2e else []  # its ranges: the X86 HistogramObserver's
+    if control:
+        recipes.append(Recipe(**tuned, precision=Precision.fp32))
+    if legacy:
+        recipes.append(Recipe(**tuned, legacy=True))
+    return recipes
+
+
+def resolve_keep(values: tuple[str, ...], sensitivity: Path | None, out: Path) -> tuple[tuple[str, ...], ...]:
+    """`--keep-fp32` values -> sets of layer names: "none" (quantize every layer), "a,b,c" (module paths), or
+    "topN" (the N most sensitive layers in `sensitivity`, a sensitivity.json that `int8eval diagnose` wrote;
+    default: OUT/sensitivity.json)."""
+    import json
+    import re
+
+    if not values:
+        return ((),)
+    sensitivity = sensitivity or Path(out) / "sensitivity.json"
+    keeps = []
+    for value in values:
+        value = value.strip()
+        if value == "none":
+            keeps.append(())
+        elif m := re.fullmatch(r"top(\d+)", value):
+            if not sensitivity.is_file():
+                raise ConfigError(
+                    f"--keep-fp32 {value} reads the ranking of `int8eval diagnose`, and {sensitivity} does not exist: "
+                    f"run `int8eval diagnose --out {sensitivity.parent}` first or pass --sensitivity FILE"
+                )
+            try:
+                ranking = json.loads(sensitivity.read_text())["ranking"]
+                if not isinstance(ranking, list) or not all(isinstance(r, str) for r in ranking):
+                    raise ValueError("'ranking' is not a list of layer names")
+            except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
+                why = "no 'ranking'" if isinstance(e, (KeyError, TypeError)) else f"{type(e).__name__}: {e}"
+                raise ConfigError(
+                    f"--keep-fp32 {value}: cannot read the ranking in {sensitivity} ({why}); pass the sensitivity.json "
+                    "that `int8eval diagnose` wrote, or run it again"
+                ) from None
+            n = int(m.group(1))
+            if not 0 < n <= len(ranking):
+                raise ConfigError(f"--keep-fp32 {value}: {sensitivity} ranks {len(ranking)} layers; choose top1..top{len(ranking)}")
+            keeps.append(tuple(ranking[:n]))
+        else:
+            keeps.append(tuple(v.strip() for v in value.split(",")))
+    return tuple(keeps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The session: model, splits, calibration data
+
+
+@dataclass
+class Session:
+    """A model and its images, split once: training (QAT), then calibration, then evaluation; never overlapping."""
+
+    spec: SessionSpec
+    loaded: LoadedModel
+    layout: str  # how the images are laid out (data.layouts)
+    num_found: int  # usable images found under spec.data
+    eval_samples: list[Sample]  # the seeded spec.max_images subset of `pool`
+    pool: list[Sample] = field(default_factory=list)  # every image neither trained nor calibrated on
+    train: list[Sample] = field(default_factory=list)
+    calib: CalibrationData | None = None
+    calib_source: str | None = None  # "seeded split of DIR" or the --calib-data folder
+    skipped: list[dict] = field(default_factory=list)  # images and folders not used, with why
+
+    def context(self, workdir: Path) -> BuildContext:
+        """What the builds of this session share (an FP32 export, a converted model) and what QAT trains on."""
+        s = self.spec
+        return BuildContext(workdir=Path(workdir), train=self.train, train_batch_size=s.train_batch_size, seed=s.seed,
+                            workers=s.workers)
+
+
+def open_session(
+    spec: SessionSpec,
+    recipes: Iterable[Recipe] = (),
+    *,
+    loaded: LoadedModel | None = None,
+    say: Say = _quiet,
+    on_calibration: Callable[[int, int], None] | None = None,
+    calibration_only: bool = False,
+) -> Session:
+    """Load the model (unless `loaded` is given), find the images, and split them in the one order every command
+    uses: training images first (only when a recipe fine-tunes), then calibration images (only when a recipe is
+    INT8), then a seeded `max_images` subset of the rest for evaluation. The calibration images are decoded here,
+    once, for every build.
+
+    `on_calibration(done, total)` follows the decoding of calibration images. `calibration_only` (a command that
+    evaluates nothing, e.g. bench) calibrates on every image when there are no more than `calib_size`."""
+    recipes = list(recipes)
+    if loaded is None:
+        say(f"loading {spec.model}")
+        loaded = load_model(spec.model, checkpoint=spec.checkpoint, weights=spec.weights, preprocessing=spec.preprocessing)
+    for recipe in recipes:
+        loaded.check_layers(recipe.keep_fp32)
+    found = discover(spec.data, spec.labels)
+    samples, skipped = found.samples, found.skipped
+    train: list[Sample] = []
+    if any(r.qat_epochs for r in recipes):  # training images are never calibrated on or evaluated
+        other = spec.train_data is not None and Path(spec.train_data).resolve() != Path(spec.data).resolve()
+        train, samples = split_training(samples, size=spec.train_size, seed=spec.seed,
+                                        train_root=spec.train_data if other else None)
+    calib_samples, calib_source = [], None
+    if any(r.precision is Precision.int8 for r in recipes):
+        if calibration_only and spec.calib_data is None and spec.calib_size >= len(samples):
+            calib_samples, calib_source, samples = samples, f"every image of {spec.data}", []
+        else:
+            calib_samples, calib_source, samples = _calibration_split(spec, samples, skipped)
+    session = Session(
+        spec=spec, loaded=loaded, layout=found.layout, num_found=len(found.samples),
+        eval_samples=subsample(samples, spec.max_images, spec.seed), pool=samples, train=train, calib_source=calib_source,
+        skipped=skipped,
+    )
+    if calib_samples:
+        say(f"decoding {len(calib_samples)} calibration images")
+        session.calib = _decode_calibration(spec, calib_samples, loaded, skipped, on_calibration)
+    return session
+
+
+def _calib_folder(spec: SessionSpec) -> Path | None:
+    """--calib-data when it is another folder than --data (the same folder means the seeded split)."""
+    if spec.calib_data is None or Path(spec.calib_data).resolve() == Path(spec.data).resolve():
+        return None
+    return Path(spec.calib_data)
+
+
+def _calibration_split(spec: SessionSpec, samples: list[Sample], skipped: list[dict]):
+    """(calibration samples, source label, the samples left to evaluate). Calibration images are never evaluated;
+    what --calib-data holds but cannot use goes into `skipped`."""
+    folder = _calib_folder(spec)
+    if folder is None:
+        calib, rest = split(samples, spec.calib_size, spec.seed)
+        same = " (--calib-data is --data)" if spec.calib_data is not None else ""
+        return calib, f"seeded split of {spec.data}{same}", rest
+    calib_set = discover(folder)
+    skipped += [{"path": f"{folder}/{s['path']}", "reason": f"calibration: {s['reason']}"} for s in calib_set.skipped]
+    if spec.calib_size > len(calib_set.samples):
+        raise DatasetError(
+            f"--calib-size is {spec.calib_size}, but --calib-data {folder} holds {len(calib_set.samples)} usable "
+            f"images: pass --calib-size {len(calib_set.samples)} or add images"
+        )
+    calib = subsample(calib_set.samples, spec.calib_size, spec.seed)
+    calib_ids = {s.path.resolve() for s in calib}
+    rest = [s for s in samples if s.path.resolve() not in calib_ids]
+    if not rest:
+        raise DatasetError(
+            f"every image of --data {spec.data} is a calibration image from --calib-data {folder}, and those are "
+            "never evaluated: give folders that do not overlap, or leave out --calib-data for a seeded split"
+        )
+    return calib, str(folder), rest
+
+
+def _decode_calibration(spec: SessionSpec, samples: list[Sample], loaded: LoadedModel, skipped: list[dict],
+                        on_progress: Callable[[int, int], None] | None) -> CalibrationData:
+    """The decoded calibration images; those that cannot be read are added to `skipped` (or stop the run with
+    --on-bad-image fail), never dropped unsaid."""
+    folder = _calib_folder(spec)
+    done = 0
+
+    def seen(batch) -> None:
+        nonlocal done
+        done += len(batch.indices) + len(batch.bad)
+        if on_progress:
+            on_progress(done, len(samples))
+        for i, reason in batch.bad:
+            if spec.on_bad_image is OnBadImage.fail:
+                raise DatasetError(f"cannot read calibration image {samples[i].path}: {reason} (use --on-bad-image skip to go on)")
+            path = f"{folder}/{samples[i].id}" if folder is not None else samples[i].id
+            skipped.append({"path": path, "reason": f"calibration: {reason}"})
+
+    images, _, ids = decode_samples(samples, loaded.preprocessing, batch_size=spec.batch_size, workers=spec.workers,
+                                    on_batch=seen)
+    data = CalibrationData(batches=images, image_ids=ids)
+    if not data.num_images:
+        raise DatasetError(
+            f"none of the {len(samples)} calibration images could be read (e.g. {skipped[-1]['path']}: {skipped[-1]['reason']})"
+        )
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def check_recipes(recipes: Iterable[Recipe]) -> None:
+    """Fail before any work on a missing backend or a recipe its backend cannot do (ConfigError, BackendUnavailable)."""
+    for recipe in recipes:
+        backends.check_recipe(recipe)
+
+
+@dataclass
+class Built:
+    """What `build_variants` made: the variants, in recipe order, and why each of the others was not built."""
+
+    variants: list[Variant]
+    failures: dict[str, str]  # variant name -> "ExceptionType: message"
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+def build_variants(
+    session: Session,
+    recipes: Iterable[Recipe],
+    workdir: Path,
+    *,
+    required: Iterable[Recipe] = (),
+    say: Say = _quiet,
+    context: BuildContext | None = None,
+) -> Built:
+    """Build every recipe for the session's model with its calibration data, artifacts under `workdir`. A recipe
+    that fails to build is recorded in `failures` and the others go on; one in `required` (the reference) stops
+    the command instead. Builds share one BuildContext (an FP32 export, a converted model)."""
+    required = list(required)
+    context = context or session.context(workdir)
+    built = Built([], {})
+    for recipe in recipes:
+        say(f"building {recipe.name}")
+        try:
+            built.variants.append(backends.build_variant(session.loaded, recipe, session.calib, Path(workdir), context))
+        except Exception as e:  # noqa: BLE001 - one failing variant does not stop the others
+            if recipe in required:
+                raise
+            built.failures[recipe.name] = f"{type(e).__name__}: {e}"
+    return built
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One pass, accuracy and the parity gate; the report's common sections
+
+
+@dataclass
+class Measured:
+    """The outcome of one pass: per-image predictions, one VariantResult per recipe of the plan, what was skipped."""
+
+    predictions: Predictions
+    results: dict[str, VariantResult]  # by variant name, in plan order
+    skipped: list[dict]  # the session's skipped images and folders, then those the pass could not decode
+    eval_s: float
+
+
+def variant_result(recipe: Recipe, variant: Variant | None, error: str | None) -> VariantResult:
+    """A report row for `recipe`: what was built (size, artifact, provenance) or why it was not."""
+    return VariantResult(
+        name=recipe.name,
+        backend=recipe.backend.value,
+        precision=recipe.precision.value,
+        status="error" if error else "ok",
+        error=error,
+        recipe=recipe.model_dump(mode="json"),
+        reference=recipe == REFERENCE,
+        size_mb=variant.size_mb if variant else None,
+        artifact=str(variant.artifact) if variant and variant.artifact else None,
+        prepare_s=variant.prepare_s if variant else None,
+        details=variant.details if variant else None,
+    )
+
+
+def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str) -> None:
+    name = result.name
+    correct1 = preds.correct1(name)
+    result.top1, result.top1_ci95 = stats.accuracy_ci(correct1)
+    result.top5, result.top5_ci95 = stats.accuracy_ci(preds.correct5(name))
+    result.per_class_top1 = stats.per_class_accuracy(preds.labels, correct1)
+    if name != reference and reference in preds.top5:
+        result.agreement_top1 = stats.agreement(preds.top1(name), preds.top1(reference))
+        result.delta_top1 = result.top1 - float(np.mean(preds.correct1(reference)))
+
+
+def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=None) -> Measured:
+    """Evaluate every built variant in one pass over the session's evaluation images (each decoded once), fill each
+    recipe's accuracy against the PyTorch reference, and apply the FP32 parity gate (int8eval.parity)."""
+    spec = session.spec
+    outcome = evaluate(
+        session.eval_samples, session.loaded.preprocessing, built.variants, reference=REFERENCE.name,
+        batch_size=spec.batch_size, workers=spec.workers, on_bad_image=spec.on_bad_image, progress=progress,
+    )
+    preds = outcome.predictions
+    results = {r.name: variant_result(r, built.variant(r.name), built.failures.get(r.name)) for r in plan}
+    for name, message in outcome.errors.items():
+        results[name].status, results[name].error = "error", message
+    for name, result in results.items():
+        if result.status == "ok":
+            _fill_accuracy(result, preds, REFERENCE.name)
+            result.predict_s = outcome.predict_s.get(name)
+    apply_gate(list(plan), results)
+    return Measured(preds, results, session.skipped + outcome.skipped, outcome.seconds)
+
+
+def new_report(session: Session, variants: list[VariantResult], *, num_images: int, skipped: list[dict],
+               config: dict, timing: dict) -> Report:
+    """A Report of the session's model and data (calibration and training images listed) with `variants`."""
+    spec = session.spec
+    calib = session.calib
+    return Report(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=sys.argv,
+        model=ModelSection(name=session.loaded.name, source=session.loaded.source,
+                           num_params=session.loaded.num_params, preprocessing=session.loaded.preprocessing),
+        data=DataSection(
+            root=str(Path(spec.data).resolve()),
+            layout=session.layout,
+            num_found=session.num_found,
+            num_images=num_images,
+            num_skipped=len(skipped),
+            skipped=skipped,
+            calibration=CalibrationSection(source=session.calib_source, num_images=calib.num_images, seed=spec.seed,
+                                           image_ids=calib.image_ids) if calib else None,
+            seed=spec.seed,
+            training={"num_images": len(session.train), "source": str(spec.train_data or spec.data),
+                      "image_ids": [t.id for t in session.train]} if session.train else None,
+        ),
+        variants=variants,
+        environment=environment(),
+        timing=timing,
+        config=config,
+    )
