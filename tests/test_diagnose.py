@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from int8eval.diagnose import (
     FakeQuantSpec,
     activation_qparams,
     diagnose,
+    fast_diagnose,
+    fast_ranking,
     keep_fp32_check,
     onnx_node_names,
     quantize_weight,
@@ -154,6 +157,101 @@ def test_keeping_every_layer_in_fp32_gives_full_agreement():
     assert "only_weight" not in result["layers"][0]
     check = keep_fp32_check(loaded.module, FakeQuantSpec(), calib, x, result["top_k"])
     assert check["keep_fp32"]["agreement"] == 1.0 and check["all_quantized"]["n"] == 16
+
+
+def _outlier_channel(module: nn.Module) -> nn.Module:
+    """tiny_test computing the same function, but with one input channel of the depthwise `features.3` 1000x larger
+    (its BatchNorm scaled up, its depthwise weight down: ReLU passes the scale): that layer's per-tensor input range
+    then leaves the other channels a few levels, so it is by far the most sensitive layer."""
+    model = copy.deepcopy(module)
+    with torch.no_grad():
+        model.features[1].weight[0] *= 1000
+        model.features[1].bias[0] *= 1000
+        model.features[3].weight[0] /= 1000
+    return model
+
+
+def test_fast_ranking_ranks_every_layer_once_as_the_full_sweep_does():
+    loaded = load_model("tiny_test")
+    model = _outlier_channel(loaded.module)
+    calib, x = [_images(16, 0)], _images(20, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded.module(x), atol=1e-5)  # the same function
+    ranking = fast_ranking(model, FakeQuantSpec(), calib, x, batch_size=8)
+    assert sorted(ranking) == sorted(["features.0", "features.3", "features.6", "fc"])  # each layer once
+    assert ranking[0] == "features.3"
+    full = diagnose(model, FakeQuantSpec(), calib, x, batch_size=8, onnx_names=False, split_effects=False)
+    kls = sorted((e["only"]["kl"] for e in full["layers"]), reverse=True)
+    assert all(a > 10 * b for a, b in zip(kls, kls[1:]))  # a clear order: each layer 10x the KL of the next
+    assert ranking == full["ranking"]
+    # A calibrated FakeQuantModel is reused as is, and a Recipe is read as diagnose reads it.
+    fq = FakeQuantModel(model, FakeQuantSpec())
+    fq.calibrate(calib)
+    assert fast_ranking(model, FakeQuantSpec(), [], x, fq=fq) == ranking
+    assert fast_ranking(model, Recipe(backend=Backend.onnxruntime), calib, x) == ranking
+    assert fast_ranking(model, FakeQuantSpec(), calib, x, layers=["fc", "features.0"]) == ["fc", "features.0"]
+    with pytest.raises(ConfigError, match="nope"):
+        fast_ranking(model, FakeQuantSpec(), calib, x, layers=["nope"])
+
+
+def test_fast_diagnose_gives_the_sections_keys_from_only_this_layer_runs():
+    loaded = load_model("tiny_test")
+    model = _outlier_channel(loaded.module)
+    calib, x, labels = [_images(16, 0)], _images(20, 1), np.arange(20) % 10
+    result = fast_diagnose(model, FakeQuantSpec(), calib, x, labels=labels, top_k=1, batch_size=8)
+    full = diagnose(model, FakeQuantSpec(), calib, x, labels=labels, top_k=1, batch_size=8, onnx_names=False)
+    assert result["sweep"] == "fast" and result["ranking"] == full["ranking"] and result["top_k"] == ["features.3"]
+    assert result["num_images"] == 20 and result["num_calib"] == 16 and result["num_layers"] == 4
+    for mine, theirs in zip(result["layers"], full["layers"]):
+        assert set(mine) == {"module", "onnx_node", "type", "params", "act_range", "only"}  # nothing else was run
+        assert mine["only"]["agreement"] == theirs["only"]["agreement"] and mine["only"]["top1"] == theirs["only"]["top1"]
+        assert mine["only"]["kl"] == pytest.approx(theirs["only"]["kl"], rel=1e-3)  # FP32 reference in other batches
+    for key in ("all_quantized", "keep_fp32", "reference"):
+        assert result[key]["agreement"] == pytest.approx(full[key]["agreement"])
+        assert result[key]["top1"] == pytest.approx(full[key]["top1"])
+    assert result["reference"]["kl"] == 0.0 and result["keep_fp32"]["layers"] == ["features.3"]
+
+
+def test_calibration_measures_ranges_and_bias_shifts_as_separate_fp32_passes_would():
+    """Calibration observes the ranges during the bias correction's FP32 pass: the same numbers as a min/max pass (or
+    the percentile's histogram pass) and `output_shifts` run one after the other."""
+    from int8eval.backends.bias_correction import output_shifts
+
+    loaded = load_model("tiny_test")
+    calib = [_images(8, 0), _images(8, 2)]
+    for spec in (FakeQuantSpec(), FakeQuantSpec(calib="percentile", percentile=99.0)):
+        fq = FakeQuantModel(loaded.module, spec)
+        fq.calibrate(calib)
+        plain = FakeQuantModel(loaded.module, FakeQuantSpec(bias_correction=False, calib=spec.calib,
+                                                            percentile=spec.percentile))
+        plain.calibrate(calib)
+        errors = {n: plain.layer(n).w_q - plain.layer(n).w_fp for n in plain.names}
+        plain.configure()
+        shifts = output_shifts(plain.model, errors, calib)
+        for n in fq.names:
+            assert (fq.layer(n).lo, fq.layer(n).hi) == (plain.layer(n).lo, plain.layer(n).hi)
+            expected = plain.layer(n).b_fp - torch.as_tensor(shifts[n], dtype=torch.float32)
+            assert torch.equal(fq.layer(n).b_q, expected), n
+            assert not torch.equal(fq.layer(n).b_q, fq.layer(n).b_fp)  # corrected
+
+
+def test_summed_errors_measure_the_bias_shifts_of_every_image_up_to_rounding():
+    """The fast ranking's calibration (channels-last batches, the weights' output error measured on each batch's
+    summed images) gives the ranges and corrected biases of the exact one, up to float rounding."""
+    from int8eval.diagnose import fast_fake_quant
+
+    loaded = load_model("tiny_test")
+    calib = [_images(8, 0), _images(8, 2)]
+    for spec in (FakeQuantSpec(), FakeQuantSpec(calib="percentile", percentile=99.0)):
+        exact = FakeQuantModel(loaded.module, spec)
+        exact.calibrate(calib)
+        fast = fast_fake_quant(loaded.module, spec, calib, batch_size=8)
+        assert fast.names == exact.names
+        for n in exact.names:
+            e, f = exact.layer(n), fast.layer(n)
+            assert (f.lo, f.hi) == pytest.approx((e.lo, e.hi), rel=1e-5)
+            shift = (e.b_fp - e.b_q).abs().max()
+            assert shift > 0 and (f.b_q - e.b_q).abs().max() <= 1e-4 * shift, n
 
 
 class _Untraceable(nn.Module):
@@ -304,6 +402,41 @@ def test_diagnose_into_an_empty_folder_writes_a_run_folder(tmp_path):
     _rerenders(out)
     # `int8eval run --keep-fp32 top2 --out OUT` reads the ranking from there.
     assert resolve_keep(("top2",), None, out) == (tuple(saved["ranking"][:2]),)
+
+
+def test_diagnose_fast_via_the_cli_writes_the_ranking_and_says_which_ran(tmp_path):
+    from click.testing import CliRunner
+
+    from int8eval.cli import main
+    from int8eval.report import Report
+
+    data = _jpeg_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["diagnose", "-m", "tiny_test", "--data", str(data), "--calib-size", "8", "--top-k", "2"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--fast", "--max-images", "12"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "sensitivity.json").read_text())
+    assert saved["sweep"] == "fast" and saved["num_images"] == 12 and len(saved["image_ids"]) == 12
+    assert sorted(saved["ranking"]) == sorted(["features.0", "features.3", "features.6", "fc"])
+    assert saved["top_k"] == saved["ranking"][:2] == saved["keep_fp32"]["layers"]
+    assert "sqnr_db" not in saved["layers"][0] and "all_but" not in saved["layers"][0]
+    report = Report.read(out / "report.json")
+    assert report.sensitivity.ranking == saved["ranking"] and "fast ranking" in report.sensitivity.rank_by
+    assert report.config["fast"] is True
+    assert "fast ranking" in (out / "report.md").read_text()
+    _rerenders(out)
+
+    # Without --max-images the fast ranking takes FAST_IMAGES (here: every one of the 16 left), the full sweep 64.
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "default"), "--fast"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "default" / "sensitivity.json").read_text())["num_images"] == 16
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "full"), "--no-split-effects"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "full" / "sensitivity.json").read_text())["sweep"] == "full"
+    # Flags the fast ranking would ignore are refused, naming both.
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--fast", "--rank-by", "agreement"])
+    assert result.exit_code != 0 and "--rank-by" in result.output and "--fast" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_diagnose_refuses_a_run_of_another_model_before_any_work(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, RunConfig
+from int8eval.config import ActivationType, Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
@@ -116,6 +116,9 @@ def keep_options(keep_help: str = _KEEP_HELP):
 @click.option("--tensorrt-on-cpu", is_flag=True, help="Run the ONNX that TensorRT would get with ONNX Runtime (no GPU needed).")
 @keep_options()
 @ACTIVATION_TYPE
+@click.option("--deployed", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="A deployment `int8eval tune` wrote (RUN_DIR/deploy/BACKEND), evaluated with its preprocessing beside "
+              "the FP32 reference. Repeatable. Without --backend only the deployments are evaluated.")
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @acceptance_options
 @_friendly
@@ -128,9 +131,10 @@ def run(**kw) -> None:
     reject_ignored_flags(click.get_current_context())
 
     fp32_only = kw.pop("fp32_only")
+    deployed = kw.pop("deployed")
     r = {k: kw.pop(k) for k in ("backends", "calibs", "percentile", "per_tensor", "legacy", "precisions", "qat_epochs",
                                  "lr", "tensorrt_on_cpu", "keeps", "sensitivity", "no_bias_correction", "activation_type")}
-    recipes = () if fp32_only else expand_recipes(
+    recipes = () if fp32_only or (deployed and not r["backends"]) else expand_recipes(
         r["backends"], r["calibs"], percentile=r["percentile"], per_channel=not r["per_tensor"], legacy=r["legacy"],
         precisions=r["precisions"], qat_epochs=r["qat_epochs"], lr=r["lr"], tensorrt_on_cpu=r["tensorrt_on_cpu"],
         keeps=resolve_keep(r["keeps"], r["sensitivity"], kw["out"]), bias_correction=not r["no_bias_correction"],
@@ -139,6 +143,11 @@ def run(**kw) -> None:
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
         kw["data"] = default_data_root()
+    if deployed:  # before any work: each manifest checked, and built from the model given
+        from int8eval.deploy import deployment_recipes
+
+        more, kw["preprocessing"] = deployment_recipes(deployed, kw["model"], kw["checkpoint"])
+        recipes = (*recipes, *more)
     config = RunConfig(**kw, recipes=recipes, acceptance=acceptance)
     report = run_command(config, console=Console(stderr=True))
     _print_summary(report, config.out)
@@ -148,7 +157,12 @@ def run(**kw) -> None:
 _INT8_FLAGS = (
     "backends", "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "calib_data",
     "calib_size", "keeps", "sensitivity", "qat_epochs", "train_data", "train_size", "lr", "tensorrt_on_cpu",
-    "activation_type", "max_drop", "drop", "mlperf",
+    "activation_type", "max_drop", "drop", "mlperf", "deployed",
+)
+# Flags that shape the fresh recipes, which --deployed without --backend does not build.
+_RECIPE_FLAGS = (
+    "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "keeps", "sensitivity",
+    "qat_epochs", "tensorrt_on_cpu", "activation_type",
 )
 
 
@@ -180,11 +194,21 @@ def reject_ignored_flags(ctx: click.Context) -> None:
         for name in ("labels", "out", "max_images", "calib_size", "train_size", "workers"):
             if given(name):
                 clash(name, "--check", "--check only lists what the recipe needs and runs nothing", f"drop {flag(name)}")
+    if v.get("fast"):  # diagnose --fast
+        for name in ("rank_by", "no_split_effects"):
+            if given(name):
+                clash(name, "--fast", "the fast ranking ranks by the KL when only each layer is INT8 and runs no "
+                      "weight-only or activation-only runs")
     if v.get("fp32_only"):
         for name in _INT8_FLAGS:
             if given(name):
                 clash(name, "--fp32-only", "--fp32-only builds only the FP32 reference")
         return
+    if v.get("deployed") and not v.get("backends"):
+        for name in _RECIPE_FLAGS:
+            if given(name):
+                clash(name, "--deployed without --backend", "only the deployments are evaluated",
+                      f"add --backend B to also build fresh recipes, or drop {flag(name)}")
     if "qat_epochs" in params and not v.get("qat_epochs"):
         for name in ("train_data", "train_size", "lr"):
             if given(name):
@@ -342,20 +366,24 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
 @click.option("--symmetric-activations", is_flag=True, help="Signed symmetric activations, as TensorRT wants.")
 @click.option("--no-bias-correction", is_flag=True, help="Rank without bias correction (as run --no-bias-correction).")
 @click.option("--calib-size", default=100, show_default=True)
-@click.option("--max-images", default=64, show_default=True, help="Images for the per-layer sweep.")
+@click.option("--max-images", type=int, help="Images for the per-layer sweep  [default: 64; 32 with --fast]")
 @click.option("--confirm-images", type=int, help="Re-check the top-k kept in FP32 on this many other images.")
 @click.option("--top-k", default=5, show_default=True)
 @click.option("--rank-by", type=click.Choice(["kl", "agreement", "all_but_agreement", "all_but_kl"]), default="kl", show_default=True)
 @click.option("--no-split-effects", is_flag=True, help="Skip the weight-only / activation-only runs (faster).")
+@click.option("--fast", is_flag=True, help="Only the ranking (by KL, only-this-layer runs; what `tune` ranks with): "
+              "no all-but, split-effect, SQNR or ONNX-name results; several times cheaper.")
 @click.option("--seed", default=0, show_default=True)
 @_friendly
 def diagnose(**kw) -> None:
     """Which layers cost the accuracy: per-layer sensitivity of a fake-quantized model (written to sensitivity.json)."""
     from int8eval.data.fetch import default_data_root
     from int8eval.commands.diagnose import run_diagnose
-    from int8eval.diagnose import FakeQuantSpec
+    from int8eval.diagnose import FAST_IMAGES, FakeQuantSpec
 
     reject_ignored_flags(click.get_current_context())
+    if kw["max_images"] is None:
+        kw["max_images"] = FAST_IMAGES if kw["fast"] else 64
 
     spec = FakeQuantSpec(
         per_channel=not kw.pop("per_tensor"), calib=kw.pop("calib"), percentile=kw.pop("percentile"),
@@ -383,6 +411,47 @@ def diagnose(**kw) -> None:
         f"to measure the real INT8 models with them in FP32: int8eval run -m {model} --data {data} --out {out} "
         f"--keep-fp32 none --keep-fp32 top{len(result['top_k'])}"
     )
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="As for `run`.")
+@click.option("--data", type=click.Path(path_type=Path), help="Default: $INT8EVAL_DATA, else the cached sample.")
+@click.option("--labels", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/tune"), show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--weights")
+@click.option("--backend", "backends", multiple=True, type=click.Choice([b.value for b in Backend]), help="Repeatable; default: every installed one.")
+@click.option("--objective", type=click.Choice([o.value for o in Objective]), default="throughput", show_default=True)
+@click.option("--calib-size", default=100, show_default=True)
+@click.option("--tune-size", default=300, show_default=True, help="Images candidates are ranked and chosen on.")
+@click.option("--confirm-size", default=400, show_default=True, help="Images that only confirm the chosen models.")
+@click.option("--confirm-data", type=click.Path(path_type=Path), help="Confirmation images (default: a seeded split of --data).")
+@click.option("--max-fp32-layers", default=8, show_default=True, help="Most layers the FP32-fallback step may keep in FP32.")
+@click.option("--min-agreement", type=click.FloatRange(0, 100, min_open=True), help="Also require this top-1 agreement with FP32 (percent), on both sets.")
+@click.option("--qat-epochs", default=0, show_default=True, help="QAT as the torch ladder's last step (needs training images).")
+@click.option("--train-data", type=click.Path(path_type=Path), help="QAT training images (default: a seeded split of --data).")
+@click.option("--train-size", default=300, show_default=True)
+@click.option("--time-budget", type=float, help="Minutes; the ladders stop when spent and the best found is reported.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@acceptance_options
+@_friendly
+def tune(**kw) -> None:
+    """Find per backend the fastest INT8 model that keeps the accuracy budget, confirmed on images it was not chosen
+    on: writes RUN_DIR/report.{json,md,html} with the ladder of every backend."""
+    from int8eval.commands.tune import tune as tune_command
+    from int8eval.data.fetch import default_data_root
+
+    reject_ignored_flags(click.get_current_context())
+    acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
+    if acceptance is None:
+        raise ConfigError("tune needs a budget: --max-drop PTS (with --drop relative for % of FP32) or --mlperf")
+    minutes = kw.pop("time_budget")
+    kw["data"] = kw["data"] or default_data_root()
+    config = TuneConfig(**kw, acceptance=acceptance, time_budget_s=minutes * 60 if minutes is not None else None)
+    report = tune_command(config, console=Console(stderr=True))
+    _print_summary(report, config.out)
+    console.print(f"choice: {escape(report.tune.choice or 'none')}: {escape(report.tune.choice_reason)}")
 
 
 @main.command()

@@ -140,12 +140,16 @@ class Recipe(_Strict):
     # ONNX Runtime INT8 only: None picks the CPU's fastest exact choice when the variant is built
     # (`onnxruntime_backend.activation_choice`); set, the variant name ends in -u8s8 / -s8s8.
     activation_type: ActivationType | None = None
+    # A deployment folder (`int8eval.deploy`): the variant is its copied artifact, run by the backend's runtime; what
+    # built it is in its manifest, so the build options above stay at their defaults. Named <backend>-deployed-<label>.
+    deployed: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _bias_correction_where_it_applies(cls, data):
         if isinstance(data, dict) and data.get("bias_correction") is None:
             ptq = _is_ptq(data.get("precision", Precision.int8), data.get("legacy"), data.get("qat_epochs"))
+            ptq = ptq and data.get("deployed") is None  # a deployment is built already
             data = {**data, "bias_correction": ptq}
         return data
 
@@ -186,11 +190,36 @@ class Recipe(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _deployed_is_built_already(self) -> Recipe:
+        if self.deployed is None:
+            return self
+        built = ("calib", "percentile", "per_channel", "legacy", "qat_epochs", "lr", "keep_fp32", "bias_correction",
+                 "activation_type")
+        changed = [f for f in built if getattr(self, f) != type(self).model_fields[f].default]
+        if changed:
+            raise ValueError(
+                f"a deployed recipe runs the artifact in {self.deployed} as its manifest says; {', '.join(changed)} "
+                "cannot change it: leave them out"
+            )
+        return self
+
     @property
     def name(self) -> str:
+        if self.deployed is not None:
+            return f"{self.backend.value}-deployed-{self._deployed_label}" + ("@onnxruntime" if self.emulate else "")
         keep = f"-keep{len(self.keep_fp32)}" if self.keep_fp32 else ""
         no_bc = "-nobc" if self._ptq and not self.bias_correction else ""
         return self._base_name + keep + no_bc + ("@onnxruntime" if self.emulate else "")
+
+    @property
+    def _deployed_label(self) -> str:
+        # The folder's name, or for RUN_DIR/deploy/<backend>/ (as `int8eval tune` writes it) the run folder's, so the
+        # deployments of one backend from two tune runs get different names.
+        folder = Path(self.deployed).resolve()
+        if folder.name == self.backend.value and folder.parent.name == "deploy" and folder.parent.parent.name:
+            return folder.parent.parent.name
+        return folder.name
 
     @property
     def _ptq(self) -> bool:
@@ -255,8 +284,34 @@ class RunConfig(SessionSpec):
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.precision is Precision.int8 for r in self.recipes)
+        return any(r.precision is Precision.int8 and r.deployed is None for r in self.recipes)
 
     @property
     def needs_training(self) -> bool:
         return any(r.qat_epochs for r in self.recipes)
+
+
+class Objective(str, Enum):
+    """What `int8eval tune` optimises among the models that keep the budget."""
+
+    throughput = "throughput"
+    latency = "latency"
+    size = "size"
+
+
+class TuneConfig(SessionSpec):
+    """Everything `int8eval tune` needs: the session (its calibration split), the backends, the budget, the tuning and
+    confirmation set sizes, the objective, and where the run folder goes."""
+
+    out: Path
+    backends: tuple[Backend, ...] = ()  # default: every installed default backend
+    acceptance: Acceptance
+    objective: Objective = Objective.throughput
+    tune_size: int = Field(300, gt=0)  # images candidates are ranked and chosen on
+    confirm_size: int = Field(400, gt=0)  # images only the chosen models' final verdicts use
+    confirm_data: Path | None = None  # a folder of confirmation images instead of a seeded split of `data`
+    max_fp32_layers: int = Field(8, ge=0)  # the most layers the FP32-fallback steps may keep in FP32
+    min_agreement: float | None = Field(None, gt=0, le=100)  # percent: a floor on top-1 agreement with FP32
+    qat_epochs: int = Field(0, ge=0)  # > 0: QAT as the last step (torch), trained on `train_data`
+    lr: float = Field(1e-5, gt=0)
+    time_budget_s: float | None = Field(None, gt=0)  # stop climbing when spent; the best found is reported

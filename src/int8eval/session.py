@@ -196,7 +196,7 @@ def open_session(
         train, samples = split_training(samples, size=spec.train_size, seed=spec.seed,
                                         train_root=spec.train_data if other else None)
     calib_samples, calib_source = [], None
-    if any(r.precision is Precision.int8 for r in recipes):
+    if any(r.precision is Precision.int8 and r.deployed is None for r in recipes):  # a deployment is calibrated
         if calibration_only and spec.calib_data is None and spec.calib_size >= len(samples):
             calib_samples, calib_source, samples = samples, f"every image of {spec.data}", []
         else:

@@ -98,7 +98,8 @@ def decide(
     )
 
 
-def _paired_for(preds: Predictions, name: str, reference: str) -> PairedSection:
+def paired_for(preds: Predictions, name: str, reference: str) -> PairedSection:
+    """Paired statistics of variant `name` against `reference` on the images of `preds`."""
     return _paired(
         preds.correct1(reference),
         preds.correct1(name),
@@ -133,7 +134,7 @@ def add_paired_stats(report: Report, predictions: Predictions, acceptance: Accep
     for v in report.variants:
         if v.reference or v.name not in predictions.top5 or v.status not in (Status.ok, Status.parity_failed):
             continue
-        v.paired = _paired_for(predictions, v.name, ref.name)
+        v.paired = paired_for(predictions, v.name, ref.name)
         v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != Precision.fp32 else None
         others = [o for o in _compared_with(v, report.variants) if o in predictions.top5]
         v.compared_with = {o: _paired_against(predictions, v.name, o) for o in others} or None

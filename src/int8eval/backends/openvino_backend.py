@@ -348,7 +348,8 @@ def _dequantized_weight(node: ov.Node) -> np.ndarray | None:
     return ((q - zero) * scale.get_data().astype(np.float32)).astype(np.float32)
 
 
-def _compile(artifact: Path, recipe: Recipe) -> ov.CompiledModel:
+def compile_ir(artifact: Path, recipe: Recipe) -> ov.CompiledModel:
+    """The saved IR `artifact` compiled on the CPU with the precision hint of `recipe` (also for deployments)."""
     import openvino as ov
     import openvino.properties.hint as hints
 
@@ -404,7 +405,7 @@ def build(
     ov.save_model(model, str(artifact), compress_to_fp16=False)
     details["save_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    variant = OpenVINOVariant(recipe, _compile(artifact, recipe), artifact)
+    variant = OpenVINOVariant(recipe, compile_ir(artifact, recipe), artifact)
     details["compile_s"] = time.perf_counter() - t
     variant.details = details
     variant.prepare_s = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Every way to build a variant is a registered builder, chosen from the recipe (`builder_for`): the four backends,
-TensorRT's ONNX run by ONNX Runtime on the CPU (`recipe.emulate`), and fine-tuning (`recipe.qat_epochs`: QAT and
-its FP32 control). A builder is a module under int8eval.backends with
+TensorRT's ONNX run by ONNX Runtime on the CPU (`recipe.emulate`), fine-tuning (`recipe.qat_epochs`: QAT and
+its FP32 control), and a deployment written by `int8eval.deploy` (`recipe.deployed`). A builder is a module under
+int8eval.backends with
 
     check_recipe(recipe) -> None                               # ConfigError / BackendUnavailable, before any work
     build(loaded, recipe, calib, workdir, context=None) -> Variant
@@ -67,17 +68,23 @@ class Builder:
 
 EMULATE = "tensorrt-on-cpu"  # TensorRT's ONNX (FP32, FP16 or explicit Q/DQ INT8) run by ONNX Runtime on the CPU
 FINETUNE = "finetune"  # QAT (PT2E, or the seed's eager torch.ao API) and its FP32 control, in PyTorch
+DEPLOYED = "deployed"  # a deployment folder's artifact (`recipe.deployed`), run by its backend's runtime
 
 BUILDERS: dict[str, Builder] = {
     **{b.value: Builder(f"backend {b.value}", i.module, i.requires, i.extra) for b, i in BACKENDS.items()},
     EMULATE: Builder("running TensorRT's ONNX on the CPU", "tensorrt_on_cpu", ("onnx", "onnxruntime"), "onnxruntime"),
     FINETUNE: Builder("fine-tuning (QAT and its FP32 control)", "qat", ("torch",), "pt2e"),
+    # What its runtime needs depends on the deployment: `deployed.check_recipe` checks the recipe it was built with.
+    DEPLOYED: Builder("evaluating a deployment", "deployed", (), ""),
 }
 
 
 def builder_key(recipe: Recipe) -> str:
-    """The key in BUILDERS of the builder that makes `recipe`: fine-tuning first (`qat_epochs`), then TensorRT's
-    emulation (`emulate`), else the recipe's backend. Each builder's `check_recipe` rejects what it cannot do."""
+    """The key in BUILDERS of the builder that makes `recipe`: a deployment first (`deployed`), then fine-tuning
+    (`qat_epochs`), then TensorRT's emulation (`emulate`), else the recipe's backend. Each builder's `check_recipe`
+    rejects what it cannot do."""
+    if recipe.deployed is not None:
+        return DEPLOYED
     if recipe.qat_epochs:
         return FINETUNE
     if recipe.emulate:

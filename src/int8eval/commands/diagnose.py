@@ -20,7 +20,16 @@ from int8eval.commands import write_run
 from int8eval.config import Backend, Recipe, SessionSpec
 from int8eval.data.decode import decode_samples
 from int8eval.data.layouts import Sample, subsample
-from int8eval.diagnose import FakeQuantModel, FakeQuantSpec, RankBy, as_batches, diagnose, keep_fp32_check
+from int8eval.diagnose import (
+    FakeQuantModel,
+    FakeQuantSpec,
+    RankBy,
+    as_batches,
+    diagnose,
+    fast_diagnose,
+    fast_fake_quant,
+    keep_fp32_check,
+)
 from int8eval.environment import torch_threads
 from int8eval.errors import ConfigError, RunFolderError
 from int8eval.models import load_model
@@ -32,6 +41,9 @@ from int8eval.session import Session, new_report, open_session
 
 SENSITIVITY = "sensitivity.json"
 _IMAGE_IDS = ("calib_image_ids", "image_ids")  # in sensitivity.json only; report.json lists them in its data section
+# Which ranking ran ("full" sweep or "fast"): in sensitivity.json; the report's section says it in its `rank_by` text
+# until the Sensitivity section has a field for it.
+_JSON_ONLY = (*_IMAGE_IDS, "sweep")
 
 
 def run_diagnose(
@@ -47,6 +59,7 @@ def run_diagnose(
     top_k: int = 5,
     rank_by: RankBy = "kl",
     split_effects: bool = True,
+    fast: bool = False,
     layers: list[str] | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -63,13 +76,18 @@ def run_diagnose(
     Calibration images are the session's seeded split, the one `int8eval run` uses (same `calib_size` and `seed`), so
     the two agree. The sweep runs on the session's `max_images` evaluation images (agreement with FP32 needs few);
     with `confirm_images`, the top-k kept in FP32 is checked again on that many other images of the pool (disjoint
-    from the sweep's where the data allows). OUT/report.json gets the `sensitivity` section (see the module).
+    from the sweep's where the data allows). `fast` ranks with `diagnose.fast_diagnose` (the same criterion as
+    rank_by="kl", a fraction of the cost; no all-but, split-effect, SQNR or ONNX-name results); sensitivity.json's
+    `sweep` says which ran. OUT/report.json gets the `sensitivity` section (see the module).
 
     Example:
         >>> run_diagnose("efficientnet_lite0", Path("imagenet-sample"), Path("runs/lite0"), max_images=64, top_k=5)
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    if fast and rank_by != "kl":
+        raise ConfigError(f"the fast ranking ranks by the KL when only each layer is INT8, not by {rank_by}; "
+                          "drop --rank-by or --fast")
     with torch_threads(threads or None):  # restored on the way out
         say = (lambda msg: console.log(msg)) if console is not None else (lambda msg: None)
         if spec is None:
@@ -82,11 +100,11 @@ def run_diagnose(
         # An INT8 recipe, so the session splits off (and decodes) the calibration images as `int8eval run` does.
         session = open_session(session_spec, [Recipe(backend=Backend.torch)], loaded=loaded, say=say)
         result, eval_ids, skipped = _sweep(session, spec, top_k=top_k, rank_by=rank_by, split_effects=split_effects,
-                                           layers=layers, confirm_images=confirm_images, say=say)
+                                           fast=fast, layers=layers, confirm_images=confirm_images, say=say)
         result |= {"model": loaded.name, "data": str(Path(data_root).resolve()), "seed": seed,
                    "calib_image_ids": session.calib.image_ids, "image_ids": eval_ids}
         options = dict(spec=asdict(spec), calib_size=calib_size, max_images=max_images, confirm_images=confirm_images,
-                       top_k=top_k, rank_by=rank_by, split_effects=split_effects, layers=layers, seed=seed,
+                       top_k=top_k, rank_by=rank_by, split_effects=split_effects, fast=fast, layers=layers, seed=seed,
                        batch_size=batch_size, workers=workers, threads=threads)
         timing = {"total_s": time.perf_counter() - start, "sweep_s": result["seconds"]}
         if has_run:
@@ -131,7 +149,7 @@ def _decode(session: Session, samples: list[Sample], purpose: str, skipped: list
     return np.concatenate(images), ys, ids
 
 
-def _sweep(session: Session, spec: FakeQuantSpec, *, top_k: int, rank_by: RankBy, split_effects: bool,
+def _sweep(session: Session, spec: FakeQuantSpec, *, top_k: int, rank_by: RankBy, split_effects: bool, fast: bool,
            layers: list[str] | None, confirm_images: int | None, say) -> tuple[dict, list[str], list[dict]]:
     """The sweep on the session's evaluation images (and the confirmation on others): (the diagnosis, the ids of the
     images it evaluated, every image skipped: the session's first)."""
@@ -142,13 +160,19 @@ def _sweep(session: Session, spec: FakeQuantSpec, *, top_k: int, rank_by: RankBy
     eval_images, eval_labels, eval_ids = _decode(session, session.eval_samples, "evaluation", skipped)
     say(f"diagnose {loaded.name}: {session.calib.num_images} calibration, {len(eval_ids)} evaluation images; "
         f"{spec.describe()}")
-    fq = FakeQuantModel(loaded.module, spec)  # calibrated once, for the sweep and the confirmation
-    fq.calibrate(as_batches([calib_images], batch_size))
-    result = diagnose(
-        loaded.module, spec, [calib_images], eval_images, labels=eval_labels, top_k=top_k, rank_by=rank_by,
-        split_effects=split_effects, layers=layers, example_input=loaded.example_input(1), batch_size=batch_size,
-        progress=say, fq=fq,
-    )
+    # Calibrated once, for the sweep and the confirmation.
+    if fast:
+        fq = fast_fake_quant(loaded.module, spec, [calib_images], batch_size)
+        result = fast_diagnose(loaded.module, spec, [calib_images], eval_images, labels=eval_labels, top_k=top_k,
+                               layers=layers, batch_size=batch_size, progress=say, fq=fq)
+    else:
+        fq = FakeQuantModel(loaded.module, spec)
+        fq.calibrate(as_batches([calib_images], batch_size))
+        result = diagnose(
+            loaded.module, spec, [calib_images], eval_images, labels=eval_labels, top_k=top_k, rank_by=rank_by,
+            split_effects=split_effects, layers=layers, example_input=loaded.example_input(1), batch_size=batch_size,
+            progress=say, fq=fq,
+        ) | {"sweep": "full"}
     if confirm_images:
         used = {s.id for s in session.eval_samples}
         pool = [s for s in session.pool if s.id not in used] or session.pool
@@ -160,7 +184,7 @@ def _sweep(session: Session, spec: FakeQuantSpec, *, top_k: int, rank_by: RankBy
 
 
 def _section(result: dict) -> Sensitivity:
-    return Sensitivity.model_validate({k: v for k, v in result.items() if k not in _IMAGE_IDS})
+    return Sensitivity.model_validate({k: v for k, v in result.items() if k not in _JSON_ONLY})
 
 
 def _json(result: dict) -> str:

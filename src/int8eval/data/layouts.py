@@ -256,3 +256,17 @@ def split_training(
     # A different stream from the calibration split's, so the two subsets are not the same images.
     chosen = set(random.Random(f"train-{seed}").sample(range(len(samples)), size))
     return [s for i, s in enumerate(samples) if i in chosen], [s for i, s in enumerate(samples) if i not in chosen]
+
+
+def split_tuning(samples: list[Sample], tune_size: int, confirm_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(tuning samples, confirmation samples): two disjoint seeded subsets of `samples`, in their original order.
+    `int8eval tune` chooses on the first and only confirms on the second."""
+    if tune_size + confirm_size > len(samples):
+        raise DatasetError(
+            f"--tune-size {tune_size} and --confirm-size {confirm_size} need {tune_size + confirm_size} images, but "
+            f"{len(samples)} are left after calibration (and training): lower them, or pass --confirm-data DIR"
+        )
+    # A stream of its own, so the sets do not depend on how the calibration split drew.
+    chosen = random.Random(f"tune-{seed}").sample(range(len(samples)), tune_size + confirm_size)
+    tuning, confirmation = set(chosen[:tune_size]), set(chosen[tune_size:])
+    return ([s for i, s in enumerate(samples) if i in tuning], [s for i, s in enumerate(samples) if i in confirmation])

@@ -7,6 +7,8 @@ quantization written in torch ops.
   costs about half of running every configuration from the input.
 - `sweep`: `diagnose`, the per-layer sweep (agreement with the FP32 top-1, KL of the logits, SQNR) and its ranking;
   `keep_fp32_check`, the top-k kept in FP32 checked on other images.
+- `fast`: `fast_ranking` (what the tuner ranks with) and `fast_diagnose` (`int8eval diagnose --fast`): the sweep's
+  default ranking from its "only this layer INT8" runs alone, on fewer images (benchmarks/bench_sensitivity.py).
 
 `int8eval diagnose` (int8eval.commands.diagnose) runs them on a session's calibration and evaluation images.
 """
@@ -19,6 +21,7 @@ from int8eval.diagnose.fakequant import (
     activation_qparams,
     quantize_weight,
 )
+from int8eval.diagnose.fast import FAST_IMAGES, fast_diagnose, fast_fake_quant, fast_ranking
 from int8eval.diagnose.runner import PrefixRunner
 from int8eval.diagnose.sweep import (
     RANK_LABELS,
@@ -32,6 +35,7 @@ from int8eval.diagnose.sweep import (
 )
 
 __all__ = [
-    "HIST_BINS", "RANK_LABELS", "FakeQuantLayer", "FakeQuantModel", "FakeQuantSpec", "PrefixRunner", "RankBy", "Tally",
-    "activation_qparams", "as_batches", "diagnose", "keep_fp32_check", "onnx_node_names", "quantize_weight", "rank",
+    "FAST_IMAGES", "HIST_BINS", "RANK_LABELS", "FakeQuantLayer", "FakeQuantModel", "FakeQuantSpec", "PrefixRunner",
+    "RankBy", "Tally", "activation_qparams", "as_batches", "diagnose", "fast_diagnose", "fast_fake_quant", "fast_ranking",
+    "keep_fp32_check", "onnx_node_names", "quantize_weight", "rank",
 ]

@@ -109,7 +109,7 @@ def as_batches(images: torch.Tensor | np.ndarray | Iterable, batch_size: int) ->
 
 
 @dataclass
-class _Images:
+class EvalImages:
     """The evaluation batches, their labels (if known), and the FP32 log-probabilities once measured."""
 
     batches: list[torch.Tensor]
@@ -117,7 +117,7 @@ class _Images:
     ref_logp: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def of(cls, images, labels: np.ndarray | None, batch_size: int) -> _Images:
+    def of(cls, images, labels: np.ndarray | None, batch_size: int) -> EvalImages:
         batches = as_batches(images, batch_size)
         if sum(len(b) for b in batches) == 0:
             raise ConfigError("diagnose needs evaluation images; none were given")
@@ -148,7 +148,7 @@ def _forward_hooks(fq: FakeQuantModel, names: Iterable[str], make_hook) -> Itera
 # --- The stages of the sweep --------------------------------------------------------------------------------------
 
 
-def _whole_model_runs(fq: FakeQuantModel, images: _Images, tallies: Tallies, sqnr: _Sqnr, progress) -> None:
+def _whole_model_runs(fq: FakeQuantModel, images: EvalImages, tallies: Tallies, sqnr: _Sqnr, progress) -> None:
     """FP32, all INT8, weights-only and activations-only runs of the whole model; the per-layer SQNRs are measured
     by hooks on the way. Fills `images.ref_logp` (the FP32 log-probabilities every other run is compared with)."""
     names = fq.names
@@ -206,18 +206,20 @@ def sweep_modes(split_effects: bool) -> list[Mode]:
     return modes
 
 
-def _per_layer_runs(fq: FakeQuantModel, swept: list[str], modes: list[Mode], images: _Images, tallies: Tallies,
-                    progress) -> bool:
+def per_layer_runs(fq: FakeQuantModel, swept: list[str], modes: list[Mode], images: EvalImages, tallies: Tallies,
+                   progress) -> bool:
     """Every mode for every swept layer. The two states advance layer by layer (`fp` with everything FP32, the prefix
     of "only L"; `q` with everything INT8, the prefix of "all but L"), and each run finishes from a copy of its state.
     True when the prefixes were cached (the model traced), False when every run started from the input."""
     every = set(fq.names)
     runner = PrefixRunner(fq)
-    envs = {"fp": [runner.begin(x) for x in images.batches], "q": [runner.begin(x) for x in images.batches]}
+    states = {state: config for state, config in (("fp", ((), ())), ("q", (every, every)))
+              if any(s == state for _, _, s in modes)}  # only the states a mode finishes from are advanced
+    envs = {state: [runner.begin(x) for x in images.batches] for state in states}
     pos = 0
     for i, name in enumerate(swept):
         new_pos = runner.position(name)
-        for state, (w, a) in (("fp", ((), ())), ("q", (every, every))):
+        for state, (w, a) in states.items():
             fq.configure(weights=w, acts=a)
             for env in envs[state]:
                 runner.advance(env, pos, new_pos)
@@ -232,8 +234,9 @@ def _per_layer_runs(fq: FakeQuantModel, swept: list[str], modes: list[Mode], ima
     return runner.graph
 
 
-def _layer_entry(fq: FakeQuantModel, name: str, modes: list[Mode], tallies: Tallies, sqnr: _Sqnr,
-                 with_labels: bool) -> dict:
+def layer_entry(fq: FakeQuantModel, name: str, modes: list[Mode], tallies: Tallies, sqnr: _Sqnr | None,
+                with_labels: bool) -> dict:
+    """A layer's results: what it is, its input range, its SQNR (unless not measured) and each mode's tally."""
     layer = fq.layer(name)
     m = layer.module
     kind = type(m).__name__
@@ -245,8 +248,9 @@ def _layer_entry(fq: FakeQuantModel, name: str, modes: list[Mode], tallies: Tall
         "type": kind,
         "params": int(m.weight.numel()),
         "act_range": [layer.lo, layer.hi],
-        "sqnr_db": sqnr.db(name),
     }
+    if sqnr is not None:
+        entry["sqnr_db"] = sqnr.db(name)
     for mode, _, _ in modes:
         entry[mode] = tallies[(mode, name)].result(with_labels)
     return entry
@@ -287,7 +291,7 @@ def onnx_node_names(module: nn.Module, example_input: torch.Tensor) -> dict[str,
     return {k: ", ".join(v) for k, v in nodes.items()}
 
 
-def _swept_layers(names: list[str], layers: Iterable[str] | None) -> list[str]:
+def swept_layers(names: list[str], layers: Iterable[str] | None) -> list[str]:
     if layers is None:
         return names
     wanted = set(layers)
@@ -343,19 +347,19 @@ def diagnose(
     if rank_by not in RANK_LABELS:
         raise ConfigError(f"rank_by {rank_by!r} is not one of {', '.join(RANK_LABELS)}")
     calib_batches = as_batches(list(calib), batch_size)
-    images = _Images.of(eval_images, labels, batch_size)
+    images = EvalImages.of(eval_images, labels, batch_size)
     if fq is None:
         fq = FakeQuantModel(model, spec)
         fq.calibrate(calib_batches)
     names = fq.names
-    swept = _swept_layers(names, layers)
+    swept = swept_layers(names, layers)
     tallies, sqnr, modes = Tallies(), _Sqnr.zeros(names), sweep_modes(split_effects)
 
     _whole_model_runs(fq, images, tallies, sqnr, progress)
-    prefix_cached = _per_layer_runs(fq, swept, modes, images, tallies, progress)
+    prefix_cached = per_layer_runs(fq, swept, modes, images, tallies, progress)
 
     with_labels = labels is not None
-    entries = [_layer_entry(fq, name, modes, tallies, sqnr, with_labels) for name in swept]
+    entries = [layer_entry(fq, name, modes, tallies, sqnr, with_labels) for name in swept]
     ranking = rank(entries, rank_by)
     top = ranking[:top_k]
 

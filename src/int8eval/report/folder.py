@@ -26,8 +26,9 @@ STAGING_PREFIX = ".partial-"
 REPORT = "report.json"
 PREDICTIONS = "predictions.npz"
 ARTIFACTS = "artifacts"
+DEPLOY = "deploy"  # int8eval tune: the chosen model of each backend with its manifest
+FOLDERS = (ARTIFACTS, DEPLOY)  # folders a run writes, each replacing the previous run's as a whole
 RENDERED = ("report.md", "report.html")
-_OLD_ARTIFACTS = ".old-artifacts"  # the previous run's artifacts, moved aside into the staging folder, then deleted
 
 
 def new_run_id() -> str:
@@ -80,10 +81,12 @@ def sha256(path: Path) -> str:
 
 
 def checksums(run_dir: Path) -> dict[str, str]:
-    """sha256 of predictions.npz and of every file under artifacts/, by path relative to `run_dir` (POSIX)."""
+    """sha256 of predictions.npz and of every file under artifacts/ and deploy/, by path relative to `run_dir`
+    (POSIX)."""
     run_dir = Path(run_dir)
     files = [run_dir / PREDICTIONS] if (run_dir / PREDICTIONS).is_file() else []
-    files += sorted(p for p in (run_dir / ARTIFACTS).rglob("*") if p.is_file() and not p.is_symlink())
+    for folder in FOLDERS:
+        files += sorted(p for p in (run_dir / folder).rglob("*") if p.is_file() and not p.is_symlink())
     return {p.relative_to(run_dir).as_posix(): sha256(p) for p in files}
 
 
@@ -135,18 +138,20 @@ def commit(staging: Path, out: Path) -> None:
     """Move the complete run in `staging` into `out`, report.json last. Idempotent: a commit cut short anywhere is
     finished by calling it again."""
     # Every file a command wrote beside report.json (predictions.npz, report.md/.html, bench.json, sensitivity.json,
-    # seed_table.md ...), then artifacts/, then report.json.
+    # seed_table.md ...), then artifacts/ and deploy/, then report.json.
     for path in sorted(staging.iterdir()):
         if path.is_file() and not path.is_symlink() and path.name != REPORT and not path.name.startswith("."):
             os.replace(path, out / path.name)
-    new_artifacts, old_artifacts = staging / ARTIFACTS, out / ARTIFACTS
-    if new_artifacts.exists():
-        if old_artifacts.exists() or old_artifacts.is_symlink():
-            trash = staging / _OLD_ARTIFACTS
+    for folder in FOLDERS:
+        new, old = staging / folder, out / folder
+        if not new.exists():
+            continue
+        if old.exists() or old.is_symlink():
+            trash = staging / f".old-{folder}"  # the previous run's, moved aside here, deleted with the staging folder
             if trash.exists():
                 shutil.rmtree(trash)
-            os.replace(old_artifacts, trash)  # a folder cannot be renamed over a non-empty one
-        os.replace(new_artifacts, old_artifacts)
+            os.replace(old, trash)  # a folder cannot be renamed over a non-empty one
+        os.replace(new, old)
     _fsync_dir(out)
     os.replace(staging / REPORT, out / REPORT)
     _fsync_dir(out)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 from int8eval.report import plots
 from int8eval.report.content import (
     RECIPE_HEADER,
+    VERDICT_MARK,
     classes_lost_most,
     comparison_items,
     environment_items,
@@ -22,6 +23,15 @@ from int8eval.report.content import (
 )
 from int8eval.report.format import ci, num, p_value, pct, pts
 from int8eval.report.schema import Report
+from int8eval.report.tune import (
+    LADDER_HEADER,
+    LADDER_NOTE,
+    backend_items,
+    backend_names,
+    ladder_rows,
+    pareto_points,
+    tune_items,
+)
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1350px;
@@ -39,6 +49,10 @@ img { max-width: 100%; border: 1px solid #eee; }
 .scroll { overflow-x: auto; }
 ul.reasons li { margin: 0.25em 0; }
 """
+
+
+# Only in the page of a tune report, so every other page stays as it was.
+TUNE_CSS = "tr.chosen td { background: #e8f5e9; }\n"
 
 
 class Raw(str):
@@ -187,6 +201,42 @@ def _sensitivity(report: Report) -> str:
     return intro + table + keep_text + _img(plots.sensitivity_bars(s), "per-layer sensitivity bar chart")
 
 
+def _tune_verdict(word) -> Cell | str:
+    return Cell(Raw(escape(VERDICT_MARK[word])), VERDICT_CSS[word]) if word else "—"
+
+
+def _tune(report: Report) -> list[str]:
+    """The tuning section: the overview, each backend's outcome and ladder, the Pareto plot."""
+    tune = report.tune
+    if tune is None:
+        return []
+    out = ["<h2>Tuning</h2>", "<ul>" + _items(tune_items(tune, esc=escape, code=_code)) + "</ul>",
+           f'<p class="note">{escape(LADDER_NOTE)}</p>']
+    for backend in backend_names(tune):
+        items = backend_items(tune, backend, esc=escape, code=_code)
+        out += [f"<h3>{escape(backend)}</h3>", "<ul>" + _items(items) + "</ul>"]
+        rows = ladder_rows(tune, backend)
+        if rows:
+            cells = [[r.pareto, r.step, Raw(_code(r.name) + (" (chosen)" if r.chosen else "")), r.status,
+                      r.tuning_agreement, r.tuning_delta, _tune_verdict(r.tuning_verdict), r.accepted,
+                      r.confirmation_agreement, r.confirmation_delta, _tune_verdict(r.confirmation_verdict),
+                      r.confirmed, r.latency_ms, r.throughput_ips, r.speedup, r.size_mb, r.size_pct, r.time_s]
+                     for r in rows]
+            out.append(_table(LADDER_HEADER, cells, left=4, row_classes=["chosen" if r.chosen else "" for r in rows]))
+    points, left_out = pareto_points(tune)
+    plot = plots.tune_pareto(tune)
+    if plot:
+        one = left_out == 1
+        left = (f" {left_out} candidate{'' if one else 's'} without a measured throughput or tuning-set statistics "
+                f"{'is' if one else 'are'} left out." if left_out else "")
+        out += ["<h3>Accuracy vs speed of the candidates</h3>",
+                f'<p class="note">{len(points)} candidates; Δ top-1 on the tuning set against the PyTorch FP32 '
+                "reference with its 95% CI; marker area: size; black edge: Pareto front; ringed: chosen; diamonds: "
+                f"each backend's FP32, drawn at Δ = 0; dashed line: the budget.{left}</p>",
+                _img(plot, "tuning candidates: top-1 change against throughput")]
+    return out
+
+
 def _overview(report: Report) -> str:
     return "<ul>" + _items(overview_items(report, esc=escape, code=_code)) + "</ul>"
 
@@ -212,6 +262,7 @@ def render_html(report: Report) -> str:
     body = [
         f"<h1>int8eval report: {escape(report.model.name)}</h1>",
         _overview(report),
+        *_tune(report),
     ]
     if report.variants:  # a run folder `int8eval diagnose` wrote has none
         body += [
@@ -247,7 +298,8 @@ def render_html(report: Report) -> str:
     body.append(_footer(report))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>int8eval: {escape(report.model.name)}</title><style>{CSS}</style></head><body>\n"
+        f"<title>int8eval: {escape(report.model.name)}</title><style>{CSS}{TUNE_CSS if report.tune else ''}</style>"
+        "</head><body>\n"
         + "\n".join(b for b in body if b)
         + "\n</body></html>\n"
     )

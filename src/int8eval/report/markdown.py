@@ -8,6 +8,7 @@ import re
 from int8eval.report.bench import bench_markdown
 from int8eval.report.content import (
     RECIPE_HEADER,
+    VERDICT_MARK,
     classes_lost_most,
     comparison_items,
     environment_items,
@@ -21,6 +22,7 @@ from int8eval.report.content import (
 )
 from int8eval.report.format import ci, num, p_value, pct, pts
 from int8eval.report.schema import Report
+from int8eval.report.tune import LADDER_HEADER, LADDER_NOTE, backend_items, backend_names, ladder_rows, tune_items
 
 __all__ = ["md_code", "md_text", "render_markdown", "verdict_label"]
 
@@ -137,10 +139,38 @@ def _sensitivity_section(report: Report) -> list[str]:
     return lines
 
 
+def _verdict_word(word) -> str:
+    return VERDICT_MARK[word] if word else "—"
+
+
+def _tune_section(report: Report) -> list[str]:
+    tune = report.tune
+    if tune is None:
+        return []
+    lines = ["", "## Tuning", ""] + [f"- {item}" for item in tune_items(tune, esc=md_text, code=md_code)]
+    lines += ["", LADDER_NOTE]
+    for backend in backend_names(tune):
+        lines += ["", f"### {md_text(backend)}", ""]
+        lines += [f"- {item}" for item in backend_items(tune, backend, esc=md_text, code=md_code)]
+        rows = ladder_rows(tune, backend)
+        if not rows:
+            continue
+        lines += ["", "| " + " | ".join(LADDER_HEADER) + " |", "|" + "---|" * len(LADDER_HEADER)]
+        for r in rows:
+            cells = [r.pareto, md_text(r.step), md_code(r.name, table=True) + (" (chosen)" if r.chosen else ""),
+                     md_text(r.status), r.tuning_agreement, r.tuning_delta, _verdict_word(r.tuning_verdict),
+                     md_text(r.accepted), r.confirmation_agreement, r.confirmation_delta,
+                     _verdict_word(r.confirmation_verdict), r.confirmed, r.latency_ms, r.throughput_ips, r.speedup,
+                     r.size_mb, r.size_pct, r.time_s]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: Report) -> str:
     d = report.data
     lines = [f"# int8eval report: {md_text(report.model.name)}", ""]
     lines += [f"- {item}" for item in overview_items(report, esc=md_text, code=md_code)]
+    lines += _tune_section(report)
     if report.variants:  # a run folder `int8eval diagnose` wrote has none
         lines += [
             "",

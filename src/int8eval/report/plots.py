@@ -14,10 +14,12 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from int8eval.data.synsets import wnid_to_name  # noqa: E402
 from int8eval.report.schema import Report  # noqa: E402
-from int8eval.report.sections import Sensitivity  # noqa: E402
+from int8eval.report.sections import Sensitivity, TuneSection  # noqa: E402
+from int8eval.report.tune import backend_names, budget_pts, pareto_points  # noqa: E402
 
 VERDICT_COLOURS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#ef6c00", None: "#546e7a"}
 REFERENCE_COLOUR = "#1565c0"
+BACKEND_COLOURS = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#00838f", "#ad1457"]  # the tune plot, by backend
 
 
 def _plain(text) -> str:
@@ -145,4 +147,57 @@ def flips_per_class(report: Report, *, max_classes: int = 15, max_variants: int 
     fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     axes[-1, 0].set_xlabel("images per class")
+    return _png(fig)
+
+
+def tune_pareto(tune: TuneSection) -> bytes | None:
+    """The tuner's candidates: Δ top-1 on the tuning set (95% CI) against throughput, marker area by size, one colour
+    per backend; each backend's FP32 at Δ = 0, the chosen models ringed, the budget as a line at -max_drop."""
+    points, _ = pareto_points(tune)
+    if not points:
+        return None
+    backends = backend_names(tune)
+    colour = {b: BACKEND_COLOURS[i % len(BACKEND_COLOURS)] for i, b in enumerate(backends)}
+    fp32 = [(b, b.fp32_throughput_ips) for b in tune.backends if b.fp32_throughput_ips]
+    xs = [p.throughput_ips for p in points] + [x for _, x in fp32]
+    sizes = [p.size_mb for p in points if p.size_mb]
+    biggest = max(sizes, default=1.0)
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for p in points:
+        area = 40 + 260 * (p.size_mb / biggest) if p.size_mb else 60
+        lo, hi = p.ci_pts
+        # Clamped: an interval that ends at the estimate can come out 1e-15 on the wrong side of it.
+        ax.errorbar(p.throughput_ips, p.delta_pts, yerr=[[max(0.0, p.delta_pts - lo)], [max(0.0, hi - p.delta_pts)]],
+                    fmt="none", ecolor=colour[p.backend], alpha=0.6, capsize=3, zorder=2)
+        ax.scatter(p.throughput_ips, p.delta_pts, s=area, color=colour[p.backend], alpha=0.85, zorder=3,
+                   edgecolors="black" if p.pareto else "none", linewidths=0.8)
+        if p.chosen:
+            ax.scatter(p.throughput_ips, p.delta_pts, s=area + 220, facecolors="none", edgecolors="black",
+                       linewidths=2.2, zorder=4)
+            ax.annotate(_plain(p.name), (p.throughput_ips, p.delta_pts), textcoords="offset points", xytext=(8, 8),
+                        fontsize=8)
+    for b, x in fp32:
+        ax.scatter(x, 0.0, marker="D", s=70, facecolors="white", edgecolors=colour[b.backend], linewidths=2, zorder=5)
+    budget = budget_pts(tune)
+    if budget is not None:
+        ax.axhline(-budget, color="#c62828", ls="--", lw=1)
+    ax.axhline(0, color="#9e9e9e", lw=0.8)
+    if max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.15)
+    ax.set_xlabel("throughput, images/s (higher is better)")
+    ax.set_ylabel("Δ top-1 vs PyTorch FP32 on the tuning set, points (95% CI)")
+    ax.set_title("Tuning candidates: accuracy vs speed (marker area: size)")
+    ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colour[b], label=_plain(b)) for b in backends
+               if any(p.backend == b for p in points)]
+    handles += [
+        plt.Line2D([], [], marker="D", ls="", markerfacecolor="white", markeredgecolor="#424242", label="backend FP32"),
+        plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="black", markersize=11,
+                   markeredgewidth=2, label="chosen"),
+        plt.Line2D([], [], marker="o", ls="", color="#bdbdbd", markeredgecolor="black", label="Pareto front"),
+    ]
+    if budget is not None:
+        handles.append(plt.Line2D([], [], color="#c62828", ls="--", label=f"budget: -{budget:.2f} pts"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
     return _png(fig)

@@ -22,14 +22,15 @@ from int8eval.report.sections import (
     Section,
     Sensitivity,
     Status,
+    TuneSection,
     VariantBench,
     VerdictSection,
 )
 
 # 1.1: run_id and files (sha256 of predictions.npz and the artifacts). 1.2: the paired, verdict, bench, acceptance
 # and sensitivity sections are typed (report.sections): the same keys as before, now checked, an unknown one refused.
-# 1.0 and 1.1 files still read.
-SCHEMA_VERSION = "1.2"
+# 1.3: the tune section (int8eval tune). Files of 1.0 to 1.2 still read.
+SCHEMA_VERSION = "1.3"
 
 
 class _Section(BaseModel):
@@ -189,6 +190,7 @@ class Report(_Section):
     timing: dict = Field(default_factory=dict)
     acceptance: AcceptanceRecord | None = None  # the declared criterion (config.Acceptance) the verdicts answer
     sensitivity: Sensitivity | None = None  # per-layer sensitivity (int8eval diagnose), when asked for
+    tune: TuneSection | None = None  # int8eval tune: the ladder per backend, the chosen models, the one to ship
     bench: BenchSection | None = None  # int8eval.bench section: machine (ISA, GPU), settings, warnings, fastest variant
     reproduction: ReproductionSection | None = None  # int8eval reproduce: the published numbers beside ours
     # Ties the run folder's other files to this report.json (report.folder.verify): the run's id, and the sha256 of

@@ -324,3 +324,82 @@ class Sensitivity(Section):
     model: str | None = None
     data: str | None = None
     seed: int | None = None
+
+
+# --- the tuner (int8eval tune) ----------------------------------------------------------------------------------
+
+
+class TuneSets(Section):
+    """The three disjoint image sets of a tune: calibration (ranges), tuning (candidates ranked and chosen) and
+    confirmation (only the final paired verdict of the chosen models; nothing is chosen on it)."""
+
+    calibration: int
+    tuning: int
+    confirmation: int
+    confirmation_source: str  # "seeded split of DIR" or the --confirm-data folder
+    tuning_ids: list[str] = Field(default_factory=list)
+    confirmation_ids: list[str] = Field(default_factory=list)
+
+
+class TuneCandidate(Section):
+    """One rung of a backend's ladder: the recipe, what it cost to build, how it did on the tuning set (paired
+    against the PyTorch FP32 reference), its measured speed and size, and, if it was tried, the confirmation."""
+
+    backend: str
+    step: str  # the ladder step, e.g. "default", "calibration", "activation type", "FP32 layers", "QAT"
+    name: str  # the variant name
+    recipe: dict[str, Any]
+    status: Status
+    error: str | None = None
+    tuning: PairedSection | None = None
+    tuning_verdict: VerdictSection | None = None
+    accepted: bool = False  # on the tuning set, by `accepted_by`
+    accepted_by: str | None = None  # "verdict" (paired CI within budget) or "agreement" (the stated proxy)
+    confirmation: PairedSection | None = None
+    confirmation_verdict: VerdictSection | None = None
+    confirmed: bool | None = None  # None: not tried on the confirmation set
+    latency_ms: float | None = None  # batch 1, p50
+    throughput_ips: float | None = None
+    speedup_vs_fp32: float | None = None  # throughput against the same backend's FP32
+    size_mb: float | None = None
+    size_vs_fp32: float | None = None  # fraction of the same backend's FP32 artifact
+    build_s: float | None = None
+    time_s: float | None = None  # build + evaluation + timing: what the step cost
+
+
+class TuneBackend(Section):
+    """A backend's outcome: its FP32 baseline, the chosen model (or none), why the ladder stopped, its Pareto front
+    (accuracy x speed x size on the tuning set) and where the chosen artifact was written."""
+
+    backend: str
+    fp32: str
+    fp32_throughput_ips: float | None = None
+    fp32_size_mb: float | None = None
+    chosen: str | None = None
+    stopped: str
+    pareto: list[str] = Field(default_factory=list)
+    deploy: str | None = None  # RUN_DIR/deploy/<backend>
+
+
+class TuneRanking(Section):
+    """The sensitivity ranking the FP32-layers step kept layers by (absent when no ladder reached that step)."""
+
+    method: str
+    images: int  # tuning images it ranked on
+    seconds: float
+    layers: list[str]  # most sensitive first
+
+
+class TuneSection(Section):
+    """`Report.tune` (int8eval.commands.tune): the sets, the stop rule in words, every candidate, each backend's
+    outcome and the one model to ship for the objective."""
+
+    objective: str  # throughput | latency | size
+    budget: AcceptanceRecord
+    rule: str
+    sets: TuneSets
+    candidates: list[TuneCandidate] = Field(default_factory=list)
+    backends: list[TuneBackend] = Field(default_factory=list)
+    choice: str | None = None
+    choice_reason: str
+    ranking: TuneRanking | None = None

@@ -1,0 +1,340 @@
+"""`int8eval tune`: per backend, climb a ladder of INT8 recipes until one keeps the accuracy budget on the tuning
+images and is confirmed on images nothing else used; price every candidate in accuracy, speed and size; hand back
+the one model to ship for the objective.
+
+The stages are the session's (int8eval.session): one session (calibration split), then three disjoint image sets
+(calibration, tuning, confirmation), each candidate built through the one registry and evaluated in one pass
+against the PyTorch FP32 reference, and a final pass of the chosen models on the confirmation images whose paired
+verdicts are the report's variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from int8eval.backends import BuildContext, Variant
+from int8eval.bench import bench_run
+from int8eval.commands import write_run
+from int8eval.config import Backend, Objective, Precision, Recipe, TuneConfig
+from int8eval.data.layouts import Sample, discover, split_tuning, subsample
+from int8eval.errors import ConfigError, Int8EvalError
+from int8eval.evaluate import evaluate
+from int8eval.parity import REFERENCE, plan_recipes
+from int8eval.report import Report
+from int8eval.report.sections import (
+    AcceptanceRecord, Status, TuneBackend, TuneCandidate, TuneRanking, TuneSection, TuneSets,
+)
+from int8eval.session import Built, Session, build_variants, check_recipes, expand_recipes, measure, new_report
+from int8eval.session import open_session, qat_recipes
+from int8eval.tune.ladder import Step, ladder
+from int8eval.tune.rule import MIN_AGREEMENT_RULE, RULE, judge
+from int8eval.verdict import add_paired_stats, paired_for
+
+# A short timing per candidate: enough to rank recipes whose speeds differ by tens of percent, not a benchmark.
+TIMING = dict(batch_sizes=(1, 16), warmup=1, min_runs=5, throughput_warmup=1, throughput_min_runs=2, min_seconds=0,
+              max_seconds=3.0)
+
+
+def tune(config: TuneConfig, *, console: Console | None = None) -> Report:
+    """Find, per backend, the INT8 model that keeps `config.acceptance` and is best for `config.objective`; write the
+    run folder (report.json with its `tune` section, the chosen models' confirmation pass, artifacts).
+
+    Example:
+        >>> tune(TuneConfig(model="efficientnet_lite0", data=Path("imagenet-sample"), out=Path("runs/tune"),
+        ...                 acceptance=Acceptance(max_drop=1.0)))
+    """
+    console = console or Console(stderr=True)
+    defaults = expand_recipes(config.backends)  # one default INT8 recipe per backend, the ladder's first rung
+    if config.qat_epochs and Backend.torch not in {r.backend for r in defaults}:
+        raise ConfigError("--qat-epochs is a step of the torch ladder: add --backend torch or drop --qat-epochs")
+    check_recipes(plan_recipes(defaults))
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        console.log(msg, markup=False)
+
+    return write_run(config.out, lambda staging: _tune_into(staging, config, defaults, say, start))
+
+
+@dataclasses.dataclass
+class _Climb:
+    """One backend's climb: its candidates (in order), the variants built, the chosen one and why it stopped."""
+
+    backend: TuneBackend
+    candidates: list[TuneCandidate]
+    variants: dict[str, Variant]
+    recipes: dict[str, Recipe]
+    chosen: str | None = None
+
+
+def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, start: float) -> Report:
+    extra = qat_recipes(config.qat_epochs, config.lr, control=False) if config.qat_epochs else []
+    session = open_session(config, [*defaults, *extra], say=say)
+    tuning, confirmation, confirm_source = _tuning_sets(session, config)
+    say(f"{session.calib.num_images} calibration, {len(tuning)} tuning, {len(confirmation)} confirmation images")
+    context = session.context(out / "artifacts")
+    reference = build_variants(session, [REFERENCE], out / "artifacts", required=[REFERENCE], context=context).variants[0]
+    ranking = _Ranking(session, tuning, say)
+    climbs = []
+    for default in defaults:
+        if _spent(config, start):
+            fp32 = Recipe(backend=default.backend, precision=Precision.fp32)
+            climbs.append(_Climb(TuneBackend(backend=default.backend.value, fp32=fp32.name,
+                                             stopped="the time budget ran out before this backend's ladder started"),
+                                 [], {}, {}))
+            continue
+        climbs.append(_climb(session, default, reference, tuning, confirmation, context, config, ranking, say, start))
+
+    # The chosen models (and each backend's FP32, its parity gate) on the confirmation images: the report's variants.
+    chosen = [c.recipes[c.chosen] for c in climbs if c.chosen]
+    plan = plan_recipes(chosen) + [Recipe(backend=Backend(c.backend.backend), precision=Precision.fp32) for c in climbs]
+    plan = list(dict.fromkeys(plan))
+    variants = {REFERENCE.name: reference, **{n: v for c in climbs for n, v in c.variants.items()}}
+    built = Built([variants[r.name] for r in plan if r.name in variants],
+                  {r.name: "not built" for r in plan if r.name not in variants})
+    say(f"final pass of the chosen models on the {len(confirmation)} confirmation images")
+    measured = measure(dataclasses.replace(session, eval_samples=confirmation), plan, built)
+    measured.predictions.save(out / "predictions.npz")
+    report = new_report(
+        session, [measured.results[r.name] for r in plan], num_images=len(measured.predictions.labels),
+        skipped=measured.skipped, config={"command": "tune", **config.model_dump(mode="json")},
+        timing={"total_s": time.perf_counter() - start, "eval_s": measured.eval_s},
+    )
+    add_paired_stats(report, measured.predictions, config.acceptance)
+    for climb in climbs:
+        if climb.chosen:
+            _deploy(out, climb, report, session, config)
+    report.tune = _section(config, session, tuning, confirmation, confirm_source, climbs)
+    report.tune.ranking = ranking.record()
+    return report
+
+
+def _deploy(out: Path, climb: _Climb, report: Report, session: Session, config: TuneConfig) -> None:
+    """RUN_DIR/deploy/<backend>: the chosen model's artifact and a manifest with what it measured, which
+    `int8eval run --deployed` evaluates again on other data."""
+    from int8eval.deploy import write_deployment
+
+    c = next(c for c in climb.candidates if c.name == climb.chosen)
+    final = report.variant(c.name)
+    measured = {
+        "confirmation": c.confirmation.model_dump(mode="json"), "confirmation_verdict": c.confirmation_verdict.model_dump(mode="json"),
+        "tuning": c.tuning.model_dump(mode="json"), "final_verdict": final.verdict.model_dump(mode="json") if final.verdict else None,
+        "throughput_ips": c.throughput_ips, "latency_ms_p50": c.latency_ms, "size_mb": c.size_mb,
+        "speedup_vs_fp32": c.speedup_vs_fp32, "size_vs_fp32": c.size_vs_fp32, "objective": config.objective.value,
+        "budget": config.acceptance.describe(),
+    }
+    dest = out / "deploy" / climb.backend.backend
+    try:
+        write_deployment(dest, climb.variants[c.name], session.loaded, measured=measured, checkpoint=config.checkpoint)
+        climb.backend.deploy = str(dest)
+    except Int8EvalError as e:  # e.g. a legacy torch model, a state_dict that needs the model's code
+        climb.backend.stopped += f"; not written to deploy/: {e}"
+
+
+def _tuning_sets(session: Session, config: TuneConfig) -> tuple[list[Sample], list[Sample], str]:
+    """(tuning, confirmation, where confirmation images come from): disjoint from each other and from the
+    calibration and training images."""
+    if config.confirm_data is None:
+        tuning, confirmation = split_tuning(session.pool, config.tune_size, config.confirm_size, config.seed)
+        return tuning, confirmation, f"seeded split of {config.data}"
+    used = {s.path.resolve() for s in session.pool} | {s.path.resolve() for s in session.train}
+    pool = [s for s in discover(config.confirm_data).samples if s.path.resolve() not in used]
+    confirmation = subsample(pool, config.confirm_size, config.seed)
+    tuning = subsample(session.pool, config.tune_size, config.seed)
+    if not confirmation:
+        raise ConfigError(f"--confirm-data {config.confirm_data} holds no images outside --data: give another folder")
+    return tuning, confirmation, str(config.confirm_data)
+
+
+class _Ranking:
+    """The layers by INT8 sensitivity (most first): int8eval.diagnose.fast_ranking on FAST_IMAGES tuning images,
+    computed once, when a ladder first needs it."""
+
+    def __init__(self, session: Session, tuning: list[Sample], say) -> None:
+        self.session, self.tuning, self.say, self.layers = session, tuning, say, None
+        self.images, self.seconds = 0, 0.0
+
+    def __call__(self) -> list[str]:
+        if self.layers is None:
+            from int8eval.data.decode import decode_samples
+            from int8eval.diagnose import FAST_IMAGES, FakeQuantSpec, fast_ranking
+
+            s, t0 = self.session, time.perf_counter()
+            samples = self.tuning[:FAST_IMAGES]
+            self.say(f"ranking layers by sensitivity (fast ranking) on {len(samples)} tuning images")
+            images, _, _ = decode_samples(samples, s.loaded.preprocessing, batch_size=s.spec.batch_size,
+                                          workers=s.spec.workers)
+            self.layers = fast_ranking(s.loaded.module, FakeQuantSpec(), s.calib.batches, np.concatenate(images),
+                                       batch_size=s.spec.batch_size)
+            self.images, self.seconds = len(samples), time.perf_counter() - t0
+        return self.layers
+
+    def record(self) -> TuneRanking | None:
+        if self.layers is None:
+            return None
+        return TuneRanking(method="fast ranking: mean KL to FP32 with only this layer fake INT8 (diagnose --fast)",
+                           images=self.images, seconds=self.seconds, layers=self.layers)
+
+
+def _floor(config: TuneConfig) -> float | None:
+    return None if config.min_agreement is None else config.min_agreement / 100.0
+
+
+def _spent(config: TuneConfig, start: float) -> bool:
+    return config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s
+
+
+def _speed(variant: Variant, input_shape) -> tuple[float | None, float | None, str | None]:
+    """(throughput img/s, batch-1 latency ms p50, error) of a short timing of `variant` as deployed."""
+    row = bench_run([variant], input_shape, **TIMING).variants.get(variant.name, {})
+    return row.get("throughput_ips"), row.get("latency_ms_p50"), row.get("error")
+
+
+def _climb(session: Session, default: Recipe, reference: Variant, tuning, confirmation, context: BuildContext,
+           config: TuneConfig, ranking: _Ranking, say, start: float) -> _Climb:
+    backend = default.backend
+    workdir = context.workdir
+    fp32_recipe = Recipe(backend=backend, precision=Precision.fp32)
+    fp32 = reference if fp32_recipe == REFERENCE else build_variants(
+        session, [fp32_recipe], workdir, required=[fp32_recipe], context=context).variants[0]
+    fp32_ips, _, _ = _speed(fp32, session.loaded.input_shape)
+    climb = _Climb(TuneBackend(backend=backend.value, fp32=fp32.name, fp32_throughput_ips=fp32_ips,
+                               fp32_size_mb=fp32.size_mb, stopped=""), [], {fp32.name: fp32}, {fp32.name: fp32_recipe})
+    qat = (lambda base: qat_recipes(config.qat_epochs, config.lr, control=False)) if config.qat_epochs else None
+    steps = [Step("default", lambda base: [default]),
+             *ladder(backend, ranking=ranking, max_fp32_layers=config.max_fp32_layers, qat=qat)]
+    best: TuneCandidate | None = None  # lowest mean KL on the tuning images: what later steps build on
+    for step in steps:
+        if _spent(config, start):
+            climb.backend.stopped = "the time budget ran out before the ladder did"
+            break
+        recipes = [r for r in step.candidates(climb.recipes[best.name] if best else default) if r.name not in climb.recipes]
+        if not recipes:
+            continue
+        say(f"{backend.value}: step '{step.name}': {', '.join(r.name for r in recipes)}")
+        tried = _try(session, step.name, recipes, reference, fp32, tuning, context, config, climb)
+        ok = [c for c in tried if c.status is Status.ok and c.tuning is not None and c.tuning.kl_mean is not None]
+        best = min([*([best] if best else []), *ok], key=lambda c: c.tuning.kl_mean, default=best)
+        accepted = sorted((c for c in tried if c.accepted), key=_objective_key(config.objective))
+        if accepted and _confirm(accepted[0], session, reference, climb.variants[accepted[0].name], confirmation,
+                                 config, say):
+            climb.chosen = accepted[0].name
+            how = "a paired CI within the budget" if accepted[0].confirmation_verdict.verdict == "pass" else \
+                "agreement of at least 1 - budget"
+            climb.backend.stopped = (f"{accepted[0].name} (step '{step.name}') keeps the budget on the tuning images "
+                                     f"and was confirmed by {how} on the confirmation images")
+            break
+    else:
+        climb.backend.stopped = "the ladder ran out: no candidate kept the budget on both the tuning and the confirmation images"
+    climb.backend.chosen = climb.chosen
+    climb.backend.pareto = pareto(climb.candidates)
+    return climb
+
+
+def _try(session: Session, step: str, recipes: list[Recipe], reference: Variant, fp32: Variant, tuning,
+         context: BuildContext, config: TuneConfig, climb: _Climb) -> list[TuneCandidate]:
+    """Build `recipes`, evaluate them in one pass on the tuning images, judge and time each: their candidates."""
+    t0 = time.perf_counter()
+    built = build_variants(session, recipes, context.workdir, context=context)
+    build_s = (time.perf_counter() - t0) / max(len(recipes), 1)
+    outcome = evaluate(tuning, session.loaded.preprocessing, [reference, *built.variants], reference=REFERENCE.name,
+                       batch_size=session.spec.batch_size, workers=session.spec.workers)
+    eval_s = (time.perf_counter() - t0) / max(len(recipes), 1) - build_s
+    tried = []
+    for recipe in recipes:
+        t1 = time.perf_counter()
+        variant = built.variant(recipe.name)
+        error = built.failures.get(recipe.name) or outcome.errors.get(recipe.name)
+        c = TuneCandidate(backend=recipe.backend.value, step=step, name=recipe.name, recipe=recipe.model_dump(mode="json"),
+                          status=Status.error if error else Status.ok, error=error, build_s=build_s)
+        if variant is not None and not error:
+            c.tuning = paired_for(outcome.predictions, recipe.name, REFERENCE.name)
+            j = judge(c.tuning, config.acceptance, _floor(config))
+            c.tuning_verdict, c.accepted, c.accepted_by = j.verdict, j.accepted, j.by
+            ips, latency, timing_error = _speed(variant, session.loaded.input_shape)
+            c.throughput_ips, c.latency_ms = ips, latency
+            c.speedup_vs_fp32 = ips / climb.backend.fp32_throughput_ips if ips and climb.backend.fp32_throughput_ips else None
+            c.size_mb = variant.size_mb
+            c.size_vs_fp32 = variant.size_mb / fp32.size_mb if variant.size_mb and fp32.size_mb else None
+            if timing_error:
+                c.error = f"timing: {timing_error}"
+            climb.variants[recipe.name] = variant
+        c.time_s = build_s + eval_s + (time.perf_counter() - t1)
+        climb.recipes[recipe.name] = recipe
+        climb.candidates.append(c)
+        tried.append(c)
+    return tried
+
+
+def _confirm(c: TuneCandidate, session: Session, reference: Variant, variant: Variant, confirmation, config: TuneConfig,
+             say) -> bool:
+    """Evaluate candidate `c` on the confirmation images and judge it by the same rule; records the outcome on `c`."""
+    say(f"confirming {c.name} on {len(confirmation)} images")
+    outcome = evaluate(confirmation, session.loaded.preprocessing, [reference, variant], reference=REFERENCE.name,
+                       batch_size=session.spec.batch_size, workers=session.spec.workers)
+    if c.name in outcome.errors:
+        c.confirmed, c.error = False, outcome.errors[c.name]
+        return False
+    c.confirmation = paired_for(outcome.predictions, c.name, REFERENCE.name)
+    j = judge(c.confirmation, config.acceptance, _floor(config))
+    c.confirmation_verdict, c.confirmed = j.verdict, j.accepted
+    return j.accepted
+
+
+def _objective_key(objective: Objective) -> Callable[[TuneCandidate], float]:
+    """Sort key: best for the objective first; an unmeasured value sorts last."""
+    inf = float("inf")
+    if objective is Objective.latency:
+        return lambda c: c.latency_ms if c.latency_ms is not None else inf
+    if objective is Objective.size:
+        return lambda c: c.size_mb if c.size_mb is not None else inf
+    return lambda c: -c.throughput_ips if c.throughput_ips is not None else inf
+
+
+def pareto(candidates: Sequence[TuneCandidate]) -> list[str]:
+    """Names of the candidates no other beats or equals on all of: top-1 change on the tuning images (higher is
+    better), throughput (higher) and size (lower), with one strictly better."""
+    points = [(c.name, c.tuning.top1.diff, c.throughput_ips, -c.size_mb) for c in candidates
+              if c.status is Status.ok and c.tuning is not None and c.throughput_ips and c.size_mb]
+
+    def dominates(a, b) -> bool:
+        return all(x >= y for x, y in zip(a[1:], b[1:])) and any(x > y for x, y in zip(a[1:], b[1:]))
+
+    return [p[0] for p in points if not any(dominates(q, p) for q in points if q is not p)]
+
+
+def _section(config: TuneConfig, session: Session, tuning, confirmation, confirm_source: str,
+             climbs: list[_Climb]) -> TuneSection:
+    chosen = [c for climb in climbs for c in climb.candidates if c.name == climb.chosen]
+    best = sorted(chosen, key=_objective_key(config.objective))
+    if best:
+        b = best[0]
+        what = {"throughput": f"{b.throughput_ips:.1f} images/s" if b.throughput_ips else "throughput not measured",
+                "latency": f"{b.latency_ms:.2f} ms at batch 1" if b.latency_ms else "latency not measured",
+                "size": f"{b.size_mb:.1f} MB" if b.size_mb else "size not measured"}[config.objective.value]
+        reason = (f"the best {config.objective.value} ({what}) of the models that kept the budget and were "
+                  f"confirmed: {b.name}, drop {-100 * b.confirmation.top1.diff:.2f} pts on {b.confirmation.n} "
+                  f"confirmation images, {b.speedup_vs_fp32 or float('nan'):.2f}x its backend's FP32 throughput, "
+                  f"{100 * (b.size_vs_fp32 or float('nan')):.0f}% of its size")
+    else:
+        reason = "no backend's ladder found a model that kept the budget on both the tuning and confirmation images"
+    a = config.acceptance
+    return TuneSection(
+        objective=config.objective.value,
+        budget=AcceptanceRecord(**a.model_dump(), description=a.describe()),
+        rule=RULE + (MIN_AGREEMENT_RULE.replace("--min-agreement", f"--min-agreement {config.min_agreement:g}%")
+                     if config.min_agreement is not None else ""),
+        sets=TuneSets(calibration=session.calib.num_images, tuning=len(tuning), confirmation=len(confirmation),
+                      confirmation_source=confirm_source, tuning_ids=[s.id for s in tuning],
+                      confirmation_ids=[s.id for s in confirmation]),
+        candidates=[c for climb in climbs for c in climb.candidates],
+        backends=[climb.backend for climb in climbs],
+        choice=best[0].name if best else None,
+        choice_reason=reason,
+    )

@@ -1,0 +1,74 @@
+"""The ladder of candidate recipes for one backend, cheapest steps first. Each step is made from the best recipe
+found so far (lowest mean KL to the FP32 logits on the tuning images), so later steps build on what earlier ones
+learnt: calibration methods first, then the activation type and bias correction, then layers kept in FP32 from a
+sensitivity ranking (fewest first), then QAT when training images are given."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from int8eval.config import ActivationType, Backend, CalibMethod, Recipe
+
+# Percentiles tried beside the backend's default: a tighter clip helps models with rare large activations.
+PERCENTILES = (99.99, 99.999)
+KEEP_COUNTS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rung: its name and how it turns the best recipe so far into candidates (none: the step does not apply)."""
+
+    name: str
+    candidates: Callable[[Recipe], list[Recipe]]
+
+
+def _with(recipe: Recipe, **changes) -> Recipe:
+    return Recipe(**{**recipe.model_dump(), **changes})  # validated, unlike model_copy
+
+
+def _calibrations(base: Recipe) -> list[Recipe]:
+    out = []
+    for method in CalibMethod:
+        for p in PERCENTILES if method is CalibMethod.percentile else (base.percentile,):
+            r = _with(base, calib=method, percentile=p)
+            if r.name != base.name:
+                out.append(r)
+    return out
+
+
+def _activation_type(base: Recipe) -> list[Recipe]:
+    if base.backend is not Backend.onnxruntime:
+        return []
+    from int8eval.backends.onnxruntime_backend import activation_choice  # onnxruntime is installed: it is tuned
+
+    # The CPU's choice is what `None` built in the default step: the other type is the candidate.
+    chosen, _ = activation_choice(base)
+    return [_with(base, activation_type=a) for a in ActivationType if a is not chosen]
+
+
+def _no_bias_correction(base: Recipe) -> list[Recipe]:
+    return [_with(base, bias_correction=False)] if base.bias_correction else []
+
+
+def _fp32_layers(ranking: Sequence[str], most: int) -> Callable[[Recipe], list[Recipe]]:
+    counts = [k for k in KEEP_COUNTS if k <= min(most, len(ranking))]
+    return lambda base: [_with(base, keep_fp32=tuple(ranking[:k])) for k in counts] if not base.keep_fp32 else []
+
+
+def ladder(
+    backend: Backend,
+    *,
+    ranking: Callable[[], Sequence[str]] | None = None,
+    max_fp32_layers: int = 8,
+    qat: Callable[[Recipe], list[Recipe]] | None = None,
+) -> list[Step]:
+    """The steps for `backend` after its default recipe. `ranking` gives the layers by sensitivity (most first),
+    called only when the FP32-layers step is reached; `qat` gives the QAT candidates (torch, with training images)."""
+    steps = [Step("calibration", _calibrations), Step("activation type", _activation_type),
+             Step("bias correction off", _no_bias_correction)]
+    if ranking is not None and max_fp32_layers > 0:
+        steps.append(Step("FP32 layers", lambda base: _fp32_layers(ranking(), max_fp32_layers)(base)))
+    if qat is not None and backend is Backend.torch:
+        steps.append(Step("QAT", qat))
+    return steps
