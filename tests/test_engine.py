@@ -24,7 +24,7 @@ from int8eval.backends import Variant
 from int8eval.config import OnBadImage, Preprocessing, Recipe
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError
-from int8eval.evaluate import Predictions, evaluate
+from int8eval.evaluate import Predictions, Remembered, decode_set, evaluate
 
 N = 13  # not a multiple of the batch size: the last batch is short
 CLASSES = 1000
@@ -206,6 +206,26 @@ def test_predict_time_adds_up_every_batch(world):
     for v in variants:
         # At least what the variant spent inside predict over all its calls, at most the whole pass.
         assert v.inside_s <= run.predict_s[v.name] <= run.seconds, (v.name, v.inside_s, run.predict_s)
+
+
+def test_a_set_decoded_once_and_a_remembered_reference_give_the_same_predictions(world, outcome):
+    """tune evaluates the same images many times: decoded once, the reference run once per batch, and every array
+    of the predictions as a fresh pass gives them."""
+    decoded = decode_set(world["samples"], PRE, batch_size=4, workers=0)
+    ref = TableVariant(REF, world["tables"][REF])
+    remembered = Remembered(ref)
+    for attempt in range(2):
+        others = [TableVariant(n, t) for n, t in world["tables"].items() if n != REF]
+        again = _run(world, [remembered, *others], decoded=decoded).predictions
+        assert ref.calls == len(decoded), f"pass {attempt}: the reference ran again on batches it had seen"
+        assert again.image_ids == outcome.predictions.image_ids
+        for table in ("top5", "kl_to_ref", "cos_to_ref"):
+            for name, a in getattr(outcome.predictions, table).items():
+                np.testing.assert_array_equal(getattr(again, table)[name], a, err_msg=f"{table} {name}")
+    fresh = [np.array(b.images, copy=True) for b in decoded]  # equal values, other arrays: computed, not looked up
+    for images in fresh:
+        remembered.predict(images)
+    assert ref.calls == 2 * len(decoded)
 
 
 def test_predictions_file_round_trip(outcome, tmp_path):

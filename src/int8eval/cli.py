@@ -99,6 +99,13 @@ def keep_options(keep_help: str = _KEEP_HELP):
 @click.option("--percentile", default=99.999, show_default=True, help="For --calib percentile.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales (default: per-channel).")
 @click.option("--no-bias-correction", is_flag=True, help="INT8 without bias correction (names end in -nobc).")
+@click.option("--channel-alignment", is_flag=True, help="Also each OpenVINO INT8 recipe with NNCF's channel alignment "
+              "(cross-layer equalization of Conv -> 1x1 Conv pairs with no activation between; names end in -ca).")
+@click.option("--smooth-quant", multiple=True, type=click.FloatRange(0, 1), metavar="ALPHA",
+              help="Also each OpenVINO INT8 recipe with NNCF's SmoothQuant at ALPHA (e.g. 0.5; NNCF's is 0.95), for "
+              "LayerNorm/attention models (names end in -sqALPHA). Repeatable.")
+@click.option("--adaround", is_flag=True, help="Also each ONNX Runtime INT8 recipe with AdaRound: each weight rounded "
+              "down or up as minimises its layer's output error on the calibration images (names end in -adaround).")
 @click.option("--legacy", is_flag=True, help="Also the seed's torch.ao.quantization path, labelled legacy.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["bf16", "fp16"]), help="Extra baselines per backend.")
 @click.option("--fp32-only", is_flag=True, help="Only the FP32 reference, no INT8 variants.")
@@ -133,12 +140,14 @@ def run(**kw) -> None:
     fp32_only = kw.pop("fp32_only")
     deployed = kw.pop("deployed")
     r = {k: kw.pop(k) for k in ("backends", "calibs", "percentile", "per_tensor", "legacy", "precisions", "qat_epochs",
-                                 "lr", "tensorrt_on_cpu", "keeps", "sensitivity", "no_bias_correction", "activation_type")}
+                                 "lr", "tensorrt_on_cpu", "keeps", "sensitivity", "no_bias_correction", "activation_type",
+                                 "channel_alignment", "smooth_quant", "adaround")}
     recipes = () if fp32_only or (deployed and not r["backends"]) else expand_recipes(
         r["backends"], r["calibs"], percentile=r["percentile"], per_channel=not r["per_tensor"], legacy=r["legacy"],
         precisions=r["precisions"], qat_epochs=r["qat_epochs"], lr=r["lr"], tensorrt_on_cpu=r["tensorrt_on_cpu"],
         keeps=resolve_keep(r["keeps"], r["sensitivity"], kw["out"]), bias_correction=not r["no_bias_correction"],
-        activation_type=r["activation_type"],
+        activation_type=r["activation_type"], channel_alignment=r["channel_alignment"], smooth_quant=r["smooth_quant"],
+        adaround=r["adaround"],
     )
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
     if kw["data"] is None:
@@ -157,12 +166,12 @@ def run(**kw) -> None:
 _INT8_FLAGS = (
     "backends", "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "calib_data",
     "calib_size", "keeps", "sensitivity", "qat_epochs", "train_data", "train_size", "lr", "tensorrt_on_cpu",
-    "activation_type", "max_drop", "drop", "mlperf", "deployed",
+    "activation_type", "max_drop", "drop", "mlperf", "deployed", "channel_alignment", "smooth_quant", "adaround",
 )
 # Flags that shape the fresh recipes, which --deployed without --backend does not build.
 _RECIPE_FLAGS = (
     "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "keeps", "sensitivity",
-    "qat_epochs", "tensorrt_on_cpu", "activation_type",
+    "qat_epochs", "tensorrt_on_cpu", "activation_type", "channel_alignment", "smooth_quant", "adaround",
 )
 
 

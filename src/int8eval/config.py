@@ -140,6 +140,16 @@ class Recipe(_Strict):
     # ONNX Runtime INT8 only: None picks the CPU's fastest exact choice when the variant is built
     # (`onnxruntime_backend.activation_choice`); set, the variant name ends in -u8s8 / -s8s8.
     activation_type: ActivationType | None = None
+    # OpenVINO INT8 post-training quantization only, NNCF's own float algorithms run before quantizing (the variant's
+    # details["nncf"] say what each changed): channel_alignment, NNCF's ChannelAlignment (cross-layer equalization of
+    # Conv/MatMul -> 1x1 Conv pairs with no activation between; name ends in -ca); smooth_quant, NNCF's SmoothQuant of
+    # MatMul inputs at this alpha, in NNCF's transformer mode (name ends in -sq<alpha>).
+    channel_alignment: bool = False
+    smooth_quant: float | None = Field(None, ge=0.0, le=1.0)
+    # ONNX Runtime INT8 post-training quantization only: int8eval's AdaRound (`backends.adaround`) learns whether to
+    # round each weight down or up to minimise its layer's output error on the calibration images, and writes those
+    # integers as the Q/DQ model's INT8 weights (ONNX Runtime's scales; before bias correction). Name ends in -adaround.
+    adaround: bool = False
     # A deployment folder (`int8eval.deploy`): the variant is its copied artifact, run by the backend's runtime; what
     # built it is in its manifest, so the build options above stay at their defaults. Named <backend>-deployed-<label>.
     deployed: Path | None = None
@@ -182,6 +192,29 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _nncf_algorithms_are_openvino_ptq(self) -> Recipe:
+        asked = [f for f in ("channel_alignment", "smooth_quant") if getattr(self, f) not in (False, None)]
+        if asked and not (self.backend is Backend.openvino and self._ptq and not self.emulate):
+            what = f"backend {self.backend.value}" if self.backend is not Backend.openvino else \
+                f"openvino {self.precision.value}" + (" QAT" if self.qat_epochs else "") + (" legacy" * self.legacy)
+            raise ValueError(
+                f"{' and '.join(asked)} applies to openvino INT8 post-training recipes (NNCF's algorithms), not to "
+                f"{what}: PyTorch's PT2E, ONNX Runtime's and TensorRT's quantizers offer neither; leave it out or "
+                "use --backend openvino"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adaround_is_onnxruntime_ptq(self) -> Recipe:
+        if self.adaround and not (self.backend is Backend.onnxruntime and self._ptq):
+            kind = f"{self.backend.value} {self.precision.value}" + " legacy" * self.legacy + " QAT" * bool(self.qat_epochs)
+            raise ValueError(
+                f"adaround applies to onnxruntime INT8 post-training recipes (it rewrites the INT8 weights of ONNX "
+                f"Runtime's Q/DQ model), not to {kind}; leave it out (it needs --backend onnxruntime, INT8, no QAT)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _bias_correction_needs_ptq(self) -> Recipe:
         if self.bias_correction and not self._ptq:
             raise ValueError(
@@ -195,7 +228,7 @@ class Recipe(_Strict):
         if self.deployed is None:
             return self
         built = ("calib", "percentile", "per_channel", "legacy", "qat_epochs", "lr", "keep_fp32", "bias_correction",
-                 "activation_type")
+                 "activation_type", "channel_alignment", "smooth_quant", "adaround")
         changed = [f for f in built if getattr(self, f) != type(self).model_fields[f].default]
         if changed:
             raise ValueError(
@@ -241,6 +274,12 @@ class Recipe(_Strict):
             parts.append("pertensor")
         if self.activation_type is not None:  # only when asked for: default names do not change
             parts.append({ActivationType.uint8: "u8s8", ActivationType.int8: "s8s8"}[self.activation_type])
+        if self.smooth_quant is not None:
+            parts.append(f"sq{self.smooth_quant:g}")
+        if self.channel_alignment:
+            parts.append("ca")
+        if self.adaround:
+            parts.append("adaround")
         return "-".join(parts)
 
 

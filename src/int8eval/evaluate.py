@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from rich.progress import Progress
 
 from int8eval.backends import Variant
 from int8eval.config import OnBadImage, Preprocessing
-from int8eval.data.decode import batches
+from int8eval.data.decode import Batch, batches
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError, ModelLoadError, RunFolderError
 
@@ -72,6 +73,35 @@ class Predictions:
         return preds
 
 
+def decode_set(samples: list[Sample], preprocessing: Preprocessing, *, batch_size: int, workers: int) -> list[Batch]:
+    """Every batch of `samples` decoded and kept in memory, for `evaluate(..., decoded=...)`: a set evaluated many
+    times (tune's tuning and confirmation images) is decoded once."""
+    return list(batches(samples, preprocessing, batch_size=batch_size, workers=workers))
+
+
+class Remembered(Variant):
+    """`variant` whose logits are computed once per batch array and then remembered: the FP32 reference evaluated
+    again on the same `decode_set` batches gives the same logits without running again. Keyed by the array object
+    itself (kept alive here, so its id cannot be reused), never by its values."""
+
+    def __init__(self, variant: Variant) -> None:
+        super().__init__(variant.recipe)
+        self.variant, self.artifact, self.details = variant, variant.artifact, variant.details
+        self._seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        seen = self._seen.get(id(images))
+        if seen is not None and seen[0] is images:
+            return seen[1]
+        logits = np.asarray(self.variant.predict(images), dtype=np.float32)
+        self._seen[id(images)] = (images, logits)
+        return logits
+
+
 @dataclass
 class EvalOutcome:
     predictions: Predictions
@@ -120,6 +150,7 @@ def evaluate(
     workers: int = 0,
     on_bad_image: OnBadImage = OnBadImage.skip,
     progress: Progress | None = None,
+    decoded: Sequence[Batch] | None = None,
 ) -> EvalOutcome:
     """Run every variant on every image in one pass.
 
@@ -128,6 +159,7 @@ def evaluate(
         preprocessing: the model's own; each image is decoded and preprocessed once.
         variants: built variants; one that raises is recorded in `errors` and dropped, the others go on.
         reference: name of the FP32 reference variant, against which KL and cosine are computed.
+        decoded: the batches of `samples` already decoded (`decode_set`), for a set evaluated many times.
     """
     if not samples:
         raise DatasetError("no images to evaluate: every image found was used for calibration or training")
@@ -143,7 +175,8 @@ def evaluate(
     skipped: list[dict] = []
     task = progress.add_task("evaluating", total=len(samples)) if progress else None
 
-    for batch in batches(samples, preprocessing, batch_size=batch_size, workers=workers):
+    source = decoded if decoded is not None else batches(samples, preprocessing, batch_size=batch_size, workers=workers)
+    for batch in source:
         for i, reason in batch.bad:
             if on_bad_image is OnBadImage.fail:
                 raise DatasetError(f"cannot read {samples[i].path}: {reason} (use --on-bad-image skip to go on)")

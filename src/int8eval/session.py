@@ -59,16 +59,28 @@ def expand_recipes(
     keeps: Sequence[tuple[str, ...]] = ((),),
     bias_correction: bool = True,
     activation_type: ActivationType | str | None = None,
+    channel_alignment: bool = False,
+    smooth_quant: Sequence[float] = (),
+    adaround: bool = False,
 ) -> tuple[Recipe, ...]:
     """The recipes a command asks for: per backend (default: every installed default backend), one INT8 recipe per
     calibration method (default: the backend's own, `backends.default_calib`) x set of layers kept in FP32 (`keeps`,
     () for none); then the other precisions asked for (fp32, bf16, fp16) per backend; then QAT and its FP32 control.
 
     `bias_correction=False` turns it off in the INT8 recipes; `activation_type` sets ONNX Runtime's INT8 activations
-    (None: the CPU's choice); `legacy` adds the seed's torch.ao path on torch (and for QAT)."""
+    (None: the CPU's choice); `legacy` adds the seed's torch.ao path on torch (and for QAT); `channel_alignment` and
+    each `smooth_quant` alpha add, beside each OpenVINO INT8 recipe, the same with NNCF's algorithm; `adaround` adds,
+    beside each ONNX Runtime INT8 recipe, the same with AdaRound's learned weight rounding."""
     chosen = [Backend(b) for b in backends_] or [b for b, info in backends.BACKENDS.items() if info.installed and info.default]
     if activation_type is not None and Backend.onnxruntime not in chosen:
         raise ConfigError("--activation-type applies to onnxruntime's INT8 recipes; add --backend onnxruntime")
+    nncf_extras = [{"channel_alignment": True}] * bool(channel_alignment) + [{"smooth_quant": a} for a in smooth_quant]
+    if nncf_extras and Backend.openvino not in chosen:
+        raise ConfigError("--channel-alignment and --smooth-quant are NNCF's and apply to openvino's INT8 recipes "
+                          "(no other backend offers them); add --backend openvino")
+    if adaround and Backend.onnxruntime not in chosen:
+        raise ConfigError("--adaround applies to onnxruntime's INT8 recipes (it rewrites ONNX Runtime's INT8 weights); "
+                          "add --backend onnxruntime")
     recipes: list[Recipe] = []
     for backend in chosen:
         emulate = backend is Backend.tensorrt and tensorrt_on_cpu
@@ -79,6 +91,12 @@ def expand_recipes(
                                   emulate=emulate, keep_fp32=keep)
                     act = dict(activation_type=activation_type) if backend is Backend.onnxruntime else {}
                     recipes.append(Recipe(**common, **act, bias_correction=None if bias_correction else False))
+                    if adaround and backend is Backend.onnxruntime:
+                        recipes.append(Recipe(**common, **act, adaround=True,
+                                              bias_correction=None if bias_correction else False))
+                    if backend is Backend.openvino:
+                        recipes += [Recipe(**common, **extra, bias_correction=None if bias_correction else False)
+                                    for extra in nncf_extras]
                     if legacy and backend is Backend.torch:
                         recipes.append(Recipe(**common, legacy=True))
         for p in precisions:

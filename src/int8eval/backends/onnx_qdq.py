@@ -34,6 +34,7 @@ from onnxruntime.quantization import (
     quantize_static,
     save_tensors_data,
 )
+from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from int8eval.backends.base import BuildContext, CalibrationData
 from int8eval.backends.onnx_calibration import ActivationStats, activation_ranges, collect_activation_stats
@@ -62,6 +63,7 @@ def quantize_qdq(
     reduce_range: bool = False,
     nodes_to_exclude: list[str] | tuple[str, ...] = (),
     bias_shifts: BiasShifts | None = None,
+    weight_rounding: WeightRounding | None = None,
 ) -> Path:
     """Quantize `fp32_onnx` to a static INT8 QDQ model at `out_path` (signed, symmetric INT8 weights).
 
@@ -81,12 +83,18 @@ def quantize_qdq(
             Conv/Gemm node's weight error (its INT8 weights as ONNX Runtime wrote them, dequantized, minus the FP32
             ones), the mean output shift per channel to take off its bias; the model is then quantized again
             from the corrected FP32 biases (the weights, and so their error, do not change).
+        weight_rounding: learned rounding (e.g. `ModuleAdaRound`): given each quantized Conv/Gemm node's weights
+            and ONNX Runtime's scale and integers (`QuantizedWeight`), new integers, each the floor or ceiling of
+            W / scale; they replace the INT8 weights ONNX Runtime wrote (scales unchanged), before bias correction,
+            which then corrects these weights' error.
 
     Example:
         >>> quantize_qdq(Path("m.onnx"), calib, Path("m.int8.onnx"), method=CalibMethod.percentile)
     """
     if activation_type not in _ACTIVATION_TYPES:
         raise ConfigError(f"activation_type {activation_type!r} is not one of {sorted(_ACTIVATION_TYPES)}")
+    if weight_rounding is not None and weight_qdq_pair:
+        raise ConfigError("learned weight rounding writes INT8 weights; weight_qdq_pair keeps float ones: drop one")
     if symmetric_activations and activation_type == "uint8":
         raise ConfigError("symmetric activations need signed int8 (activation_type='int8'), not uint8")
     out_path = Path(out_path)
@@ -128,12 +136,21 @@ def quantize_qdq(
             )
 
         quantize(stats.model)
+        integers: dict[str, np.ndarray] = {}
+        scales: dict[str, np.ndarray] = {}
+        if weight_rounding is not None:
+            qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range, symmetric=True))
+            grids = quantized_weights(onnx.load(str(stats.model)), onnx.load(str(out_path)), qmin=qmin, qmax=qmax)
+            integers = weight_rounding(grids)
+            scales = {node: grids[node].scale for node in integers}
+            _write_integers(out_path, integers, scales)
         if bias_shifts is not None:
             fp32 = onnx.load(str(stats.model))
             shifts = bias_shifts(weight_errors(fp32, onnx.load(str(out_path))))
             corrected = Path(tmp) / "bias_corrected.onnx"
             onnx.save(_subtract_from_biases(fp32, shifts), str(corrected))
             quantize(corrected)
+            _write_integers(out_path, integers, scales)  # the same weights, so the same scales: written again
     if nodes_to_exclude:
         model = onnx.load(str(out_path))
         _float_inputs(model, set(nodes_to_exclude))
@@ -298,6 +315,123 @@ def module_bias_shifts(module: torch.nn.Module, onnx_path: Path, calib: Calibrat
         return {node_of[path]: s for path, s in output_shifts(module, by_path, calib).items()}
 
     return shifts
+
+
+# --- learned weight rounding (AdaRound) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A Conv/Gemm node's weights in a Q/DQ model: the FP32 weights, ONNX Runtime's scale (per output channel, or
+    one) and its integers, zero-point 0, in [qmin, qmax] (symmetric INT8: -127..127)."""
+
+    fp32: np.ndarray
+    scale: np.ndarray
+    integers: np.ndarray
+    qmin: int
+    qmax: int
+
+
+WeightRounding = Callable[[dict[str, QuantizedWeight]], dict[str, np.ndarray]]  # node: its weights -> new integers
+
+
+def _weight_dequantizers(qdq) -> dict[str, onnx.NodeProto]:
+    """Conv node (and Gemm with transB=1) -> the DequantizeLinear of its constant INT8 weights, zero-point 0 on
+    axis 0 or per tensor (what `quantize_qdq` writes; a Q->DQ pair on float weights is not one)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {out: n for n in qdq.graph.node for out in n.output}
+    out = {}
+    for node in qdq.graph.node:
+        transposed = node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        dq = producer.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and not transposed else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(n in inits for n in dq.input if n):
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if inits[dq.input[0]].data_type == onnx.TensorProto.INT8 and not zero.any() and (scale.ndim == 0 or axis == 0):
+            out[node.name] = dq
+    return out
+
+
+def quantized_weights(fp32, qdq, *, qmin: int, qmax: int) -> dict[str, QuantizedWeight]:
+    """Per Conv/Gemm node of `qdq` (an ONNX model from `quantize_static`) with INT8 weights: what they were in
+    `fp32` (the model it quantized), and the scale and integers ONNX Runtime chose."""
+    from onnx import numpy_helper
+
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    out = {}
+    for name, dq in _weight_dequantizers(qdq).items():
+        w_name = fp32_nodes[name].input[1] if name in fp32_nodes else None
+        if w_name in fp32_inits:
+            out[name] = QuantizedWeight(
+                fp32=numpy_helper.to_array(fp32_inits[w_name]), scale=numpy_helper.to_array(inits[dq.input[1]]),
+                integers=numpy_helper.to_array(inits[dq.input[0]]), qmin=qmin, qmax=qmax,
+            )
+    return out
+
+
+def _write_integers(path: Path, integers: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> None:
+    """Replace the INT8 weights of the named nodes of the Q/DQ model at `path` by `integers` (same shapes), which
+    were chosen for `scales`: the model's must be those."""
+    from onnx import numpy_helper
+
+    if not integers:
+        return
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    dequantizers = _weight_dequantizers(model)
+    for node, values in integers.items():
+        if node not in dequantizers:
+            raise ValueError(f"learned rounding: node {node!r} has no INT8 weights in {path}")
+        init = inits[dequantizers[node].input[0]]
+        if not np.array_equal(numpy_helper.to_array(inits[dequantizers[node].input[1]]), scales[node]):
+            raise ValueError(f"learned rounding: the weight scales of {node!r} in {path} are not those it learnt on")
+        if tuple(init.dims) != values.shape or values.min() < -128 or values.max() > 127:
+            raise ValueError(f"learned rounding: {node!r} needs int8 weights shaped {tuple(init.dims)}")
+        init.CopyFrom(numpy_helper.from_array(values.astype(np.int8), init.name))
+    onnx.save(model, str(path))
+
+
+class ModuleAdaRound:
+    """`weight_rounding` for `quantize_qdq` of a model `export_onnx` wrote from `module`: AdaRound
+    (`backends.adaround`) of each node's weights on the FP32 inputs `module` gives the layer it came from, over the
+    calibration images. After the call, `details` says what it did and `layers` how each layer's error changed."""
+
+    def __init__(self, module: torch.nn.Module, onnx_path: Path, calib: CalibrationData, spec=None) -> None:
+        from int8eval.backends.adaround import AdaRoundSpec
+
+        self.module, self.onnx_path, self.calib = module, Path(onnx_path), calib
+        self.spec = spec if spec is not None else AdaRoundSpec()
+        self.details: dict | None = None
+        self.layers: dict[str, dict] = {}
+
+    def __call__(self, weights: dict[str, QuantizedWeight]) -> dict[str, np.ndarray]:
+        import torch
+
+        from int8eval.backends.adaround import LayerGrid, round_layers, summary, supported
+        from int8eval.backends.onnx_export import module_nodes
+
+        start = time.perf_counter()
+        modules = dict(self.module.named_modules())
+        # A module exported as several nodes (called more than once) has no single input: left to ONNX Runtime.
+        nodes_of = module_nodes(self.onnx_path, self.module)
+        path_of = {nodes[0]: path for path, nodes in nodes_of.items() if len(nodes) == 1}
+        grids = {
+            path_of[node]: LayerGrid(torch.tensor(w.fp32), torch.tensor(w.scale), w.qmin, w.qmax,
+                                     torch.tensor(w.integers.astype(np.int64)))
+            for node, w in weights.items() if node in path_of and supported(modules[path_of[node]])
+        }
+        roundings = round_layers(self.module, grids, self.calib, self.spec)
+        self.details = summary(roundings, self.spec, time.perf_counter() - start)
+        self.layers = {path: {"weights_changed": r.changed, "relative_output_mse_nearest": r.error_nearest,
+                              "relative_output_mse_adaround": r.error_learned} for path, r in roundings.items()}
+        node_of = {path: node for node, path in path_of.items()}
+        return {node_of[path]: r.integers.numpy().astype(np.int8) for path, r in roundings.items()}
 
 
 # --- shared within a BuildContext: the FP32 export and its activation statistics ---------------------------------

@@ -7,6 +7,9 @@ INT8 recipes share one ONNX export and one calibration pass per (model, calibrat
 (`onnx_qdq.fp32_export`, `onnx_qdq.activation_stats`; shared with the TensorRT builders): a histogram of every activation is collected once and each recipe only
 derives its ranges from it. `prepare_s` still reports the full cost of building the recipe on its own (export +
 calibration + quantization + session creation).
+
+`recipe.adaround`: int8eval's AdaRound (`backends.adaround`, `onnx_qdq.ModuleAdaRound`) replaces the INT8 weights
+ONNX Runtime wrote by learned ones, on its scales, before bias correction; details["adaround"] says what it did.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ import onnxruntime as ort
 from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
 from int8eval.backends.onnx_calibration import calibration_phrase
 from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_fp16, keep_fp32_nodes
-from int8eval.backends.onnx_qdq import activation_stats, fp32_export, module_bias_shifts, quantize_qdq
+from int8eval.backends.onnx_qdq import (
+    ModuleAdaRound,
+    activation_stats,
+    fp32_export,
+    module_bias_shifts,
+    quantize_qdq,
+)
 from int8eval.config import ActivationType, Backend, Precision, Recipe
 from int8eval.environment import CpuArch, cpu_capabilities
 from int8eval.errors import ConfigError
@@ -110,6 +119,7 @@ def build(
     stats = activation_stats(prepared, calib, context)
     quant_start = time.perf_counter()
     activation_type, why = activation_choice(recipe)
+    rounding = ModuleAdaRound(loaded.module, stats.model, calib) if recipe.adaround else None
     path = quantize_qdq(
         prepared.fp32,
         stats,
@@ -120,10 +130,13 @@ def build(
         activation_type=activation_type.value,
         nodes_to_exclude=keep_fp32_nodes(stats.model, loaded.module, recipe.keep_fp32),
         bias_shifts=module_bias_shifts(loaded.module, stats.model, calib) if recipe.bias_correction else None,
+        weight_rounding=rounding,
     )
     variant = OrtVariant(recipe, path)
     variant.details.update(activation_type=activation_type.value, why=why)
     variant.details["calibration"] = calibration_phrase(recipe.calib, recipe.percentile)
     variant.details["bias_correction"] = "int8eval" if recipe.bias_correction else None
+    if rounding is not None:  # int8eval's AdaRound wrote the INT8 weights (before the bias correction)
+        variant.details.update(adaround=rounding.details, adaround_layers=rounding.layers)
     variant.prepare_s = prepared.export_s + stats.collect_s + (time.perf_counter() - quant_start)
     return variant

@@ -12,6 +12,10 @@ INT8 (NNCF, symmetric "performance" preset, then int8eval's bias correction), by
   top-1 agreement on EfficientNet-Lite0). So NNCF quantizes with minmax ranges, then each per-tensor activation
   quantizer is narrowed to the range `int8eval.backends.ranges` computes from a histogram of all calibration
   values, as the other backends do (`openvino_ranges`).
+
+NNCF's float algorithms, when the recipe asks (`align_and_smooth`): SmoothQuant (`smooth_quant`) and channel
+alignment (`channel_alignment`) run through NNCF's own Pipeline before quantization, as `nncf.quantize` would run them,
+but apart from it, so that int8eval's percentile/entropy ranges and bias correction see the model they changed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
+from int8eval.backends.openvino_nncf import align_and_smooth, asks_for, transformed_module
 from int8eval.backends.openvino_ranges import HISTOGRAM_METHODS, calibration_phrase, narrow_activation_ranges
 from int8eval.config import CalibMethod, Precision, Recipe
 from int8eval.environment import cpu_capabilities
@@ -162,11 +167,20 @@ def conversion(loaded, context: BuildContext | None = None) -> Conversion:
     return cached
 
 
+def alignable_pairs(loaded, context: BuildContext | None = None) -> int:
+    """How many layer pairs NNCF's channel alignment would change in `loaded` as converted (`openvino_nncf`): where
+    there are none, a channel-alignment recipe builds the plain one again."""
+    from int8eval.backends.openvino_nncf import alignable_pairs as pairs
+
+    return pairs(conversion(loaded, context).model)
+
+
 def nncf_options(recipe: Recipe) -> dict[str, Any]:
     """Keyword arguments for `nncf.quantize` that express `recipe` (range estimator, weight granularity)."""
     import nncf
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
         OverflowFix,
         QuantizationParameters,
     )
@@ -181,12 +195,18 @@ def nncf_options(recipe: Recipe) -> dict[str, Any]:
         weights_quantization_params=QuantizationParameters(per_channel=recipe.per_channel),
         overflow_fix=OverflowFix.ENABLE if overflow_choice()[0] else OverflowFix.DISABLE,
         disable_bias_correction=True,  # int8eval corrects the biases after quantization (see above)
+        # `align_and_smooth` has run them already, when the recipe asks: not again inside nncf.quantize.
+        disable_channel_alignment=True,
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1),
     )
-    return {
+    options = {
         "preset": nncf.QuantizationPreset.PERFORMANCE,
         "target_device": nncf.TargetDevice.CPU,
         "advanced_parameters": advanced,
     }
+    if recipe.smooth_quant is not None:  # NNCF runs SmoothQuant only for transformers, quantized as such
+        options["model_type"] = nncf.ModelType.TRANSFORMER
+    return options
 
 
 def _images(calib: CalibrationData) -> list[np.ndarray]:
@@ -384,18 +404,23 @@ def build(
     if recipe.precision is Precision.int8:
         t = time.perf_counter()
         opts = nncf_options(recipe)
-        first = first_layer_fp32(model)
+        # SmoothQuant / channel alignment first, so that ranges and bias correction measure the model they changed.
+        fp32, changes = align_and_smooth(model, recipe, _images(calib))
+        first = first_layer_fp32(fp32)
         details["first_layer_fp32"] = first or None
-        model = quantize(model, recipe, calib, options=opts, fp32_ops=first)
+        model = quantize(fp32, recipe, calib, options=opts, fp32_ops=first)
         details["bias_correction"] = None
         if recipe.bias_correction:
+            folded = transformed_module(converted.folded, fp32, _module_ops(fp32)) if asks_for(recipe) else \
+                converted.folded
             details["bias_correction"] = "int8eval"
-            details["bias_corrected_layers"] = correct_biases(model, converted.folded, calib)
+            details["bias_corrected_layers"] = correct_biases(model, folded, calib)
         details["quantize_s"] = time.perf_counter() - t
         details["nncf"] = {
             "preset": opts["preset"].value,
             "overflow_fix": opts["advanced_parameters"].overflow_fix.value,
             "calibration_images": calib.num_images,
+            **changes,
         }
         details["why"] = overflow_choice()[1]
         details["calibration"] = calibration_phrase(recipe)

@@ -22,9 +22,10 @@ from int8eval.backends import BuildContext, Variant
 from int8eval.bench import bench_run
 from int8eval.commands import write_run
 from int8eval.config import Backend, Objective, Precision, Recipe, TuneConfig
+from int8eval.data.decode import Batch
 from int8eval.data.layouts import Sample, discover, split_tuning, subsample
 from int8eval.errors import ConfigError, Int8EvalError
-from int8eval.evaluate import evaluate
+from int8eval.evaluate import EvalOutcome, Remembered, decode_set, evaluate
 from int8eval.parity import REFERENCE, plan_recipes
 from int8eval.report import Report
 from int8eval.report.sections import (
@@ -32,6 +33,8 @@ from int8eval.report.sections import (
 )
 from int8eval.session import Built, Session, build_variants, check_recipes, expand_recipes, measure, new_report
 from int8eval.session import open_session, qat_recipes
+from int8eval.tune import cache as tune_cache
+from int8eval.tune.cache import TuneCache
 from int8eval.tune.ladder import Step, ladder
 from int8eval.tune.rule import MIN_AGREEMENT_RULE, RULE, judge
 from int8eval.verdict import add_paired_stats, paired_for
@@ -59,7 +62,9 @@ def tune(config: TuneConfig, *, console: Console | None = None) -> Report:
     def say(msg: str) -> None:
         console.log(msg, markup=False)
 
-    return write_run(config.out, lambda staging: _tune_into(staging, config, defaults, say, start))
+    report = write_run(config.out, lambda staging: _tune_into(staging, config, defaults, say, start))
+    tune_cache.remove(config.out)  # the run is committed: its report is the record of every candidate
+    return report
 
 
 @dataclasses.dataclass
@@ -78,9 +83,11 @@ def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, s
     session = open_session(config, [*defaults, *extra], say=say)
     tuning, confirmation, confirm_source = _tuning_sets(session, config)
     say(f"{session.calib.num_images} calibration, {len(tuning)} tuning, {len(confirmation)} confirmation images")
+    cache = _open_cache(config, session, tuning, confirmation, say)
     context = session.context(out / "artifacts")
     reference = build_variants(session, [REFERENCE], out / "artifacts", required=[REFERENCE], context=context).variants[0]
-    ranking = _Ranking(session, tuning, say)
+    ranking = _Ranking(session, tuning, say, cache)
+    evaluator = _Evaluator(session, reference)
     climbs = []
     for default in defaults:
         if _spent(config, start):
@@ -89,12 +96,15 @@ def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, s
                                              stopped="the time budget ran out before this backend's ladder started"),
                                  [], {}, {}))
             continue
-        climbs.append(_climb(session, default, reference, tuning, confirmation, context, config, ranking, say, start))
+        climbs.append(_climb(session, default, evaluator, tuning, confirmation, context, config, ranking, cache, say,
+                             start))
 
     # The chosen models (and each backend's FP32, its parity gate) on the confirmation images: the report's variants.
     chosen = [c.recipes[c.chosen] for c in climbs if c.chosen]
     plan = plan_recipes(chosen) + [Recipe(backend=Backend(c.backend.backend), precision=Precision.fp32) for c in climbs]
     plan = list(dict.fromkeys(plan))
+    for c in climbs:  # what reused records skipped building, built again for the final pass and deploy/
+        _build_again(session, context, c, [n for n in (c.chosen, c.backend.fp32) if n in c.recipes], say)
     variants = {REFERENCE.name: reference, **{n: v for c in climbs for n, v in c.variants.items()}}
     built = Built([variants[r.name] for r in plan if r.name in variants],
                   {r.name: "not built" for r in plan if r.name not in variants})
@@ -137,6 +147,28 @@ def _deploy(out: Path, climb: _Climb, report: Report, session: Session, config: 
         climb.backend.stopped += f"; not written to deploy/: {e}"
 
 
+def _open_cache(config: TuneConfig, session: Session, tuning: list[Sample], confirmation: list[Sample],
+                say) -> TuneCache:
+    """OUT/.tune-cache of these arguments, model, images and libraries: what a run cut short finished."""
+    calib_root = Path(config.calib_data or config.data)
+    key = tune_cache.key(
+        config, calibration=[(i, calib_root / i) for i in (session.calib.image_ids if session.calib else [])],
+        tuning=[(s.id, s.path) for s in tuning], confirmation=[(s.id, s.path) for s in confirmation],
+        training=[(s.id, s.path) for s in session.train],
+    )
+    return TuneCache.open(config.out, key, say)
+
+
+def _build_again(session: Session, context: BuildContext, climb: _Climb, names: Sequence[str], say) -> None:
+    """Build the variants of `names` that reused records skipped building: builds are seeded, so these are the
+    models that were measured."""
+    missing = [climb.recipes[n] for n in names if n not in climb.variants]
+    if missing:
+        say(f"building {', '.join(r.name for r in missing)} again (measured by the run that was cut short)")
+        built = build_variants(session, missing, context.workdir, context=context)
+        climb.variants.update({v.name: v for v in built.variants})
+
+
 def _tuning_sets(session: Session, config: TuneConfig) -> tuple[list[Sample], list[Sample], str]:
     """(tuning, confirmation, where confirmation images come from): disjoint from each other and from the
     calibration and training images."""
@@ -156,11 +188,14 @@ class _Ranking:
     """The layers by INT8 sensitivity (most first): int8eval.diagnose.fast_ranking on FAST_IMAGES tuning images,
     computed once, when a ladder first needs it."""
 
-    def __init__(self, session: Session, tuning: list[Sample], say) -> None:
-        self.session, self.tuning, self.say, self.layers = session, tuning, say, None
+    def __init__(self, session: Session, tuning: list[Sample], say, cache: TuneCache) -> None:
+        self.session, self.tuning, self.say, self.cache, self.layers = session, tuning, say, cache, None
         self.images, self.seconds = 0, 0.0
 
     def __call__(self) -> list[str]:
+        if self.layers is None and (record := self.cache.ranking()) is not None:
+            self.say("reused the sensitivity ranking of the run that was cut short")
+            self.layers, self.images, self.seconds = record["layers"], record["images"], record["seconds"]
         if self.layers is None:
             from int8eval.data.decode import decode_samples
             from int8eval.diagnose import FAST_IMAGES, FakeQuantSpec, fast_ranking
@@ -173,6 +208,7 @@ class _Ranking:
             self.layers = fast_ranking(s.loaded.module, FakeQuantSpec(), s.calib.batches, np.concatenate(images),
                                        batch_size=s.spec.batch_size)
             self.images, self.seconds = len(samples), time.perf_counter() - t0
+            self.cache.save_ranking({"layers": self.layers, "images": self.images, "seconds": self.seconds})
         return self.layers
 
     def record(self) -> TuneRanking | None:
@@ -190,25 +226,51 @@ def _spent(config: TuneConfig, start: float) -> bool:
     return config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s
 
 
+class _Evaluator:
+    """One pass of `variants` and the FP32 reference over the tuning or confirmation images. Each set is decoded
+    once and the reference's logits on it computed once (`Remembered`): a ladder evaluates the same images many
+    times, and the same reference logits make the same statistics."""
+
+    def __init__(self, session: Session, reference: Variant) -> None:
+        self.session, self.fp32, self.reference = session, reference, Remembered(reference)
+        self._decoded: dict[int, tuple[list[Sample], list[Batch]]] = {}
+
+    def __call__(self, samples: list[Sample], variants: Sequence[Variant]) -> EvalOutcome:
+        s = self.session
+        if id(samples) not in self._decoded:  # the samples list is kept with its batches, so its id stays its own
+            self._decoded[id(samples)] = (samples, decode_set(samples, s.loaded.preprocessing,
+                                                              batch_size=s.spec.batch_size, workers=s.spec.workers))
+        return evaluate(samples, s.loaded.preprocessing, [self.reference, *variants], reference=REFERENCE.name,
+                        batch_size=s.spec.batch_size, workers=s.spec.workers, decoded=self._decoded[id(samples)][1])
+
+
 def _speed(variant: Variant, input_shape) -> tuple[float | None, float | None, str | None]:
     """(throughput img/s, batch-1 latency ms p50, error) of a short timing of `variant` as deployed."""
     row = bench_run([variant], input_shape, **TIMING).variants.get(variant.name, {})
     return row.get("throughput_ips"), row.get("latency_ms_p50"), row.get("error")
 
 
-def _climb(session: Session, default: Recipe, reference: Variant, tuning, confirmation, context: BuildContext,
-           config: TuneConfig, ranking: _Ranking, say, start: float) -> _Climb:
+def _climb(session: Session, default: Recipe, evaluator: _Evaluator, tuning, confirmation, context: BuildContext,
+           config: TuneConfig, ranking: _Ranking, cache: TuneCache, say, start: float) -> _Climb:
     backend = default.backend
-    workdir = context.workdir
     fp32_recipe = Recipe(backend=backend, precision=Precision.fp32)
-    fp32 = reference if fp32_recipe == REFERENCE else build_variants(
-        session, [fp32_recipe], workdir, required=[fp32_recipe], context=context).variants[0]
-    fp32_ips, _, _ = _speed(fp32, session.loaded.input_shape)
-    climb = _Climb(TuneBackend(backend=backend.value, fp32=fp32.name, fp32_throughput_ips=fp32_ips,
-                               fp32_size_mb=fp32.size_mb, stopped=""), [], {fp32.name: fp32}, {fp32.name: fp32_recipe})
+    variants = {REFERENCE.name: evaluator.fp32} if fp32_recipe == REFERENCE else {}
+    timed = cache.fp32(backend.value)
+    if timed is not None and timed.get("name") == fp32_recipe.name:  # built again only for the final pass
+        say(f"{backend.value}: reused the timing of {fp32_recipe.name}")
+        fp32_ips, fp32_size = timed.get("throughput_ips"), timed.get("size_mb")
+    else:
+        fp32 = variants.get(fp32_recipe.name) or build_variants(
+            session, [fp32_recipe], context.workdir, required=[fp32_recipe], context=context).variants[0]
+        variants[fp32.name] = fp32
+        (fp32_ips, _, _), fp32_size = _speed(fp32, session.loaded.input_shape), fp32.size_mb
+        cache.save_fp32(backend.value, {"name": fp32.name, "throughput_ips": fp32_ips, "size_mb": fp32_size})
+    climb = _Climb(TuneBackend(backend=backend.value, fp32=fp32_recipe.name, fp32_throughput_ips=fp32_ips,
+                               fp32_size_mb=fp32_size, stopped=""), [], variants, {fp32_recipe.name: fp32_recipe})
     qat = (lambda base: qat_recipes(config.qat_epochs, config.lr, control=False)) if config.qat_epochs else None
     steps = [Step("default", lambda base: [default]),
-             *ladder(backend, ranking=ranking, max_fp32_layers=config.max_fp32_layers, qat=qat)]
+             *ladder(backend, ranking=ranking, max_fp32_layers=config.max_fp32_layers, qat=qat,
+                     loaded=session.loaded, context=context)]
     best: TuneCandidate | None = None  # lowest mean KL on the tuning images: what later steps build on
     for step in steps:
         if _spent(config, start):
@@ -217,13 +279,27 @@ def _climb(session: Session, default: Recipe, reference: Variant, tuning, confir
         recipes = [r for r in step.candidates(climb.recipes[best.name] if best else default) if r.name not in climb.recipes]
         if not recipes:
             continue
-        say(f"{backend.value}: step '{step.name}': {', '.join(r.name for r in recipes)}")
-        tried = _try(session, step.name, recipes, reference, fp32, tuning, context, config, climb)
+        reused = {r.name: c for r in recipes if (c := cache.candidate(r)) is not None}
+        fresh = [r for r in recipes if r.name not in reused]
+        if reused:
+            say(f"{backend.value}: step '{step.name}': reused {', '.join(reused)}")
+        if fresh:
+            say(f"{backend.value}: step '{step.name}': {', '.join(r.name for r in fresh)}")
+        measured = {c.name: c for c in _try(session, step.name, fresh, evaluator, tuning, context, config, climb,
+                                            cache)}
+        tried = [reused[r.name] if r.name in reused else measured[r.name] for r in recipes]
+        climb.recipes.update({r.name: r for r in recipes})
+        climb.candidates += tried
         ok = [c for c in tried if c.status is Status.ok and c.tuning is not None and c.tuning.kl_mean is not None]
         best = min([*([best] if best else []), *ok], key=lambda c: c.tuning.kl_mean, default=best)
         accepted = sorted((c for c in tried if c.accepted), key=_objective_key(config.objective))
-        if accepted and _confirm(accepted[0], session, reference, climb.variants[accepted[0].name], confirmation,
-                                 config, say):
+        if accepted and accepted[0].confirmed is None:
+            _build_again(session, context, climb, [accepted[0].name], say)
+            _confirm(accepted[0], evaluator, climb.variants.get(accepted[0].name), confirmation, config, say)
+            cache.save_candidate(accepted[0])
+        elif accepted:
+            say(f"reused the confirmation of {accepted[0].name}")
+        if accepted and accepted[0].confirmed:
             climb.chosen = accepted[0].name
             how = "a paired CI within the budget" if accepted[0].confirmation_verdict.verdict == "pass" else \
                 "agreement of at least 1 - budget"
@@ -237,14 +313,16 @@ def _climb(session: Session, default: Recipe, reference: Variant, tuning, confir
     return climb
 
 
-def _try(session: Session, step: str, recipes: list[Recipe], reference: Variant, fp32: Variant, tuning,
-         context: BuildContext, config: TuneConfig, climb: _Climb) -> list[TuneCandidate]:
-    """Build `recipes`, evaluate them in one pass on the tuning images, judge and time each: their candidates."""
+def _try(session: Session, step: str, recipes: list[Recipe], evaluator: _Evaluator, tuning, context: BuildContext,
+         config: TuneConfig, climb: _Climb, cache: TuneCache) -> list[TuneCandidate]:
+    """Build `recipes`, evaluate them in one pass on the tuning images, judge and time each: their candidates, each
+    written to the cache as soon as it is known."""
+    if not recipes:
+        return []
     t0 = time.perf_counter()
     built = build_variants(session, recipes, context.workdir, context=context)
     build_s = (time.perf_counter() - t0) / max(len(recipes), 1)
-    outcome = evaluate(tuning, session.loaded.preprocessing, [reference, *built.variants], reference=REFERENCE.name,
-                       batch_size=session.spec.batch_size, workers=session.spec.workers)
+    outcome = evaluator(tuning, built.variants)
     eval_s = (time.perf_counter() - t0) / max(len(recipes), 1) - build_s
     tried = []
     for recipe in recipes:
@@ -260,24 +338,25 @@ def _try(session: Session, step: str, recipes: list[Recipe], reference: Variant,
             ips, latency, timing_error = _speed(variant, session.loaded.input_shape)
             c.throughput_ips, c.latency_ms = ips, latency
             c.speedup_vs_fp32 = ips / climb.backend.fp32_throughput_ips if ips and climb.backend.fp32_throughput_ips else None
-            c.size_mb = variant.size_mb
-            c.size_vs_fp32 = variant.size_mb / fp32.size_mb if variant.size_mb and fp32.size_mb else None
+            c.size_mb, fp32_mb = variant.size_mb, climb.backend.fp32_size_mb
+            c.size_vs_fp32 = variant.size_mb / fp32_mb if variant.size_mb and fp32_mb else None
             if timing_error:
                 c.error = f"timing: {timing_error}"
             climb.variants[recipe.name] = variant
         c.time_s = build_s + eval_s + (time.perf_counter() - t1)
-        climb.recipes[recipe.name] = recipe
-        climb.candidates.append(c)
+        cache.save_candidate(c)
         tried.append(c)
     return tried
 
 
-def _confirm(c: TuneCandidate, session: Session, reference: Variant, variant: Variant, confirmation, config: TuneConfig,
+def _confirm(c: TuneCandidate, evaluator: _Evaluator, variant: Variant | None, confirmation, config: TuneConfig,
              say) -> bool:
     """Evaluate candidate `c` on the confirmation images and judge it by the same rule; records the outcome on `c`."""
+    if variant is None:  # a reused candidate whose build failed this time
+        c.confirmed, c.error = False, f"{c.name} could not be built again for its confirmation"
+        return False
     say(f"confirming {c.name} on {len(confirmation)} images")
-    outcome = evaluate(confirmation, session.loaded.preprocessing, [reference, variant], reference=REFERENCE.name,
-                       batch_size=session.spec.batch_size, workers=session.spec.workers)
+    outcome = evaluator(confirmation, [variant])
     if c.name in outcome.errors:
         c.confirmed, c.error = False, outcome.errors[c.name]
         return False

@@ -185,7 +185,7 @@ RECIPE_HEADER = ["variant", "calibration", "weights", "bias correction", "kept i
 # Keys of a variant's `details` worth a reader's eye (the rest stays in report.json).
 _DETAIL_KEYS = (
     "flow", "act_qmax", "depthwise_act_qmax", "weight_qmax", "activation_type", "exact_int8_kernels",
-    "bias_corrected_layers", "first_layer_fp32", "nncf", "why",  # why: the CPU-dependent choice and its reason
+    "bias_corrected_layers", "first_layer_fp32", "nncf", "adaround", "why",  # why: the CPU-dependent choice and its reason
 )
 
 
@@ -216,5 +216,6 @@ def _short(value) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value))
     if isinstance(value, dict):
-        return ", ".join(f"{k}={val}" for k, val in value.items() if k != "calibration_images")
+        return ", ".join(f"{k}={val:.3g}" if isinstance(val, float) else f"{k}={val}"
+                         for k, val in value.items() if k != "calibration_images")
     return str(value)

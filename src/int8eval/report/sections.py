@@ -365,6 +365,7 @@ class TuneCandidate(Section):
     size_vs_fp32: float | None = None  # fraction of the same backend's FP32 artifact
     build_s: float | None = None
     time_s: float | None = None  # build + evaluation + timing: what the step cost
+    reused: bool = False  # taken from the run a kill cut short (OUT/.tune-cache), not measured again by this run
 
 
 class TuneBackend(Section):

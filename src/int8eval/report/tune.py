@@ -90,7 +90,7 @@ def ladder_rows(tune: TuneSection, backend: str) -> list[LadderRow]:
     front, chosen = (set(b.pareto), b.chosen) if b else (set(), None)
     rows = []
     for c in ladder(tune, backend):
-        status = str(c.status) + (f": {c.error}" if c.error else "")
+        status = str(c.status) + (f": {c.error}" if c.error else "") + (" (reused)" if c.reused else "")
         accepted = (f"yes ({c.accepted_by})" if c.accepted_by else "yes") if c.accepted else "no"
         rows.append(LadderRow(
             pareto=PARETO_MARK if c.name in front else "",
