@@ -20,6 +20,23 @@ REQUIRE = {w.strip() for w in os.environ.get("INT8EVAL_REQUIRE", "").split(",") 
 NEVER_REQUIRED = ("tensorrt", "pycuda", "cuda", "gpu")
 
 
+def pytest_configure(config):
+    """int8eval's cache (the decoded-image cache the commands use by default, and where a fetched sample would go) in
+    a folder of this test session, removed after it: tests never write into the user's ~/.cache, and the commands'
+    default path (cache on) is the one tested. Set here, so spawned decoding workers and subprocesses inherit it."""
+    import tempfile
+
+    config._int8eval_cache = tempfile.mkdtemp(prefix="int8eval-test-cache-")
+    os.environ["INT8EVAL_CACHE"] = config._int8eval_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_int8eval_cache", None):
+        shutil.rmtree(config._int8eval_cache, ignore_errors=True)
+
+
 def skip_unless_required(reason: str, need: str) -> None:
     """Skip with `reason`, or fail when INT8EVAL_REQUIRE names `need` ("extras" or "data")."""
     if need in REQUIRE:

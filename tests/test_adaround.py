@@ -1,5 +1,6 @@
 """AdaRound: the learned rounding lowers a layer's output error with the backend's own scale, the ONNX Runtime Q/DQ
-model gets it as its real INT8 weights (bias correction then corrects those), and only onnxruntime offers it."""
+model gets it as its real INT8 weights (bias correction then corrects those), and only onnxruntime and openvino offer
+it (OpenVINO's: tests/test_openvino_adaround.py)."""
 
 from __future__ import annotations
 
@@ -197,14 +198,15 @@ def test_onnxruntime_variant_reports_it_and_is_closer_to_fp32(tiny, varied_calib
 
 
 @pytest.mark.parametrize("kwargs, kind", [
-    (dict(backend="openvino"), "openvino int8"),
     (dict(backend="torch"), "torch int8"),
     (dict(backend="onnxruntime", precision=Precision.fp32), "onnxruntime fp32"),
+    (dict(backend="openvino", precision=Precision.fp32), "openvino fp32"),
     (dict(backend="tensorrt"), "tensorrt int8"),
     (dict(backend="torch", qat_epochs=1), "torch int8 QAT"),
 ])
-def test_recipe_refuses_adaround_outside_onnxruntime_ptq(kwargs, kind):
-    with pytest.raises(ValidationError, match=f"adaround applies to onnxruntime INT8 post-training .* not to {kind};"):
+def test_recipe_refuses_adaround_outside_onnxruntime_and_openvino_ptq(kwargs, kind):
+    with pytest.raises(ValidationError,
+                       match=f"adaround applies to onnxruntime and openvino INT8 post-training .* not to {kind};"):
         Recipe(adaround=True, **kwargs)
 
 
@@ -214,9 +216,13 @@ def test_recipe_name_and_expansion():
     assert Recipe(backend="onnxruntime", adaround=True).name == "onnxruntime-int8-minmax-adaround"
     nobc = Recipe(backend="onnxruntime", adaround=True, bias_correction=False)
     assert nobc.name == "onnxruntime-int8-minmax-adaround-nobc"
+    assert Recipe(backend="openvino", calib="mse", adaround=True).name == "openvino-int8-mse-adaround"
     names = [r.name for r in expand_recipes(["onnxruntime", "torch"], ["minmax"], adaround=True)]
     assert names == ["onnxruntime-int8-minmax", "onnxruntime-int8-minmax-adaround", "torch-int8-minmax"]
-    with pytest.raises(ConfigError, match="--adaround applies to onnxruntime's INT8 recipes"):
+    names = [r.name for r in expand_recipes(["openvino"], ["mse", "minmax"], adaround=True, channel_alignment=True)]
+    assert names == ["openvino-int8-mse", "openvino-int8-mse-adaround", "openvino-int8-mse-ca",
+                     "openvino-int8-minmax", "openvino-int8-minmax-adaround", "openvino-int8-minmax-ca"]
+    with pytest.raises(ConfigError, match="--adaround applies to onnxruntime's and openvino's INT8 recipes"):
         expand_recipes(["torch"], adaround=True)
 
 
@@ -225,29 +231,33 @@ def test_a_deployment_cannot_be_adarounded(tmp_path):
         Recipe(backend="onnxruntime", deployed=tmp_path, adaround=True)
 
 
-def test_run_refuses_adaround_without_onnxruntime(tmp_path, image_folder):
+def test_run_refuses_adaround_without_onnxruntime_or_openvino(tmp_path, image_folder):
     from click.testing import CliRunner
 
     from int8eval.cli import main
 
     base = ["run", "-m", "tiny_test", "--data", str(image_folder), "--out", str(tmp_path / "r")]
     result = CliRunner().invoke(main, base + ["--backend", "torch", "--adaround"])
-    assert result.exit_code == 2 and "--adaround applies to onnxruntime" in result.output
+    assert result.exit_code == 2 and "--adaround applies to onnxruntime's and openvino's" in result.output
     result = CliRunner().invoke(main, base + ["--fp32-only", "--adaround"])
     assert result.exit_code == 2 and "--adaround has no effect with --fp32-only" in result.output
 
 
-def test_the_ladder_offers_adaround_to_onnxruntime_only():
+def test_the_ladder_offers_adaround_to_onnxruntime_and_openvino():
     from int8eval.tune.ladder import ladder
 
     def names(backend):
         return [s.name for s in ladder(backend, ranking=lambda: ["a"])]
 
-    onnxruntime = names(Backend.onnxruntime)
-    at = onnxruntime.index("AdaRound")
-    assert onnxruntime.index("bias correction off") < at == onnxruntime.index("FP32 layers") - 1
-    assert "AdaRound" not in names(Backend.torch) and "AdaRound" not in names(Backend.openvino)
+    for backend in (Backend.onnxruntime, Backend.openvino):
+        steps = names(backend)
+        at = steps.index("AdaRound")
+        assert steps.index("bias correction off") < at == steps.index("FP32 layers") - 1
+    assert "AdaRound" not in names(Backend.torch) and "AdaRound" not in names(Backend.tensorrt)
     step = next(s for s in ladder(Backend.onnxruntime) if s.name == "AdaRound")
     base = Recipe(backend="onnxruntime", bias_correction=False)
     assert [r.name for r in step.candidates(base)] == ["onnxruntime-int8-minmax-adaround-nobc"]
     assert step.candidates(Recipe(backend="onnxruntime", adaround=True)) == []
+    step = next(s for s in ladder(Backend.openvino) if s.name == "AdaRound")
+    assert [r.name for r in step.candidates(Recipe(backend="openvino", calib="mse"))] == ["openvino-int8-mse-adaround"]
+    assert step.candidates(Recipe(backend="openvino", adaround=True)) == []

@@ -228,6 +228,85 @@ def test_a_set_decoded_once_and_a_remembered_reference_give_the_same_predictions
     assert ref.calls == 2 * len(decoded)
 
 
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so the engine does not record it as one variant's failure."""
+
+
+class KilledAt(TableVariant):
+    def __init__(self, name, table, kill_on_call: int) -> None:
+        super().__init__(name, table)
+        self.kill_on_call = kill_on_call
+
+    def predict(self, images):
+        if self.calls + 1 >= self.kill_on_call:
+            raise Killed
+        return super().predict(images)
+
+
+def _assert_same(a: Predictions, b: Predictions) -> None:
+    assert a.image_ids == b.image_ids
+    np.testing.assert_array_equal(a.labels, b.labels)
+    for table in ("top5", "kl_to_ref", "cos_to_ref"):
+        assert set(getattr(a, table)) == set(getattr(b, table)), table
+        for name, arr in getattr(b, table).items():
+            np.testing.assert_array_equal(getattr(a, table)[name], arr, err_msg=f"{table} {name}")
+
+
+@pytest.mark.parametrize("kill_on_call", [2, 3, 4])
+def test_a_pass_killed_and_resumed_from_its_checkpoint_gives_the_same_predictions(world, tmp_path, kill_on_call):
+    """13 images, batches of 4, a checkpoint every 8 images: killed in its 2nd, 3rd or 4th batch, the rerun takes
+    the saved images from the checkpoint, evaluates only the rest, and the predictions equal an uninterrupted pass;
+    a variant that failed before the kill stays failed."""
+    from int8eval.resume import EvalCheckpoint
+
+    tables = world["tables"]
+    names = [REF, "other", TIES]
+
+    def variants(kill=None):
+        vs = [TableVariant(n, tables[n]) for n in names] + [TableVariant("broken", tables["other"], fail_on_call=1)]
+        if kill:
+            vs[0] = KilledAt(REF, tables[REF], kill)
+        return vs
+
+    whole = _run(world, variants())
+    checkpoint = EvalCheckpoint(tmp_path, every=8, say=print)
+    with pytest.raises(Killed):
+        _run(world, variants(kill_on_call), checkpoint=checkpoint)
+    saved = checkpoint.load()
+    assert (saved["done"] if saved else 0) == (8 if kill_on_call > 2 else 0)
+    again = variants()
+    resumed = _run(world, again, checkpoint=checkpoint)
+    _assert_same(resumed.predictions, whole.predictions)
+    assert resumed.errors == whole.errors == {"broken": "RuntimeError: broken broke on call 1"}
+    # Only the batches after the checkpoint, and the first batch again: rebuilt models must reproduce it.
+    assert again[0].calls == (1 + 2 if kill_on_call > 2 else 4)
+    assert again[3].calls == (0 if kill_on_call > 2 else 1)  # failed before the kill: not called again
+    assert checkpoint.load()["done"] == N  # the last save covers every image
+
+
+def test_a_variant_that_predicts_otherwise_after_the_kill_is_evaluated_from_the_first_image(world, tmp_path):
+    from int8eval.resume import EvalCheckpoint
+
+    tables = world["tables"]
+    said = []
+    checkpoint = EvalCheckpoint(tmp_path, every=8, say=said.append)
+    with pytest.raises(Killed):
+        _run(world, [KilledAt(REF, tables[REF], 3), TableVariant("other", tables["other"])], checkpoint=checkpoint)
+    assert checkpoint.load()["done"] == 8
+    rebuilt = [TableVariant(REF, tables[REF]), TableVariant("other", tables["oracle"])]  # built otherwise
+    resumed = _run(world, rebuilt, checkpoint=checkpoint)
+    assert len(said) == 1 and said[0].startswith("--resume: other now predict") and "first image" in said[0]
+    _assert_same(resumed.predictions, _run(world, [TableVariant(REF, tables[REF]),
+                                                   TableVariant("other", tables["oracle"])]).predictions)
+
+
+def test_a_checkpoint_must_hold_whole_batches(world, tmp_path):
+    from int8eval.resume import EvalCheckpoint
+
+    with pytest.raises(ValueError, match="every=6, batch_size=4"):
+        _run(world, [TableVariant(REF, world["tables"][REF])], checkpoint=EvalCheckpoint(tmp_path, every=6, say=print))
+
+
 def test_predictions_file_round_trip(outcome, tmp_path):
     preds = outcome.predictions
     path = tmp_path / "predictions.npz"

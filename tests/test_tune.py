@@ -170,7 +170,7 @@ def test_the_deployed_choice_evaluates_again_as_it_was_chosen(tmp_path, eighteen
 STEPS = {
     Backend.torch: ["default", "calibration", "bias correction off", "FP32 layers"],
     Backend.onnxruntime: ["default", "calibration", "activation type", "bias correction off", "AdaRound", "FP32 layers"],
-    Backend.openvino: ["default", "calibration", "bias correction off", "FP32 layers"],
+    Backend.openvino: ["default", "calibration", "bias correction off", "AdaRound", "FP32 layers"],
 }
 
 

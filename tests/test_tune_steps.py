@@ -119,7 +119,7 @@ def test_only_openvino_has_the_steps_and_smooth_quant_only_for_transformers(tiny
         steps = _names(ladder(backend, loaded=transformer, ranking=lambda: ["a"]))
         assert "channel alignment" not in steps and "SmoothQuant" not in steps
     assert _names(ladder(Backend.openvino, loaded=tiny, ranking=lambda: ["a"])) == [
-        "calibration", "activation type", "bias correction off", "channel alignment", "FP32 layers"]
+        "calibration", "activation type", "bias correction off", "channel alignment", "AdaRound", "FP32 layers"]
     steps = {s.name: s for s in ladder(Backend.openvino, loaded=transformer, ranking=lambda: ["a"])}
     assert list(steps)[3:5] == ["channel alignment", "SmoothQuant"]
     base = Recipe(backend=Backend.openvino)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from int8eval.cli_options import decode_cache_options
 from int8eval.config import ActivationType, Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
@@ -104,8 +105,9 @@ def keep_options(keep_help: str = _KEEP_HELP):
 @click.option("--smooth-quant", multiple=True, type=click.FloatRange(0, 1), metavar="ALPHA",
               help="Also each OpenVINO INT8 recipe with NNCF's SmoothQuant at ALPHA (e.g. 0.5; NNCF's is 0.95), for "
               "LayerNorm/attention models (names end in -sqALPHA). Repeatable.")
-@click.option("--adaround", is_flag=True, help="Also each ONNX Runtime INT8 recipe with AdaRound: each weight rounded "
-              "down or up as minimises its layer's output error on the calibration images (names end in -adaround).")
+@click.option("--adaround", is_flag=True, help="Also each ONNX Runtime and OpenVINO INT8 recipe with AdaRound: each "
+              "weight rounded down or up as minimises its layer's output error on the calibration images (names end "
+              "in -adaround).")
 @click.option("--legacy", is_flag=True, help="Also the seed's torch.ao.quantization path, labelled legacy.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["bf16", "fp16"]), help="Extra baselines per backend.")
 @click.option("--fp32-only", is_flag=True, help="Only the FP32 reference, no INT8 variants.")
@@ -127,8 +129,11 @@ def keep_options(keep_help: str = _KEEP_HELP):
               help="A deployment `int8eval tune` wrote (RUN_DIR/deploy/BACKEND), evaluated with its preprocessing beside "
               "the FP32 reference. Repeatable. Without --backend only the deployments are evaluated.")
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
+@click.option("--resume", is_flag=True, help="Go on from where an interrupted run of the same arguments into the same "
+              "RUN_DIR stopped evaluating (other arguments or data are refused).")
 @acceptance_options
 @_friendly
+@decode_cache_options
 def run(**kw) -> None:
     """Evaluate FP32 and INT8 variants of a model in one pass and write RUN_DIR/report.{json,md}."""
     from int8eval.commands.run import run as run_command
@@ -343,8 +348,9 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Batch size for throughput (latency is batch 1).")
 @ACTIVATION_TYPE
 @_friendly
+@decode_cache_options
 def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, sensitivity, threads, batch_size,
-          activation_type) -> None:
+          activation_type, decode_cache) -> None:
     """Speed and size of a model per backend and precision (no accuracy pass): writes OUT/report.{json,md,html}."""
     from int8eval.commands.bench import bench as bench_command
     from int8eval.report.bench import bench_markdown
@@ -355,7 +361,7 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
     report = bench_command(
         model, backends, precisions or ("fp32", "int8"), out=out, data=data, checkpoint=checkpoint, weights=weights,
         keeps=resolve_keep(keeps, sensitivity, out), threads=threads, activation_type=activation_type,
-        batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(escape(msg)),
+        batch_sizes=(1, batch_size), on_progress=lambda msg: console.log(escape(msg)), decode_cache=decode_cache,
     )
     console.print(escape("\n".join(bench_markdown(report.variants, report.bench))))  # its warnings included
     console.print(f"report: {escape(str(out / 'report.json'))} (rendered: report.md, report.html)")
@@ -384,6 +390,7 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
               "no all-but, split-effect, SQNR or ONNX-name results; several times cheaper.")
 @click.option("--seed", default=0, show_default=True)
 @_friendly
+@decode_cache_options
 def diagnose(**kw) -> None:
     """Which layers cost the accuracy: per-layer sensitivity of a fake-quantized model (written to sensitivity.json)."""
     from int8eval.data.fetch import default_data_root
@@ -445,6 +452,7 @@ def diagnose(**kw) -> None:
 @click.option("--batch-size", default=32, show_default=True)
 @acceptance_options
 @_friendly
+@decode_cache_options
 def tune(**kw) -> None:
     """Find per backend the fastest INT8 model that keeps the accuracy budget, confirmed on images it was not chosen
     on: writes RUN_DIR/report.{json,md,html} with the ladder of every backend."""
@@ -476,7 +484,9 @@ def tune(**kw) -> None:
 @click.option("--workers", default=0, show_default=True)
 @click.option("--check", is_flag=True, help="Only list what the recipe needs and whether it is here.")
 @_friendly
-def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib_size, train_size, workers, check) -> None:
+@decode_cache_options
+def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib_size, train_size, workers, check,
+              decode_cache) -> None:
     """Reproduce a published pipeline as a recipe (NAME: seed, or a YAML file): OUT/report.json (.md, .html) and its
     table, OUT/seed_table.md (.json)."""
     from int8eval.commands.reproduce import reproduce as run_recipe
@@ -492,6 +502,7 @@ def reproduce(name, data, labels, train_data, out, checkpoint, max_images, calib
     run_recipe(
         recipe, data=data or default_data_root(), out=out, train_data=train_data, labels=labels,
         checkpoint=checkpoint, max_images=max_images, calib_size=calib_size, train_size=train_size, workers=workers,
+        decode_cache=decode_cache,
     )
     console.print(escape((out / "seed_table.md").read_text()))
 

@@ -146,9 +146,10 @@ class Recipe(_Strict):
     # MatMul inputs at this alpha, in NNCF's transformer mode (name ends in -sq<alpha>).
     channel_alignment: bool = False
     smooth_quant: float | None = Field(None, ge=0.0, le=1.0)
-    # ONNX Runtime INT8 post-training quantization only: int8eval's AdaRound (`backends.adaround`) learns whether to
-    # round each weight down or up to minimise its layer's output error on the calibration images, and writes those
-    # integers as the Q/DQ model's INT8 weights (ONNX Runtime's scales; before bias correction). Name ends in -adaround.
+    # ONNX Runtime and OpenVINO INT8 post-training quantization only: int8eval's AdaRound (`backends.adaround`) learns
+    # whether to round each weight down or up to minimise its layer's output error on the calibration images, and
+    # writes those integers as the model's INT8 weights (the Q/DQ model's, on ONNX Runtime's scales; NNCF's int8
+    # constants, on its scales and integer range; before bias correction). Name ends in -adaround.
     adaround: bool = False
     # A deployment folder (`int8eval.deploy`): the variant is its copied artifact, run by the backend's runtime; what
     # built it is in its manifest, so the build options above stay at their defaults. Named <backend>-deployed-<label>.
@@ -205,12 +206,13 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _adaround_is_onnxruntime_ptq(self) -> Recipe:
-        if self.adaround and not (self.backend is Backend.onnxruntime and self._ptq):
+    def _adaround_is_onnxruntime_or_openvino_ptq(self) -> Recipe:
+        if self.adaround and not (self.backend in (Backend.onnxruntime, Backend.openvino) and self._ptq):
             kind = f"{self.backend.value} {self.precision.value}" + " legacy" * self.legacy + " QAT" * bool(self.qat_epochs)
             raise ValueError(
-                f"adaround applies to onnxruntime INT8 post-training recipes (it rewrites the INT8 weights of ONNX "
-                f"Runtime's Q/DQ model), not to {kind}; leave it out (it needs --backend onnxruntime, INT8, no QAT)"
+                f"adaround applies to onnxruntime and openvino INT8 post-training recipes (it rewrites the INT8 "
+                f"weights of ONNX Runtime's Q/DQ model or NNCF's OpenVINO model), not to {kind}; leave it out (it "
+                "needs --backend onnxruntime or openvino, INT8, no QAT)"
             )
         return self
 
@@ -303,6 +305,9 @@ class SessionSpec(_Strict):
     train_data: Path | None = None  # QAT training images (default: a seeded split of --data, then not evaluated)
     train_size: int = Field(300, gt=0)
     train_batch_size: int = Field(32, gt=0)
+    # Where decoded images are kept between runs (int8eval.data.cache; the CLI's --cache, default under the user cache
+    # directory); None: every image is decoded. The commands decode through it; it never changes a number.
+    decode_cache: Path | None = None
 
 
 class RunConfig(SessionSpec):
@@ -312,6 +317,8 @@ class RunConfig(SessionSpec):
     recipes: tuple[Recipe, ...] = ()
     acceptance: Acceptance | None = None
     bench: bool = False  # also time every variant (latency, throughput) after the accuracy pass
+    # Go on from the evaluation checkpoint an interrupted run of the same arguments left in OUT (int8eval.resume).
+    resume: bool = False
 
     @model_validator(mode="after")
     def _unique_variants(self) -> RunConfig:

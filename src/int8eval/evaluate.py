@@ -7,6 +7,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.progress import Progress
@@ -16,6 +17,9 @@ from int8eval.config import OnBadImage, Preprocessing
 from int8eval.data.decode import Batch, batches
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError, ModelLoadError, RunFolderError
+
+if TYPE_CHECKING:  # only annotated here: int8eval.resume reaches int8eval.report, which imports much
+    from int8eval.resume import EvalCheckpoint
 
 TOPK = 5
 NUM_CLASSES = 1000  # ImageNet-1k: class index = position in the synset list
@@ -71,6 +75,62 @@ class Predictions:
             raise RunFolderError(f"{path} is inconsistent: {n} labels, {len(preds.image_ids)} image ids, "
                                  f"top-5 tables of another length: {bad}")
         return preds
+
+
+def _state(done: int, live, errors, nonfinite, predict_s, lists, kept, skipped) -> tuple[dict, dict[str, np.ndarray]]:
+    """The pass after `done` images, as (JSON-able meta, arrays) for a checkpoint."""
+    meta = {"done": done, "live": list(live), "errors": errors, "nonfinite": nonfinite, "predict_s": predict_s,
+            "skipped": skipped}
+    arrays = {f"{kind}::{name}": np.concatenate(a) for kind, table in lists.items() for name, a in table.items() if a}
+    if kept:
+        arrays["kept"] = np.concatenate(kept)
+    return meta, arrays
+
+
+def _replay(saved: dict, first: list[Sample], preprocessing: Preprocessing, live: dict[str, Variant],
+            reference: str | None) -> list[str]:
+    """The variants whose predictions on the first batch differ from the checkpoint's: rebuilt models must give the
+    saved numbers exactly before the rest of a pass is added to them."""
+    batch = next(iter(batches(first, preprocessing, batch_size=len(first), workers=0)))
+    rows = len(batch.indices)
+    arrays, logits = saved["arrays"], {}
+    for name in saved["meta"]["live"]:
+        if name in live:
+            try:
+                logits[name] = np.asarray(live[name].predict(batch.images), dtype=np.float32)
+            except Exception:  # noqa: BLE001 - it fails now where it did not: it differs
+                logits[name] = None
+    changed = [n for n, x in logits.items() if x is None or not np.array_equal(
+        np.argsort(-x, axis=1, kind="stable")[:, :TOPK].astype(np.int16), arrays.get(f"top5::{n}", [])[:rows])]
+    if reference in logits and logits[reference] is not None and reference not in changed:
+        ref = _RefStats.of(logits[reference])
+        for name, x in logits.items():
+            if name != reference and name not in changed:
+                k, c = _kl_and_cosine(ref, x)
+                if not (np.array_equal(k, arrays[f"kl::{name}"][:rows]) and np.array_equal(c, arrays[f"cos::{name}"][:rows])):
+                    changed.append(name)
+    return changed
+
+
+def _restore(saved: dict, live, errors, nonfinite, predict_s, lists, kept, skipped, total: int) -> int:
+    """Put a checkpoint's state into the pass's accumulators; returns how many images it covered. A checkpoint of
+    other variants (names) is a programming error: its key should have differed."""
+    meta, arrays = saved["meta"], saved["arrays"]
+    if set(meta["live"]) - set(live) or set(meta["nonfinite"]) != set(nonfinite) or not 0 < meta["done"] <= total:
+        raise ValueError(f"the checkpoint is of other variants or images: {sorted(meta['nonfinite'])}")
+    for name in set(live) - set(meta["live"]):
+        del live[name]  # failed before the interruption: stays failed
+    errors.update(meta["errors"])
+    nonfinite.update(meta["nonfinite"])
+    predict_s.update(meta["predict_s"])
+    skipped += meta["skipped"]
+    for key, a in arrays.items():
+        if key == "kept":
+            kept.append(a)
+        else:
+            kind, name = key.split("::", 1)
+            lists[kind][name].append(a)
+    return int(meta["done"])
 
 
 def decode_set(samples: list[Sample], preprocessing: Preprocessing, *, batch_size: int, workers: int) -> list[Batch]:
@@ -151,6 +211,7 @@ def evaluate(
     on_bad_image: OnBadImage = OnBadImage.skip,
     progress: Progress | None = None,
     decoded: Sequence[Batch] | None = None,
+    checkpoint: EvalCheckpoint | None = None,
 ) -> EvalOutcome:
     """Run every variant on every image in one pass.
 
@@ -160,9 +221,14 @@ def evaluate(
         variants: built variants; one that raises is recorded in `errors` and dropped, the others go on.
         reference: name of the FP32 reference variant, against which KL and cosine are computed.
         decoded: the batches of `samples` already decoded (`decode_set`), for a set evaluated many times.
+        checkpoint: where the pass so far is saved every `checkpoint.every` images and, when saved before, resumed
+            from (`int8eval.resume`): the same batches, so the same predictions as an uninterrupted pass.
     """
     if not samples:
         raise DatasetError("no images to evaluate: every image found was used for calibration or training")
+    if checkpoint is not None and (decoded is not None or checkpoint.every % batch_size):
+        raise ValueError("a checkpoint needs batches decoded here, every `checkpoint.every` images a whole number of "
+                         f"batches (every={checkpoint.every}, batch_size={batch_size})")
     start = time.perf_counter()
     live = {v.name: v for v in variants}
     errors: dict[str, str] = {}
@@ -174,9 +240,24 @@ def evaluate(
     kept: list[np.ndarray] = []
     skipped: list[dict] = []
     task = progress.add_task("evaluating", total=len(samples)) if progress else None
+    lists = {"top5": top5, "kl": kl, "cos": cos}
+    done = 0
+    if checkpoint is not None and (saved := checkpoint.load()) is not None:
+        changed = _replay(saved, samples[:batch_size], preprocessing, live, reference)
+        if changed:
+            checkpoint.say(f"--resume: {', '.join(changed)} now predict the first images otherwise than in the "
+                           "interrupted run (built otherwise?), so evaluating from the first image")
+        else:
+            done = _restore(saved, live, errors, nonfinite, predict_s, lists, kept, skipped, len(samples))
+        if progress is not None:
+            progress.update(task, advance=done)
 
-    source = decoded if decoded is not None else batches(samples, preprocessing, batch_size=batch_size, workers=workers)
+    offset = done  # the first image after the checkpoint
+    source = decoded if decoded is not None else batches(samples[offset:], preprocessing, batch_size=batch_size,
+                                                          workers=workers)
     for batch in source:
+        if offset:  # positions in samples[offset:] -> positions in samples
+            batch = Batch(batch.indices + offset, batch.labels, batch.images, [(i + offset, r) for i, r in batch.bad])
         for i, reason in batch.bad:
             if on_bad_image is OnBadImage.fail:
                 raise DatasetError(f"cannot read {samples[i].path}: {reason} (use --on-bad-image skip to go on)")
@@ -215,6 +296,11 @@ def evaluate(
             kept.append(batch.indices)
         if progress is not None:
             progress.update(task, advance=len(batch.indices) + len(batch.bad))
+        if checkpoint is not None:
+            n = int(max([*batch.indices, *(i for i, _ in batch.bad)])) + 1
+            if n // checkpoint.every > done // checkpoint.every or n == len(samples):
+                checkpoint.save(*_state(n, live, errors, nonfinite, predict_s, lists, kept, skipped))
+            done = n
 
     if not kept:
         raise DatasetError(f"none of the {len(samples)} images could be read (first: {skipped[0]['reason']})")

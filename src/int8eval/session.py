@@ -70,7 +70,7 @@ def expand_recipes(
     `bias_correction=False` turns it off in the INT8 recipes; `activation_type` sets ONNX Runtime's INT8 activations
     (None: the CPU's choice); `legacy` adds the seed's torch.ao path on torch (and for QAT); `channel_alignment` and
     each `smooth_quant` alpha add, beside each OpenVINO INT8 recipe, the same with NNCF's algorithm; `adaround` adds,
-    beside each ONNX Runtime INT8 recipe, the same with AdaRound's learned weight rounding."""
+    beside each ONNX Runtime and OpenVINO INT8 recipe, the same with AdaRound's learned weight rounding."""
     chosen = [Backend(b) for b in backends_] or [b for b, info in backends.BACKENDS.items() if info.installed and info.default]
     if activation_type is not None and Backend.onnxruntime not in chosen:
         raise ConfigError("--activation-type applies to onnxruntime's INT8 recipes; add --backend onnxruntime")
@@ -78,9 +78,9 @@ def expand_recipes(
     if nncf_extras and Backend.openvino not in chosen:
         raise ConfigError("--channel-alignment and --smooth-quant are NNCF's and apply to openvino's INT8 recipes "
                           "(no other backend offers them); add --backend openvino")
-    if adaround and Backend.onnxruntime not in chosen:
-        raise ConfigError("--adaround applies to onnxruntime's INT8 recipes (it rewrites ONNX Runtime's INT8 weights); "
-                          "add --backend onnxruntime")
+    if adaround and Backend.onnxruntime not in chosen and Backend.openvino not in chosen:
+        raise ConfigError("--adaround applies to onnxruntime's and openvino's INT8 recipes (it rewrites their INT8 "
+                          "weights); add --backend onnxruntime or --backend openvino")
     recipes: list[Recipe] = []
     for backend in chosen:
         emulate = backend is Backend.tensorrt and tensorrt_on_cpu
@@ -91,7 +91,7 @@ def expand_recipes(
                                   emulate=emulate, keep_fp32=keep)
                     act = dict(activation_type=activation_type) if backend is Backend.onnxruntime else {}
                     recipes.append(Recipe(**common, **act, bias_correction=None if bias_correction else False))
-                    if adaround and backend is Backend.onnxruntime:
+                    if adaround and backend in (Backend.onnxruntime, Backend.openvino):
                         recipes.append(Recipe(**common, **act, adaround=True,
                                               bias_correction=None if bias_correction else False))
                     if backend is Backend.openvino:
@@ -380,13 +380,15 @@ def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str) ->
         result.delta_top1 = result.top1 - float(np.mean(preds.correct1(reference)))
 
 
-def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=None) -> Measured:
+def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=None, checkpoint=None) -> Measured:
     """Evaluate every built variant in one pass over the session's evaluation images (each decoded once), fill each
-    recipe's accuracy against the PyTorch reference, and apply the FP32 parity gate (int8eval.parity)."""
+    recipe's accuracy against the PyTorch reference, and apply the FP32 parity gate (int8eval.parity). `checkpoint`
+    (int8eval.resume.EvalCheckpoint) saves the pass as it goes and resumes it."""
     spec = session.spec
     outcome = evaluate(
         session.eval_samples, session.loaded.preprocessing, built.variants, reference=REFERENCE.name,
         batch_size=spec.batch_size, workers=spec.workers, on_bad_image=spec.on_bad_image, progress=progress,
+        checkpoint=checkpoint,
     )
     preds = outcome.predictions
     results = {r.name: variant_result(r, built.variant(r.name), built.failures.get(r.name)) for r in plan}

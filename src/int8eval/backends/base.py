@@ -49,6 +49,7 @@ class BuildContext:
     # Memos, filled by the backends that use them:
     onnx: Any = None  # onnx_qdq.PreparedOnnx: the FP32 export and its activation statistics per calibration set
     openvino: Any = None  # openvino_backend.Conversion: the converted FP32 model and the module it came from
+    adaround: dict = field(default_factory=dict)  # openvino_adaround: each layer's learned rounding, by its grid
 
 
 def require_calibration(recipe: Recipe, calib: CalibrationData | None) -> None:

@@ -16,6 +16,9 @@ INT8 (NNCF, symmetric "performance" preset, then int8eval's bias correction), by
 NNCF's float algorithms, when the recipe asks (`align_and_smooth`): SmoothQuant (`smooth_quant`) and channel
 alignment (`channel_alignment`) run through NNCF's own Pipeline before quantization, as `nncf.quantize` would run them,
 but apart from it, so that int8eval's percentile/entropy ranges and bias correction see the model they changed.
+
+`recipe.adaround`: int8eval's AdaRound (`openvino_adaround`) replaces the INT8 weights NNCF wrote by learned ones, on
+NNCF's scales and integer range, before bias correction; details["adaround"] says what it did.
 """
 
 from __future__ import annotations
@@ -409,10 +412,18 @@ def build(
         first = first_layer_fp32(fp32)
         details["first_layer_fp32"] = first or None
         model = quantize(fp32, recipe, calib, options=opts, fp32_ops=first)
+        # The FP32 module whose layer inputs AdaRound and bias correction measure: the one NNCF's algorithms changed.
+        folded = converted.folded
+        if asks_for(recipe) and (recipe.adaround or recipe.bias_correction):
+            folded = transformed_module(converted.folded, fp32, _module_ops(fp32))
+        if recipe.adaround:  # learned INT8 weights on NNCF's scales, before bias correction measures them
+            from int8eval.backends.openvino_adaround import learned_rounding
+
+            memo = context.adaround if folded is converted.folded else None  # see learned_rounding
+            details["adaround"], details["adaround_layers"] = learned_rounding(model, folded, calib, _module_ops(model),
+                                                                               memo=memo)
         details["bias_correction"] = None
         if recipe.bias_correction:
-            folded = transformed_module(converted.folded, fp32, _module_ops(fp32)) if asks_for(recipe) else \
-                converted.folded
             details["bias_correction"] = "int8eval"
             details["bias_corrected_layers"] = correct_biases(model, folded, calib)
         details["quantize_s"] = time.perf_counter() - t

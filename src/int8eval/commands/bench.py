@@ -14,6 +14,7 @@ from int8eval.bench.timing import make_input
 from int8eval.backends import CalibrationData
 from int8eval.commands import write_run
 from int8eval.config import Precision, Recipe, SessionSpec
+from int8eval.data.cache import using
 from int8eval.errors import ConfigError, DatasetError, Int8EvalError, RunFolderError
 from int8eval.models import load_model
 from int8eval.report import Report
@@ -84,10 +85,12 @@ def bench(
     keeps: Sequence[tuple[str, ...]] = ((),),
     activation_type: str | None = None,
     on_progress: Callable[[str], None] | None = None,
+    decode_cache: Path | None = None,
     **bench_kw: Any,
 ) -> Report:
     """Build `model` on each backend in each precision and benchmark it (no accuracy): writes OUT/report.json (its
-    `bench` section and each variant's) and report.md/.html. `**bench_kw` goes to `bench.benchmark`.
+    `bench` section and each variant's) and report.md/.html. `**bench_kw` goes to `bench.benchmark`; calibration
+    images are decoded through `decode_cache` (int8eval.data.cache; None: none).
 
     Example:
         >>> bench("efficientnet_lite0", ["onnxruntime", "openvino"], ["fp32", "int8"], out=Path("runs/bench"))
@@ -108,12 +111,14 @@ def bench(
                             config={"command": "bench", "model": model, "backends": list(backends),
                                     "precisions": list(precisions), "calib_size": calib_size, "seed": seed,
                                     "keeps": [list(k) for k in keeps], "activation_type": activation_type,
-                                    "data": str(data) if data else None},
+                                    "data": str(data) if data else None,
+                                    "decode_cache": str(decode_cache) if decode_cache else None},
                             timing={"total_s": time.perf_counter() - start})
         report.bench = section
         return report
 
-    return write_run(out, body)
+    with using(decode_cache):
+        return write_run(out, body)
 
 
 def _results(recipes: Sequence[Recipe], built: Built, skipped: list[tuple[Recipe, str]]) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 
 from int8eval.commands import write_run
 from int8eval.config import Backend, Recipe, SessionSpec
+from int8eval.data.cache import using
 from int8eval.data.decode import decode_samples
 from int8eval.data.layouts import Sample, subsample
 from int8eval.diagnose import (
@@ -68,6 +69,7 @@ def run_diagnose(
     checkpoint: Path | None = None,
     weights: str | None = None,
     threads: int | None = None,
+    decode_cache: Path | None = None,
     console=None,
 ) -> dict:
     """`int8eval diagnose`: per-layer sensitivity of MODEL on DATA, written to OUT/sensitivity.json and returned (the
@@ -78,7 +80,8 @@ def run_diagnose(
     with `confirm_images`, the top-k kept in FP32 is checked again on that many other images of the pool (disjoint
     from the sweep's where the data allows). `fast` ranks with `diagnose.fast_diagnose` (the same criterion as
     rank_by="kl", a fraction of the cost; no all-but, split-effect, SQNR or ONNX-name results); sensitivity.json's
-    `sweep` says which ran. OUT/report.json gets the `sensitivity` section (see the module).
+    `sweep` says which ran. OUT/report.json gets the `sensitivity` section (see the module). Images are decoded
+    through `decode_cache` (int8eval.data.cache; None: none).
 
     Example:
         >>> run_diagnose("efficientnet_lite0", Path("imagenet-sample"), Path("runs/lite0"), max_images=64, top_k=5)
@@ -88,7 +91,7 @@ def run_diagnose(
     if fast and rank_by != "kl":
         raise ConfigError(f"the fast ranking ranks by the KL when only each layer is INT8, not by {rank_by}; "
                           "drop --rank-by or --fast")
-    with torch_threads(threads or None):  # restored on the way out
+    with torch_threads(threads or None), using(decode_cache):  # both restored on the way out
         say = (lambda msg: console.log(msg)) if console is not None else (lambda msg: None)
         if spec is None:
             spec = FakeQuantSpec.from_recipe(recipe) if recipe is not None else FakeQuantSpec()
@@ -96,7 +99,7 @@ def run_diagnose(
         has_run = _check_out(out_dir, loaded.name)  # before any work: nothing is written into another model's run
         session_spec = SessionSpec(model=model_name, data=data_root, labels=labels, checkpoint=checkpoint,
                                    weights=weights, calib_size=calib_size, seed=seed, batch_size=batch_size,
-                                   workers=workers, max_images=max_images)
+                                   workers=workers, max_images=max_images, decode_cache=decode_cache)
         # An INT8 recipe, so the session splits off (and decodes) the calibration images as `int8eval run` does.
         session = open_session(session_spec, [Recipe(backend=Backend.torch)], loaded=loaded, say=say)
         result, eval_ids, skipped = _sweep(session, spec, top_k=top_k, rank_by=rank_by, split_effects=split_effects,
@@ -105,7 +108,8 @@ def run_diagnose(
                    "calib_image_ids": session.calib.image_ids, "image_ids": eval_ids}
         options = dict(spec=asdict(spec), calib_size=calib_size, max_images=max_images, confirm_images=confirm_images,
                        top_k=top_k, rank_by=rank_by, split_effects=split_effects, fast=fast, layers=layers, seed=seed,
-                       batch_size=batch_size, workers=workers, threads=threads)
+                       batch_size=batch_size, workers=workers, threads=threads,
+                       decode_cache=str(decode_cache) if decode_cache else None)
         timing = {"total_s": time.perf_counter() - start, "sweep_s": result["seconds"]}
         if has_run:
             add_to_run(out_dir, result)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from int8eval.commands import write_run
 from int8eval.config import SessionSpec
+from int8eval.data.cache import using
 from int8eval.errors import DatasetError, ModelLoadError
 from int8eval.parity import REFERENCE, plan_recipes
 from int8eval.recipes.reproduce import (
@@ -44,6 +45,7 @@ def reproduce(
     gpu: bool | None = None,
     workers: int = 0,
     compile: bool = True,
+    decode_cache: Path | None = None,
 ) -> Report:
     """Run `recipe` into the run folder `out` (see the module docstring) and return its Report.
 
@@ -51,6 +53,7 @@ def reproduce(
     seeded split of it. Without TensorRT and a GPU the CPU recipes run, plus TensorRT's Q/DQ ONNX under ONNX Runtime.
     Missing weights or data raise an error that lists everything the recipe needs and where to put it.
     `compile=False` leaves the PT2E QAT model uncompiled (same numbers, none of the speed; for tests).
+    `decode_cache`: the folder decoded images are kept in (int8eval.data.cache), None for none.
 
     Example:
         >>> report = reproduce(load_recipe("seed"), data=Path("imagenet/val"), train_data=Path("imagenet/train"),
@@ -69,7 +72,7 @@ def reproduce(
     spec = SessionSpec(
         model=recipe.model, checkpoint=checkpoint, weights=recipe.weights, preprocessing=recipe.preprocessing,
         data=data, labels=labels, calib_size=calib_size or recipe.calib_size, seed=recipe.seed,
-        batch_size=recipe.batch_size, workers=workers, max_images=max_images,
+        batch_size=recipe.batch_size, workers=workers, max_images=max_images, decode_cache=decode_cache,
         train_data=None if same else train_data, train_batch_size=recipe.finetune.batch_size,
         **({"train_size": size} if size else {}),
     )
@@ -109,7 +112,8 @@ def reproduce(
         (staging / "seed_table.json").write_text(js)
         return report
 
-    return write_run(out, body)
+    with using(decode_cache):
+        return write_run(out, body)
 
 
 def _build_on_qat_weights(recipe: ReproRecipe, session: Session, built: Built, workdir: Path, on_gpu: bool) -> list:

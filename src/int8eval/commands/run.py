@@ -8,8 +8,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from int8eval import resume
 from int8eval.commands import write_run
 from int8eval.config import RunConfig
+from int8eval.data.cache import using
 from int8eval.parity import REFERENCE, plan_recipes
 from int8eval.report import Report
 from int8eval.session import build_variants, check_recipes, measure, new_report, open_session
@@ -34,7 +36,35 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     start = time.perf_counter()
     plan = plan_recipes(config.recipes)
     check_recipes(plan)  # fail before any work on a missing backend or an impossible recipe
-    return write_run(config.out, lambda staging: _run_into(staging, config, plan, console, start))
+    with using(config.decode_cache):
+        report = write_run(config.out, lambda staging: _run_into(staging, config, plan, console, start))
+    resume.remove(config.out)  # the run is committed: its predictions.npz is the record
+    return report
+
+
+# Images between evaluation checkpoints (rounded up to whole batches): a kill loses at most this much evaluation, and
+# each save rewrites the per-image predictions so far (a few MB for 50,000 images).
+CHECKPOINT_IMAGES = 1000
+
+
+def _checkpoint_every(batch_size: int) -> int:
+    return -(-CHECKPOINT_IMAGES // batch_size) * batch_size
+
+
+def _resume_key(config: RunConfig, session) -> dict:
+    """What decides this run's predictions: the arguments (but --out, --resume and --bench, which come after the
+    pass), the files and images it reads, the libraries and the CPU."""
+    calib_root = Path(config.calib_data or config.data)
+    return {
+        "arguments": config.model_dump(mode="json", exclude={"out", "resume", "bench"}),
+        "checkpoint file": resume.stamp(config.checkpoint),
+        "labels file": resume.stamp(config.labels),
+        "evaluation images": resume.images_digest((s.id, s.path) for s in session.eval_samples),
+        "calibration images": resume.images_digest(
+            (i, calib_root / i) for i in (session.calib.image_ids if session.calib else [])),
+        "training images": resume.images_digest((s.id, s.path) for s in session.train),
+        **resume.environment_key(),
+    }
 
 
 def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float) -> Report:
@@ -59,7 +89,10 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
 
         built = build_variants(session, plan, out / "artifacts", required=[REFERENCE], say=say)
         progress.update(building[-1], total=1, completed=1)
-        measured = measure(session, plan, built, progress=progress)
+        checkpoint = resume.open_checkpoint(config.out, _resume_key(config, session), resume=config.resume,
+                                            every=_checkpoint_every(config.batch_size),
+                                            say=lambda msg: console.print(msg, markup=False, highlight=False))
+        measured = measure(session, plan, built, progress=progress, checkpoint=checkpoint)
 
     measured.predictions.save(out / "predictions.npz")
     report = new_report(

@@ -22,6 +22,7 @@ from int8eval.backends import BuildContext, Variant
 from int8eval.bench import bench_run
 from int8eval.commands import write_run
 from int8eval.config import Backend, Objective, Precision, Recipe, TuneConfig
+from int8eval.data.cache import using
 from int8eval.data.decode import Batch
 from int8eval.data.layouts import Sample, discover, split_tuning, subsample
 from int8eval.errors import ConfigError, Int8EvalError
@@ -62,7 +63,8 @@ def tune(config: TuneConfig, *, console: Console | None = None) -> Report:
     def say(msg: str) -> None:
         console.log(msg, markup=False)
 
-    report = write_run(config.out, lambda staging: _tune_into(staging, config, defaults, say, start))
+    with using(config.decode_cache):
+        report = write_run(config.out, lambda staging: _tune_into(staging, config, defaults, say, start))
     tune_cache.remove(config.out)  # the run is committed: its report is the record of every candidate
     return report
 

@@ -1,7 +1,9 @@
-"""Decode each image once, with the model's own preprocessing. Unreadable images come back as (index, reason)."""
+"""Decode each image once, with the model's own preprocessing. Unreadable images come back as (index, reason).
+Evaluation batches go through the active decode cache (int8eval.data.cache), which keeps each image's crop."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import warnings
@@ -9,11 +11,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import PIL
 import torch
-from PIL import Image, UnidentifiedImageError
+import torchvision
+from PIL import Image, UnidentifiedImageError, features
 from torchvision import transforms
 
 from int8eval.config import Preprocessing
+from int8eval.data.cache import DecodeCache, active_cache
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError
 
@@ -24,15 +29,30 @@ INTERPOLATION = {
 }
 
 
-def build_transform(pre: Preprocessing) -> transforms.Compose:
+def crop_transform(pre: Preprocessing) -> transforms.Compose:
+    """Resize + CenterCrop of a PIL image: the part of `build_transform` whose uint8 result the decode cache keeps."""
     return transforms.Compose(
         [
             transforms.Resize(pre.resize, interpolation=INTERPOLATION[pre.interpolation.value]),
             transforms.CenterCrop(pre.crop),
-            transforms.ToTensor(),
-            transforms.Normalize(pre.mean, pre.std),
         ]
     )
+
+
+def build_transform(pre: Preprocessing) -> transforms.Compose:
+    tensor = [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
+    return transforms.Compose([*crop_transform(pre).transforms, *tensor])
+
+
+def pixels_to_tensor(pixels: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """ToTensor + Normalize of uint8 [H, W, 3] pixels: float32 [3, H, W], bit for bit torchvision's. The same float32
+    operations (/ 255, - mean, / std: each exactly rounded, IEEE 754), in numpy on one thread: torch would spread each
+    of these small operations over its thread pool, which costs milliseconds apiece when other work holds the cores."""
+    x = pixels.transpose(2, 0, 1).astype(np.float32, order="C")  # a copy: a memory-mapped cache entry is read-only
+    x /= np.float32(255)
+    x -= np.asarray(pre.mean, np.float32)[:, None, None]
+    x /= np.asarray(pre.std, np.float32)[:, None, None]
+    return torch.from_numpy(x)
 
 
 # Decode bounds, checked from the header before any pixel is decoded or resized: photos in ImageNet are a few
@@ -40,6 +60,16 @@ def build_transform(pre: Preprocessing) -> transforms.Compose:
 MAX_PIXELS = 50_000_000  # decoded pixels (150 MB as RGB); a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale
 MAX_ASPECT = 25  # longer side / shorter side: resizing the short side of a 1:100000 sliver needs gigabytes
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Bump when decoding (load_rgb) or the crop changes what the pixels of a file are: cached crops are then decoded again.
+DECODE_VERSION = 1
+
+
+def cache_kind(pre: Preprocessing) -> str:
+    """Everything a cached crop depends on besides the file: the crop, the decoder (its version and bounds)."""
+    return json.dumps({"version": DECODE_VERSION, "resize": pre.resize, "crop": pre.crop,
+                       "interpolation": pre.interpolation.value, "max_pixels": MAX_PIXELS, "max_aspect": MAX_ASPECT,
+                       "pillow": PIL.__version__, "libjpeg": features.version("jpg"),
+                       "torchvision": torchvision.__version__}, sort_keys=True)
 
 
 class ImageRefused(DatasetError):
@@ -119,11 +149,28 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         label = self.samples[i].label
         try:
-            return i, label, self.transform(load_rgb(self.samples[i].path, self.min_side)), None
+            return i, label, self.image(self.samples[i].path), None
         except ImageRefused as e:
             return i, label, None, str(e)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the file, reported per image
             return i, label, None, f"{type(e).__name__}: {e}"
+
+    def image(self, path) -> torch.Tensor:
+        return self.transform(load_rgb(path, self.min_side))
+
+
+class EvalDataset(ImageDataset):
+    """The model's eval preprocessing of each image, `build_transform` in two parts: the uint8 crop, read from the
+    `cache` when it holds it (else decoded, and stored there), then ToTensor and Normalize (`pixels_to_tensor`)."""
+
+    def __init__(self, samples: list[Sample], pre: Preprocessing, cache: DecodeCache | None = None) -> None:
+        super().__init__(samples, crop_transform(pre), min_side=pre.resize)
+        self.pre, self.cache, self.kind, self.shape = pre, cache, cache_kind(pre), (pre.crop, pre.crop, 3)
+
+    def image(self, path) -> torch.Tensor:
+        decode = lambda: np.asarray(self.transform(load_rgb(path, self.min_side)))  # noqa: E731
+        pixels = decode() if self.cache is None else self.cache.get(path, self.kind, self.shape, decode)
+        return pixels_to_tensor(pixels, self.pre)
 
 
 @dataclass
@@ -139,7 +186,9 @@ def collate(items) -> Batch:
     bad = [(i, err) for i, _, _, err in items if err is not None]
     if good:
         idx, ys, xs = zip(*good)
-        images = torch.stack(xs).numpy()
+        # numpy's copy runs on one thread: torch.stack's waits on its thread pool, ~0.2 s a batch when other work
+        # holds the cores, more than reading a batch from the decode cache takes.
+        images = np.stack([x.numpy() for x in xs])
     else:
         idx, ys, images = (), (), np.zeros((0, 3, 1, 1), np.float32)
     return Batch(np.asarray(idx, dtype=np.int64), np.asarray(ys, dtype=np.int64), images, bad)
@@ -160,8 +209,9 @@ def loader(dataset: ImageDataset, *, batch_size: int, workers: int, **kw) -> tor
 
 
 def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, workers: int) -> Iterator[Batch]:
-    """Decoded, preprocessed batches in sample order (workers decode ahead while the variants run)."""
-    dataset = ImageDataset(samples, build_transform(pre), min_side=pre.resize)
+    """Decoded, preprocessed batches in sample order (workers decode ahead while the variants run), through the
+    decode cache active when iterating starts (`cache.using`)."""
+    dataset = EvalDataset(samples, pre, active_cache())
     yield from loader(dataset, batch_size=batch_size, workers=workers, shuffle=False)
 
 

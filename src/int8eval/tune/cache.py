@@ -21,36 +21,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from int8eval.config import Recipe, TuneConfig
-from int8eval.environment import cpu_capabilities, library_versions
 from int8eval.errors import RunFolderError
 from int8eval.report.folder import write_atomic
 from int8eval.report.sections import TuneCandidate
+from int8eval.resume import differences, environment_key, fingerprint, images_digest, stamp
 
 CACHE = ".tune-cache"
 KEY = "key.json"
-
-
-def _stamp(path: Path | None) -> list | None:
-    """(resolved path, size, mtime) of a file: a changed file changes the fingerprint without reading it whole."""
-    if path is None:
-        return None
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return [str(path), None, None]
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _images(items: Iterable[tuple[str, Path]]) -> str:
-    """sha256 over (id, size, mtime) of every image of a set, in order."""
-    h = hashlib.sha256()
-    for image_id, path in items:
-        try:
-            st = Path(path).stat()
-            h.update(f"{image_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{image_id}\0missing\n".encode())
-    return h.hexdigest()
 
 
 def key(config: TuneConfig, *, calibration: Iterable[tuple[str, Path]], tuning: Iterable[tuple[str, Path]],
@@ -59,30 +36,14 @@ def key(config: TuneConfig, *, calibration: Iterable[tuple[str, Path]], tuning: 
     left out: the first is where the cache is, the second only decides when the climb stops."""
     return {
         "arguments": config.model_dump(mode="json", exclude={"out", "time_budget_s"}),
-        "checkpoint file": _stamp(config.checkpoint),
-        "labels file": _stamp(config.labels),
-        "calibration images": _images(calibration),
-        "tuning images": _images(tuning),
-        "confirmation images": _images(confirmation),
-        "training images": _images(training),
-        "libraries": library_versions(),  # int8eval's own version among them
-        "cpu": cpu_capabilities().model_dump(mode="json"),
+        "checkpoint file": stamp(config.checkpoint),
+        "labels file": stamp(config.labels),
+        "calibration images": images_digest(calibration),
+        "tuning images": images_digest(tuning),
+        "confirmation images": images_digest(confirmation),
+        "training images": images_digest(training),
+        **environment_key(),  # library versions (int8eval's among them) and the CPU
     }
-
-
-def fingerprint(k: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(k, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """What changed, briefly: the arguments by name with both values; when they are the same, what else changed (the
-    images an argument picks change with it, so they are not said beside it)."""
-    old_args, new_args = old.get("arguments", {}), new["arguments"]
-    said = [f"{name} {json.dumps(old_args.get(name))} -> {json.dumps(new_args.get(name))}"
-            for name in sorted(set(old_args) | set(new_args)) if old_args.get(name) != new_args.get(name)]
-    said = said or [name for name in new if name != "arguments" and old.get(name) != new[name]]
-    text = "; ".join(said) or "unreadable key"
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _file(kind: str, name: str) -> str:
@@ -107,7 +68,7 @@ class TuneCache:
                 old = json.loads((other / KEY).read_text())
             except (OSError, ValueError):
                 old = {}
-            say(f"tune cache in {root} is from other arguments ({_differences(old, k)}); starting afresh")
+            say(f"tune cache in {root} is from other arguments ({differences(old, k)}); starting afresh")
             if other.is_dir():
                 shutil.rmtree(other, ignore_errors=True)
             else:

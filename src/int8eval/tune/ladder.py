@@ -1,8 +1,8 @@
 """The ladder of candidate recipes for one backend, cheapest steps first. Each step is made from the best recipe
 found so far (lowest mean KL to the FP32 logits on the tuning images), so later steps build on what earlier ones
 learnt: calibration methods first, then the activation type and bias correction, then the backend's own
-cross-layer equalization and SmoothQuant, then AdaRound's learned weight rounding (ONNX Runtime), then layers kept
-in FP32 from a sensitivity ranking (fewest first), then QAT when training images are given.
+cross-layer equalization and SmoothQuant, then AdaRound's learned weight rounding (ONNX Runtime and OpenVINO), then
+layers kept in FP32 from a sensitivity ranking (fewest first), then QAT when training images are given.
 
 Channel alignment and SmoothQuant are NNCF's, so OpenVINO's steps only (`backends.openvino_nncf` says why the other
 backends have none): channel alignment where the converted model has a pair it changes, SmoothQuant where the model
@@ -104,7 +104,7 @@ def ladder(
         steps.append(Step("channel alignment", _channel_alignment(cache(lambda: alignable_pairs(loaded, context)))))
         if transformer_like(loaded.module):
             steps.append(Step("SmoothQuant", _smooth_quant))
-    if backend is Backend.onnxruntime:  # int8eval's AdaRound writes ONNX Runtime's INT8 weights (`backends.adaround`)
+    if backend in (Backend.onnxruntime, Backend.openvino):  # int8eval's AdaRound writes their INT8 weights
         steps.append(Step("AdaRound", _adaround))
     if ranking is not None and max_fp32_layers > 0:
         steps.append(Step("FP32 layers", lambda base: _fp32_layers(ranking(), max_fp32_layers)(base)))
