@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int8eval.backends.base import CalibrationData
+from int8eval.backends.bias_correction import calibration_pass
 
 # The rectified sigmoid's stretch (the paper's zeta and gamma): h(V) reaches exactly 0 and 1.
 ZETA, GAMMA = 1.1, -0.1
@@ -132,19 +133,11 @@ def input_grams(module: nn.Module, layers: Iterable[str], calib: CalibrationData
 
         return record
 
-    handles = []
+    layers = list(layers)
     for name in layers:
-        layer = modules.get(name)
-        if not supported(layer):
+        if not supported(modules.get(name)):
             raise ValueError(f"AdaRound: {name!r} is not a Linear or zero-padded Conv2d layer of the model")
-        handles.append(layer.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            for batch in calib:
-                module(torch.as_tensor(batch, dtype=torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
+    calibration_pass(module, {name: hook(name) for name in layers}, calib)
     return {name: sums[name] / counts[name] for name in sums}
 
 

@@ -46,12 +46,18 @@ def output_shifts(
 
         return record
 
-    handles = []
     for name in weight_errors:
-        layer = modules.get(name)
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)):
             raise ValueError(f"bias correction: {name!r} is not a Conv2d or Linear layer of the model")
-        handles.append(layer.register_forward_hook(hook(name)))
+    calibration_pass(module, {name: hook(name) for name in weight_errors}, calib)
+    return {name: (sums[name] / counts[name]).numpy() for name in sums}
+
+
+def calibration_pass(module: nn.Module, hooks: Mapping[str, object], calib: CalibrationData | Iterable) -> None:
+    """Run the FP32 `module` over the calibration image batches with each forward hook of `hooks` (module path ->
+    hook) on its layer, and take the hooks off again whatever happens."""
+    modules = dict(module.named_modules())
+    handles = [modules[name].register_forward_hook(h) for name, h in hooks.items()]
     try:
         with torch.no_grad():
             for batch in calib:
@@ -59,7 +65,6 @@ def output_shifts(
     finally:
         for h in handles:
             h.remove()
-    return {name: (sums[name] / counts[name]).numpy() for name in sums}
 
 
 def subtract_from_biases(module: nn.Module, shifts: Mapping[str, np.ndarray]) -> None:
