@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.cli_options import decode_cache_options
-from int8eval.config import ActivationType, Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
+from int8eval.cli_options import ACTIVATION_TYPE, acceptance_options, decode_cache_options, keep_options
+from int8eval.config import Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
@@ -47,45 +47,6 @@ def _friendly(fn):
 @click.version_option(package_name="int8eval")
 def main() -> None:
     """What INT8 costs an image classifier in accuracy, and what it buys in speed and size."""
-
-
-ACTIVATION_TYPE = click.option(
-    "--activation-type", type=click.Choice([a.value for a in ActivationType]),
-    help="ONNX Runtime INT8 activations: uint8 (U8S8) or int8 (S8S8). Default: the CPU's (uint8 on x86, int8 "
-    "elsewhere); set, variant names end in -u8s8 / -s8s8.",
-)
-
-_ACCEPTANCE = (
-    click.option("--max-drop", type=float, help="Accuracy budget: the most top-1 an INT8 variant may lose (points)."),
-    click.option("--drop", type=click.Choice(["absolute", "relative"]), help="--max-drop in points (absolute, default) or percent of FP32."),
-    click.option("--mlperf", is_flag=True, help="MLPerf's budget: INT8 top-1 >= 99% of FP32's."),
-)
-
-
-def acceptance_options(fn):
-    for option in reversed(_ACCEPTANCE):
-        fn = option(fn)
-    return fn
-
-
-_KEEP_HELP = ("Leave layers in FP32 in every INT8 recipe: 'a,b' (module paths), 'topN' (from --sensitivity), or "
-              "'none'. Repeatable: one variant per value (add 'none' to also get the fully quantized one).")
-
-
-def keep_options(keep_help: str = _KEEP_HELP):
-    """`--keep-fp32 LAYERS` (repeatable, as `keeps`) and `--sensitivity FILE`; resolve them with `resolve_keep`."""
-    options = (
-        click.option("--keep-fp32", "keeps", multiple=True, metavar="LAYERS", help=keep_help),
-        click.option("--sensitivity", type=click.Path(path_type=Path),
-                     help="sensitivity.json for --keep-fp32 topN (default: OUT/sensitivity.json)."),
-    )
-
-    def decorate(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
 
 
 @main.command()

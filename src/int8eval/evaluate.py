@@ -87,6 +87,11 @@ def _state(done: int, live, errors, nonfinite, predict_s, lists, kept, skipped) 
     return meta, arrays
 
 
+def _top5(logits: np.ndarray) -> np.ndarray:
+    """Each row's 5 best classes, best first; ties broken by class index (a stable sort)."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :TOPK].astype(np.int16)
+
+
 def _replay(saved: dict, first: list[Sample], preprocessing: Preprocessing, live: dict[str, Variant],
             reference: str | None) -> list[str]:
     """The variants whose predictions on the first batch differ from the checkpoint's: rebuilt models must give the
@@ -101,7 +106,7 @@ def _replay(saved: dict, first: list[Sample], preprocessing: Preprocessing, live
             except Exception:  # noqa: BLE001 - it fails now where it did not: it differs
                 logits[name] = None
     changed = [n for n, x in logits.items() if x is None or not np.array_equal(
-        np.argsort(-x, axis=1, kind="stable")[:, :TOPK].astype(np.int16), arrays.get(f"top5::{n}", [])[:rows])]
+        _top5(x), arrays.get(f"top5::{n}", [])[:rows])]
     if reference in logits and logits[reference] is not None and reference not in changed:
         ref = _RefStats.of(logits[reference])
         for name, x in logits.items():
@@ -285,7 +290,7 @@ def evaluate(
                     )
                 nonfinite[name] += bad
                 logits[name] = out
-                top5[name].append(np.argsort(-out, axis=1, kind="stable")[:, :TOPK].astype(np.int16))
+                top5[name].append(_top5(out))
             if reference in logits:
                 ref_stats = _RefStats.of(logits[reference])
                 for name in kl:
