@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.cli_options import ACTIVATION_TYPE, acceptance_options, decode_cache_options, keep_options
+from int8eval.cli_options import (
+    ACTIVATION_TYPE, MIN_AGREEMENT, acceptance_options, decode_cache_options, keep_options, model_source_options,
+)
 from int8eval.config import Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
@@ -93,7 +95,9 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run of the same arguments into the same "
               "RUN_DIR stopped evaluating (other arguments or data are refused).")
 @acceptance_options
+@MIN_AGREEMENT
 @_friendly
+@model_source_options
 @decode_cache_options
 def run(**kw) -> None:
     """Evaluate FP32 and INT8 variants of a model in one pass and write RUN_DIR/report.{json,md}."""
@@ -113,9 +117,9 @@ def run(**kw) -> None:
         precisions=r["precisions"], qat_epochs=r["qat_epochs"], lr=r["lr"], tensorrt_on_cpu=r["tensorrt_on_cpu"],
         keeps=resolve_keep(r["keeps"], r["sensitivity"], kw["out"]), bias_correction=not r["no_bias_correction"],
         activation_type=r["activation_type"], channel_alignment=r["channel_alignment"], smooth_quant=r["smooth_quant"],
-        adaround=r["adaround"],
+        adaround=r["adaround"], onnx_file=kw["model"].lower().endswith(".onnx"),
     )
-    acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
+    acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"), kw.pop("min_agreement"))
     if kw["data"] is None:
         kw["data"] = default_data_root()
     if deployed:  # before any work: each manifest checked, and built from the model given

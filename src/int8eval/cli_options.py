@@ -73,3 +73,51 @@ def keep_options(keep_help: str = _KEEP_HELP):
         return fn
 
     return decorate
+
+
+MIN_AGREEMENT = click.option(
+    "--min-agreement", type=click.FloatRange(0, 100, min_open=True), metavar="PERCENT",
+    help="Budget on top-1 agreement with FP32 instead of accuracy: each INT8 variant passes when the whole 95% CI of "
+    "its agreement is at least PERCENT (what images without labels are judged on).",
+)
+
+_MODEL_SOURCE = (
+    click.option("--preset", type=click.Choice(["torchvision", "inception", "caffe-bgr"]),
+                 help="The preprocessing convention of an ONNX file (numbers and sources: int8eval.models.preprocessing)."),
+    click.option("--preprocessing", "preprocessing_file", type=click.Path(path_type=Path),
+                 help="YAML file of preprocessing keys (preset, resize, crop, interpolation, resize_mode, channel_order, "
+                 "layout, value_range, mean, std); flags override it."),
+    click.option("--resize", type=click.IntRange(min=1), help="Resize target (the short side, or both with --resize-mode square)."),
+    click.option("--crop", type=click.IntRange(min=1), help="Centre crop size (the model's input size)."),
+    click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic"])),
+    click.option("--resize-mode", type=click.Choice(["short-side", "square"])),
+    click.option("--channel-order", type=click.Choice(["rgb", "bgr"])),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Input layout (default: an ONNX file's input shape)."),
+    click.option("--value-range", type=click.Choice(["0-1", "0-255"]), help="Pixel scale before mean and std."),
+    click.option("--mean", help="Three numbers (or one) in the value range's units and the model's channel order, e.g. 104,117,123."),
+    click.option("--std", help="Three numbers (or one); default 1 unless a preset says otherwise."),
+    click.option("--labels-free", is_flag=True, help="Ignore labels: agreement, flips, KL and cosine to FP32, no accuracy "
+                 "(automatic for a flat folder of images without --labels)."),
+)
+
+
+def model_source_options(fn):
+    """The preprocessing of a model stated once (`models.preprocessing.resolve`: --preset, then --preprocessing FILE,
+    then the flags), passed on as `preprocessing` (left out when nothing is stated), and --labels-free as `labels_free`.
+    Apply it under `_friendly`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        from int8eval.models.preprocessing import resolve, triple
+
+        names = ("resize", "crop", "interpolation", "resize_mode", "channel_order", "layout", "value_range")
+        flags = {name: kw.pop(name) for name in names}
+        flags.update(mean=triple("--mean", kw.pop("mean")), std=triple("--std", kw.pop("std")))
+        pre = resolve(kw.pop("preset"), kw.pop("preprocessing_file"), **flags)
+        if pre is not None:
+            kw["preprocessing"] = pre
+        return fn(*args, **kw)
+
+    for option in reversed(_MODEL_SOURCE):
+        wrapper = option(wrapper)
+    return wrapper

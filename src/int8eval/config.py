@@ -47,18 +47,47 @@ class Interpolation(str, Enum):
     bicubic = "bicubic"
 
 
+class ChannelOrder(str, Enum):
+    rgb = "rgb"
+    bgr = "bgr"  # Caffe and OpenCV models
+
+
+class Layout(str, Enum):
+    nchw = "nchw"
+    nhwc = "nhwc"  # TensorFlow and Keras exports
+
+
+class ValueRange(str, Enum):
+    """The pixel scale before mean and std: 0-1 (torchvision's ToTensor) or 0-255 (Caffe)."""
+
+    unit = "0-1"
+    byte = "0-255"
+
+
+class ResizeMode(str, Enum):
+    short_side = "short-side"  # torchvision's Resize(int): the short side to `resize`, aspect kept
+    square = "square"  # Caffe's: both sides to `resize`, aspect not kept
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
 class Preprocessing(_Strict):
-    """The weights' own input pipeline: resize the short side, centre-crop, scale to [0, 1], normalise."""
+    """The weights' own input pipeline: resize, centre-crop, order the channels, scale to the value range, normalise
+    ((x - mean) / std, both in the value range's units and the model's channel order), lay out as the model reads.
+
+    The defaults are torchvision's (RGB, 0-1, NCHW); an ONNX file states its own (`models.preprocessing`)."""
 
     resize: int = Field(gt=0)
     crop: int = Field(gt=0)
     interpolation: Interpolation = Interpolation.bilinear
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize_mode: ResizeMode = ResizeMode.short_side
+    channel_order: ChannelOrder = ChannelOrder.rgb
+    value_range: ValueRange = ValueRange.unit
+    layout: Layout | None = None  # None: NCHW for a PyTorch model; an ONNX file's is read from its input shape
 
     @field_validator("std")
     @classmethod
@@ -88,11 +117,17 @@ class Acceptance(_Strict):
 
     max_drop: float = Field(ge=0.0, le=100.0)
     drop: DropKind = DropKind.absolute
-    label: str | None = None  # e.g. "mlperf", shown in the report
+    label: str | None = None  # e.g. "mlperf", shown in the report; "agreement": judged on agreement, not accuracy
 
     @classmethod
     def mlperf(cls) -> Acceptance:
         return cls(max_drop=1.0, drop=DropKind.relative, label="mlperf")
+
+    @classmethod
+    def agreement(cls, min_agreement: float) -> Acceptance:
+        """Top-1 agreement with FP32 of at least `min_agreement` percent: what images without labels can be judged on
+        (the verdict is on the share of changed answers, `max_drop` = 100 - min_agreement points)."""
+        return cls(max_drop=100.0 - min_agreement, label="agreement")
 
     def budget(self, ref_top1: float) -> float:
         """The largest allowed drop, as a fraction of images (the reference's measured top-1 fixes a relative one)."""
@@ -103,6 +138,8 @@ class Acceptance(_Strict):
     def describe(self) -> str:
         if self.label == "mlperf":
             return "MLPerf: top-1 at least 99% of FP32's (a 1% relative drop)"
+        if self.label == "agreement":
+            return f"top-1 agreement with FP32 of at least {100 - self.max_drop:g}%"
         if self.drop is DropKind.absolute:
             return f"top-1 drop of at most {self.max_drop:g} point{'' if self.max_drop == 1 else 's'}"
         return f"top-1 drop of at most {self.max_drop:g}% of FP32's top-1"
@@ -295,6 +332,9 @@ class SessionSpec(_Strict):
     preprocessing: Preprocessing | None = None  # None: the weights' own
     data: Path
     labels: Path | None = None
+    # Images without labels (or labels ignored): agreement, flips, KL and cosine to FP32, never accuracy. A flat folder
+    # of images with no --labels is read so without it (data.layouts.discover).
+    labels_free: bool = False
     calib_data: Path | None = None
     calib_size: int = Field(100, gt=0)
     seed: int = 0

@@ -217,6 +217,7 @@ def evaluate(
     progress: Progress | None = None,
     decoded: Sequence[Batch] | None = None,
     checkpoint: EvalCheckpoint | None = None,
+    num_classes: int | None = NUM_CLASSES,
 ) -> EvalOutcome:
     """Run every variant on every image in one pass.
 
@@ -228,6 +229,8 @@ def evaluate(
         decoded: the batches of `samples` already decoded (`decode_set`), for a set evaluated many times.
         checkpoint: where the pass so far is saved every `checkpoint.every` images and, when saved before, resumed
             from (`int8eval.resume`): the same batches, so the same predictions as an uninterrupted pass.
+        num_classes: the classes every variant's logits must score (the model's, `LoadedModel.num_classes`); None
+            takes the first variant's.
     """
     if not samples:
         raise DatasetError("no images to evaluate: every image found was used for calibration or training")
@@ -273,9 +276,10 @@ def evaluate(
                 t = time.perf_counter()
                 try:
                     out = np.asarray(variant.predict(batch.images), dtype=np.float32)
-                    if out.shape != (len(batch.images), NUM_CLASSES):  # e.g. 1001 with a background class
+                    if out.ndim != 2 or out.shape[0] != len(batch.images) or out.shape[1] != (num_classes or out.shape[1]):
                         raise ValueError(f"logits of shape {list(out.shape)} for {len(batch.images)} images; "
-                                         f"the label space has {NUM_CLASSES} classes")
+                                         f"the label space has {num_classes} classes")  # e.g. 1001 with a background
+                    num_classes = out.shape[1]  # the first variant's, when the model leaves it open
                 except Exception as e:  # noqa: BLE001 - a failing variant must not stop the others
                     errors[name] = f"{type(e).__name__}: {e}"
                     del live[name]

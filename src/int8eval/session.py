@@ -24,12 +24,12 @@ from int8eval import backends, stats
 from int8eval.backends import BuildContext, CalibrationData, Variant
 from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, Recipe, SessionSpec
 from int8eval.data.decode import decode_samples
-from int8eval.data.layouts import Sample, discover, split, split_training, subsample
+from int8eval.data.layouts import UNLABELLED_LAYOUT, Sample, discover, split, split_training, subsample
 from int8eval.errors import ConfigError, DatasetError
 from int8eval.environment import environment
 from int8eval.evaluate import Predictions, evaluate
 from int8eval.models import LoadedModel, load_model
-from int8eval.parity import REFERENCE, apply_gate
+from int8eval.parity import REFERENCE, apply_gate, reference_for
 from int8eval.report import Report
 from int8eval.report.schema import CalibrationSection, DataSection, ModelSection, VariantResult
 
@@ -62,6 +62,7 @@ def expand_recipes(
     channel_alignment: bool = False,
     smooth_quant: Sequence[float] = (),
     adaround: bool = False,
+    onnx_file: bool = False,
 ) -> tuple[Recipe, ...]:
     """The recipes a command asks for: per backend (default: every installed default backend), one INT8 recipe per
     calibration method (default: the backend's own, `backends.default_calib`) x set of layers kept in FP32 (`keeps`,
@@ -70,8 +71,13 @@ def expand_recipes(
     `bias_correction=False` turns it off in the INT8 recipes; `activation_type` sets ONNX Runtime's INT8 activations
     (None: the CPU's choice); `legacy` adds the seed's torch.ao path on torch (and for QAT); `channel_alignment` and
     each `smooth_quant` alpha add, beside each OpenVINO INT8 recipe, the same with NNCF's algorithm; `adaround` adds,
-    beside each ONNX Runtime and OpenVINO INT8 recipe, the same with AdaRound's learned weight rounding."""
-    chosen = [Backend(b) for b in backends_] or [b for b, info in backends.BACKENDS.items() if info.installed and info.default]
+    beside each ONNX Runtime and OpenVINO INT8 recipe, the same with AdaRound's learned weight rounding.
+
+    `onnx_file` (the model is an ONNX file): the default backends are those that take one (`backends.takes_onnx`), and
+    bias correction is off (it measures layer inputs in the PyTorch module; names end in -nobc)."""
+    chosen = [Backend(b) for b in backends_] or [b for b, info in backends.BACKENDS.items() if info.installed and info.default
+                                                 and (not onnx_file or backends.takes_onnx(b))]
+    bias_correction = bias_correction and not onnx_file
     if activation_type is not None and Backend.onnxruntime not in chosen:
         raise ConfigError("--activation-type applies to onnxruntime's INT8 recipes; add --backend onnxruntime")
     nncf_extras = [{"channel_alignment": True}] * bool(channel_alignment) + [{"smooth_quant": a} for a in smooth_quant]
@@ -177,6 +183,16 @@ class Session:
     calib_source: str | None = None  # "seeded split of DIR" or the --calib-data folder
     skipped: list[dict] = field(default_factory=list)  # images and folders not used, with why
 
+    @property
+    def labels_free(self) -> bool:
+        """No accuracy is measured: asked for, or the images carry no labels."""
+        return self.spec.labels_free or self.layout == UNLABELLED_LAYOUT
+
+    @property
+    def reference(self) -> Recipe:
+        """The FP32 reference: PyTorch's, or ONNX Runtime's for an ONNX file (`parity.reference_for`)."""
+        return reference_for(self.spec.model)
+
     def context(self, workdir: Path) -> BuildContext:
         """What the builds of this session share (an FP32 export, a converted model) and what QAT trains on."""
         s = self.spec
@@ -206,7 +222,8 @@ def open_session(
         loaded = load_model(spec.model, checkpoint=spec.checkpoint, weights=spec.weights, preprocessing=spec.preprocessing)
     for recipe in recipes:
         loaded.check_layers(recipe.keep_fp32)
-    found = discover(spec.data, spec.labels)
+        backends.check_model(loaded, recipe)
+    found = discover(spec.data, spec.labels, labels_free=spec.labels_free)
     samples, skipped = found.samples, found.skipped
     train: list[Sample] = []
     if any(r.qat_epochs for r in recipes):  # training images are never calibrated on or evaluated
@@ -352,7 +369,8 @@ class Measured:
     eval_s: float
 
 
-def variant_result(recipe: Recipe, variant: Variant | None, error: str | None) -> VariantResult:
+def variant_result(recipe: Recipe, variant: Variant | None, error: str | None,
+                   reference: Recipe = REFERENCE) -> VariantResult:
     """A report row for `recipe`: what was built (size, artifact, provenance) or why it was not."""
     return VariantResult(
         name=recipe.name,
@@ -361,7 +379,7 @@ def variant_result(recipe: Recipe, variant: Variant | None, error: str | None) -
         status="error" if error else "ok",
         error=error,
         recipe=recipe.model_dump(mode="json"),
-        reference=recipe == REFERENCE,
+        reference=recipe == reference,
         size_mb=variant.size_mb if variant else None,
         artifact=str(variant.artifact) if variant and variant.artifact else None,
         prepare_s=variant.prepare_s if variant else None,
@@ -369,8 +387,12 @@ def variant_result(recipe: Recipe, variant: Variant | None, error: str | None) -
     )
 
 
-def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str) -> None:
+def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str, *, labels_free: bool = False) -> None:
     name = result.name
+    if labels_free:  # no accuracy: only what agreement with the reference says
+        if name != reference and reference in preds.top5:
+            result.agreement_top1 = stats.agreement(preds.top1(name), preds.top1(reference))
+        return
     correct1 = preds.correct1(name)
     result.top1, result.top1_ci95 = stats.accuracy_ci(correct1)
     result.top5, result.top5_ci95 = stats.accuracy_ci(preds.correct5(name))
@@ -382,21 +404,21 @@ def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str) ->
 
 def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=None, checkpoint=None) -> Measured:
     """Evaluate every built variant in one pass over the session's evaluation images (each decoded once), fill each
-    recipe's accuracy against the PyTorch reference, and apply the FP32 parity gate (int8eval.parity). `checkpoint`
+    recipe's accuracy (or, without labels, its agreement) against the reference, and apply the FP32 parity gate (int8eval.parity). `checkpoint`
     (int8eval.resume.EvalCheckpoint) saves the pass as it goes and resumes it."""
-    spec = session.spec
+    spec, reference = session.spec, session.reference
     outcome = evaluate(
-        session.eval_samples, session.loaded.preprocessing, built.variants, reference=REFERENCE.name,
+        session.eval_samples, session.loaded.preprocessing, built.variants, reference=reference.name,
         batch_size=spec.batch_size, workers=spec.workers, on_bad_image=spec.on_bad_image, progress=progress,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, num_classes=session.loaded.num_classes,
     )
     preds = outcome.predictions
-    results = {r.name: variant_result(r, built.variant(r.name), built.failures.get(r.name)) for r in plan}
+    results = {r.name: variant_result(r, built.variant(r.name), built.failures.get(r.name), reference) for r in plan}
     for name, message in outcome.errors.items():
         results[name].status, results[name].error = "error", message
     for name, result in results.items():
         if result.status == "ok":
-            _fill_accuracy(result, preds, REFERENCE.name)
+            _fill_accuracy(result, preds, reference.name, labels_free=session.labels_free)
             result.predict_s = outcome.predict_s.get(name)
     apply_gate(list(plan), results)
     return Measured(preds, results, session.skipped + outcome.skipped, outcome.seconds)
@@ -415,6 +437,7 @@ def new_report(session: Session, variants: list[VariantResult], *, num_images: i
         data=DataSection(
             root=str(Path(spec.data).resolve()),
             layout=session.layout,
+            labels_free=session.labels_free,
             num_found=session.num_found,
             num_images=num_images,
             num_skipped=len(skipped),

@@ -17,6 +17,22 @@ def accuracy_ci(correct: np.ndarray, alpha: float = 0.05) -> tuple[float, tuple[
     return k / n, (float(lo), float(hi))
 
 
+def mean_ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, tuple[float, float]]:
+    """Mean and its normal-approximation CI (mean +- z standard errors; MEAN_CI_METHOD): per-image KL and cosine
+    are means of hundreds of images or more, where the central limit theorem holds well enough."""
+    from scipy.stats import norm
+
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    mean = float(x.mean())
+    half = float(norm.ppf(1 - alpha / 2) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    return mean, (mean - half, mean + half)
+
+
+MEAN_CI_METHOD = "normal approximation: mean +- 1.96 standard errors"
+
+
 def agreement(top1_a: np.ndarray, top1_b: np.ndarray) -> float:
     """Fraction of images whose top-1 class is the same under both."""
     return float(np.mean(top1_a == top1_b)) if len(top1_a) else float("nan")
@@ -128,7 +144,7 @@ def paired_stats(
 
     Returns a JSON-ready dict: `n`; `top1` (and `top5` when given) with both accuracies, the difference var - ref
     and its 95% CI (Newcombe, see `paired_diff_ci`), the paired table (flips both ways) and McNemar's exact
-    p-value; `agreement_top1` with its Wilson CI; `kl_mean`/`cos_mean` when given; and, when `labels` are given,
+    p-value; `agreement_top1` with its Wilson CI; `kl_mean`/`cos_mean` with their CIs (`mean_ci`) when given; and, when `labels` are given,
     `flips_by_class` (classes with any flip) and `classes_lost_most` (net loss, at most `top_classes`).
 
     Example:
@@ -149,10 +165,10 @@ def paired_stats(
     if correct5_ref is not None and correct5_var is not None:
         out["top5"] = _paired_block(correct5_ref, correct5_var, alpha)
     if kl is not None and len(kl):
-        out["kl_mean"] = float(np.mean(kl))
+        out["kl_mean"], out["kl_mean_ci95"] = mean_ci(kl, alpha)
         out["kl_p99"] = float(np.percentile(kl, 99))
     if cos is not None and len(cos):
-        out["cos_mean"] = float(np.mean(cos))
+        out["cos_mean"], out["cos_mean_ci95"] = mean_ci(cos, alpha)
         out["cos_min"] = float(np.min(cos))
     if labels is not None:
         flips = class_flips(np.asarray(labels), correct_ref, correct_var)

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from int8eval import stats
 from int8eval.config import Acceptance, DropKind, Precision
 from int8eval.errors import ConfigError
@@ -27,8 +29,15 @@ if TYPE_CHECKING:  # imported where used: evaluate reaches the backends, which j
 _TOL = 1e-9
 
 
-def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool) -> Acceptance | None:
-    """The CLI's `--max-drop X --drop absolute|relative` or `--mlperf` as an Acceptance (None when neither)."""
+def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool,
+                          min_agreement: float | None = None) -> Acceptance | None:
+    """The CLI's `--max-drop X --drop absolute|relative`, `--mlperf` or `--min-agreement P` as an Acceptance (None
+    when none)."""
+    if min_agreement is not None:
+        if max_drop is not None or drop is not None or mlperf:
+            raise ConfigError("--min-agreement is a budget of its own (on agreement, not accuracy): give either it or "
+                              "--max-drop/--mlperf")
+        return Acceptance.agreement(min_agreement)
     if mlperf:
         if max_drop is not None or drop not in (None, DropKind.relative.value):
             raise ConfigError("--mlperf already means --max-drop 1 --drop relative; give either --mlperf or --max-drop")
@@ -40,6 +49,13 @@ def acceptance_from_flags(max_drop: float | None, drop: str | None, mlperf: bool
     if not 0 <= max_drop <= 100:
         raise ConfigError(f"--max-drop {max_drop} is out of range; give points between 0 and 100 (e.g. 1.0)")
     return Acceptance(max_drop=max_drop, drop=DropKind(drop or DropKind.absolute.value))
+
+
+def check_judgeable(acceptance: Acceptance | None, labels_free: bool) -> None:
+    """A ConfigError when images without labels would be judged on accuracy."""
+    if labels_free and acceptance is not None and acceptance.label != "agreement":
+        raise ConfigError(f"the images carry no labels, so there is no accuracy to judge '{acceptance.describe()}' "
+                          "on: give --min-agreement PERCENT instead")
 
 
 def _settle_count(n: int | None, drop: float, half_width: float, budget: float) -> int | None:
@@ -98,8 +114,17 @@ def decide(
     )
 
 
-def paired_for(preds: Predictions, name: str, reference: str) -> PairedSection:
-    """Paired statistics of variant `name` against `reference` on the images of `preds`."""
+def paired_for(preds: Predictions, name: str, reference: str, *, labels_free: bool = False) -> PairedSection:
+    """Paired statistics of variant `name` against `reference` on the images of `preds`. `labels_free`: the
+    reference's top-1 answers stand in for the labels, so top-1 "accuracy" is agreement, its flips the images whose
+    answer changed, and top-5 whether the reference's answer is in the variant's top 5."""
+    if labels_free:
+        ref_top1, top1 = preds.top1(reference), preds.top1(name)
+        return _paired(
+            np.ones(len(ref_top1), bool), top1 == ref_top1, ref_top1, top1,
+            correct5_ref=np.ones(len(ref_top1), bool), correct5_var=(preds.top5[name] == ref_top1[:, None]).any(axis=1),
+            kl=preds.kl_to_ref.get(name), cos=preds.cos_to_ref.get(name),
+        )
     return _paired(
         preds.correct1(reference),
         preds.correct1(name),
@@ -128,13 +153,15 @@ def add_paired_stats(report: Report, predictions: Predictions, acceptance: Accep
     ref = report.reference
     if ref is None or ref.name not in predictions.top5:
         return report
+    labels_free = report.data.labels_free
+    check_judgeable(acceptance, labels_free)
     report.acceptance = None if acceptance is None else AcceptanceRecord(
         **acceptance.model_dump(), description=acceptance.describe()
     )
     for v in report.variants:
         if v.reference or v.name not in predictions.top5 or v.status not in (Status.ok, Status.parity_failed):
             continue
-        v.paired = paired_for(predictions, v.name, ref.name)
+        v.paired = paired_for(predictions, v.name, ref.name, labels_free=labels_free)
         v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != Precision.fp32 else None
         others = [o for o in _compared_with(v, report.variants) if o in predictions.top5]
         v.compared_with = {o: _paired_against(predictions, v.name, o) for o in others} or None
@@ -168,9 +195,28 @@ def _paired_against(preds: Predictions, name: str, other: str) -> PairedSection:
     )
 
 
+def decide_agreement(acceptance: Acceptance, agreement: float, ci: tuple[float, float], n: int | None = None
+                     ) -> VerdictSection:
+    """`decide` on top-1 agreement (Acceptance.agreement): the share of changed answers is the drop, the budget is
+    100 - min_agreement points. pass: the whole CI of the agreement is at or above the minimum."""
+    out = decide(acceptance, 1.0, agreement - 1.0, (ci[0] - 1.0, ci[1] - 1.0), n)
+    floor = 1.0 - out.budget
+    shown = f"agreement {pct(agreement)}% (95% CI {pct(ci[0])} to {pct(ci[1])})"
+    settle = out.reason.split("; roughly", 1)[1:] if "; roughly" in out.reason else []
+    out.reason = {
+        Verdict.passed: f"{shown} is at least {pct(floor)}% over its whole CI",
+        Verdict.failed: f"{shown} is below {pct(floor)}% over its whole CI",
+        Verdict.inconclusive: f"{shown}: the CI straddles {pct(floor)}%",
+    }[out.verdict] + "".join(f"; roughly{rest}" for rest in settle)
+    return out
+
+
 def _verdict_for(v: VariantResult, acceptance: Acceptance) -> VerdictSection:
     t = v.paired.top1
-    out = decide(acceptance, t.ref, t.diff, t.diff_ci95, v.paired.n)
+    if acceptance.label == "agreement":
+        out = decide_agreement(acceptance, v.paired.agreement_top1, v.paired.agreement_top1_ci95, v.paired.n)
+    else:
+        out = decide(acceptance, t.ref, t.diff, t.diff_ci95, v.paired.n)
     if v.status == Status.parity_failed:
         # The backend's own FP32 does not match the reference, so its INT8 drop cannot be attributed to INT8.
         out.verdict = Verdict.inconclusive

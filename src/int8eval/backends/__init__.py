@@ -9,9 +9,11 @@ from int8eval.backends.registry import (
     backend_info,
     build_variant,
     builder_key,
+    check_model,
     check_recipe,
     default_calib,
     require,
+    takes_onnx,
 )
 
 __all__ = [
@@ -24,7 +26,9 @@ __all__ = [
     "backend_info",
     "build_variant",
     "builder_key",
+    "check_model",
     "check_recipe",
     "default_calib",
     "require",
+    "takes_onnx",
 ]

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -441,7 +441,7 @@ class ModuleAdaRound:
 class PreparedOnnx:
     """What the ONNX recipes of one model share: the FP32 export and the calibration statistics per calibration set."""
 
-    module: torch.nn.Module  # the module exported: the memo holds for this module only
+    module: torch.nn.Module | Any  # the module exported (or the models.onnx_file.OnnxFile): the memo holds for it only
     fp32: Path
     export_s: float
     stats: dict[int, tuple[CalibrationData, ActivationStats]] = field(default_factory=dict)
@@ -451,10 +451,15 @@ def fp32_export(loaded, context: BuildContext) -> PreparedOnnx:
     """`loaded`'s FP32 ONNX export (`context.workdir`/<model>.fp32.onnx), written once per context and model while
     the file exists. Its `export_s` is the export's cost, for the `prepare_s` of every variant built from it."""
     prepared = context.onnx
-    if prepared is None or prepared.module is not loaded.module or not prepared.fp32.exists():
+    # An ONNX file is its own FP32 export (normalised by models.onnx_file): the memo then holds for that file.
+    source = loaded.module if loaded.onnx is None else loaded.onnx
+    if prepared is None or prepared.module is not source or not prepared.fp32.exists():
         start = time.perf_counter()
-        path = export_onnx(loaded.module, loaded.example_input(1), Path(context.workdir) / f"{loaded.name}.fp32.onnx")
-        prepared = PreparedOnnx(loaded.module, path, time.perf_counter() - start)
+        if loaded.onnx is not None:
+            path = loaded.onnx.save(Path(context.workdir))
+        else:
+            path = export_onnx(loaded.module, loaded.example_input(1), Path(context.workdir) / f"{loaded.name}.fp32.onnx")
+        prepared = PreparedOnnx(source, path, time.perf_counter() - start)
         context.onnx = prepared
     return prepared
 

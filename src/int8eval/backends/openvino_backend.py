@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -128,13 +129,15 @@ class Conversion:
     """The converted FP32 model of one module (weights as `fingerprint` says), memoised in a BuildContext: converting
     takes seconds to tens of seconds (a torch.jit trace), and a sweep builds several variants of one model."""
 
-    module: nn.Module  # the LoadedModel's module it was converted from
+    module: nn.Module | Any  # the LoadedModel's module it was converted from (or its models.onnx_file.OnnxFile)
     fingerprint: tuple
     model: ov.Model
-    folded: nn.Module  # the BatchNorm-folded copy actually converted (same module paths)
+    folded: nn.Module | None  # the BatchNorm-folded copy actually converted (same module paths); None: an ONNX file
 
 
 def _fingerprint(loaded) -> tuple:
+    if loaded.onnx is not None:  # an ONNX file's weights do not change
+        return (loaded.input_shape, id(loaded.onnx))
     # Data pointers and in-place version counters change whenever the weights are replaced or updated.
     tensors = itertools.chain(loaded.module.parameters(), loaded.module.buffers())
     return (loaded.input_shape, loaded.module.training, tuple((t.data_ptr(), t._version) for t in tensors))
@@ -154,7 +157,14 @@ def conversion(loaded, context: BuildContext | None = None) -> Conversion:
 
     key = _fingerprint(loaded)
     cached = context.openvino if context is not None else None
-    if cached is None or cached.module is not loaded.module or cached.fingerprint != key:
+    if loaded.onnx is not None and (cached is None or cached.fingerprint != key):
+        # An ONNX file is read as it is (its normalised copy, with a symbolic batch): nothing to trace or fold.
+        folder = Path(context.workdir) if context is not None else Path(tempfile.mkdtemp(prefix="int8eval-ov-"))
+        model = ov.Core().read_model(str(loaded.onnx.save(folder)))
+        cached = Conversion(loaded.onnx, key, model, None)
+        if context is not None:
+            context.openvino = cached
+    if cached is None or cached.module is not (loaded.module or loaded.onnx) or cached.fingerprint != key:
         c, h, w = loaded.input_shape
         # BatchNorm folded first: OpenVINO would fold it too, but then names each convolution after the BatchNorm's
         # Multiply; folded here, convolutions keep their module paths, which `keep_fp32` needs to find them.

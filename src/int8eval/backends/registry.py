@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from int8eval.backends.base import BuildContext, CalibrationData, Variant
-from int8eval.config import Backend, CalibMethod, Recipe
-from int8eval.errors import BackendUnavailable
+from int8eval.config import Backend, CalibMethod, Precision, Recipe
+from int8eval.errors import BackendUnavailable, ConfigError
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,32 @@ def builder_key(recipe: Recipe) -> str:
     return recipe.backend.value
 
 
+# The builders that take an ONNX file (`LoadedModel.onnx`) as the model: they start from an ONNX model anyway.
+TAKES_ONNX = (Backend.onnxruntime.value, Backend.openvino.value, Backend.tensorrt.value, EMULATE)
+
+
+def takes_onnx(backend: Backend) -> bool:
+    return Backend(backend).value in TAKES_ONNX
+
+
+def check_model(loaded, recipe: Recipe) -> None:
+    """Raise ConfigError, in one line, when `recipe` cannot be built for `loaded` because it is an ONNX file: a
+    builder that quantizes a PyTorch module, or what measures layer inputs in PyTorch (bias correction, AdaRound)
+    or exports from it (fp16)."""
+    if getattr(loaded, "onnx", None) is None:
+        return
+    key = builder_key(recipe)
+    if key not in TAKES_ONNX:
+        what = BUILDERS[key].title if key != Backend.torch.value else "backend torch (PT2E)"
+        raise ConfigError(f"{what} quantizes a PyTorch module and cannot take an ONNX file ({loaded.name}); use "
+                          "--backend onnxruntime or --backend openvino")
+    needs = [what for what, asked in (("fp16", recipe.precision is Precision.fp16),
+                                      ("bias correction", recipe.bias_correction), ("AdaRound", recipe.adaround)) if asked]
+    if needs:
+        raise ConfigError(f"recipe {recipe.name}: {' and '.join(needs)} need{'s' * (len(needs) == 1)} the PyTorch "
+                          f"model, and {loaded.name} is an ONNX file; leave {'them' if len(needs) > 1 else 'it'} out")
+
+
 def backend_info(backend: Backend) -> BackendInfo:
     return BACKENDS[Backend(backend)]
 
@@ -136,6 +162,7 @@ def build_variant(
         >>> fp32 = build_variant(loaded, Recipe(backend="onnxruntime", precision="fp32"), None, context.workdir, context)
         >>> int8 = build_variant(loaded, Recipe(backend="onnxruntime"), calib, context.workdir, context)  # same export
     """
+    check_model(loaded, recipe)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     context = context if context is not None else BuildContext(workdir=workdir)

@@ -12,10 +12,10 @@ from int8eval import resume
 from int8eval.commands import write_run
 from int8eval.config import RunConfig
 from int8eval.data.cache import using
-from int8eval.parity import REFERENCE, plan_recipes
+from int8eval.parity import plan_recipes, reference_for
 from int8eval.report import Report
 from int8eval.session import build_variants, check_recipes, measure, new_report, open_session
-from int8eval.verdict import add_paired_stats
+from int8eval.verdict import add_paired_stats, check_judgeable
 
 
 def progress_bar(console: Console) -> Progress:
@@ -34,7 +34,7 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     """
     console = console or Console(stderr=True)
     start = time.perf_counter()
-    plan = plan_recipes(config.recipes)
+    plan = plan_recipes(config.recipes, reference_for(config.model))  # the reference first
     check_recipes(plan)  # fail before any work on a missing backend or an impossible recipe
     with using(config.decode_cache):
         report = write_run(config.out, lambda staging: _run_into(staging, config, plan, console, start))
@@ -79,6 +79,7 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
             progress.update(decoding["task"], completed=done)
 
         session = open_session(config, config.recipes, on_calibration=on_calibration)
+        check_judgeable(config.acceptance, session.labels_free)  # before any build
         progress.update(task, total=1, completed=1)
         building: list = []
 
@@ -87,7 +88,7 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
                 progress.update(building[-1], total=1, completed=1)
             building.append(progress.add_task(msg, total=None))
 
-        built = build_variants(session, plan, out / "artifacts", required=[REFERENCE], say=say)
+        built = build_variants(session, plan, out / "artifacts", required=plan[:1], say=say)
         progress.update(building[-1], total=1, completed=1)
         checkpoint = resume.open_checkpoint(config.out, _resume_key(config, session), resume=config.resume,
                                             every=_checkpoint_every(config.batch_size),
@@ -106,6 +107,6 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
         from int8eval.bench import add_bench
 
         console.print("timing every variant (--bench)")
-        report.bench = add_bench(measured.results, built.variants, session.loaded, reference=REFERENCE.name,
+        report.bench = add_bench(measured.results, built.variants, session.loaded, reference=plan[0].name,
                                  workdir=out / "artifacts")
     return report

@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError, features
 from torchvision import transforms
 
-from int8eval.config import Preprocessing
+from int8eval.config import ChannelOrder, Layout, Preprocessing, ResizeMode, ValueRange
 from int8eval.data.cache import DecodeCache, active_cache
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError
@@ -31,9 +31,10 @@ INTERPOLATION = {
 
 def crop_transform(pre: Preprocessing) -> transforms.Compose:
     """Resize + CenterCrop of a PIL image: the part of `build_transform` whose uint8 result the decode cache keeps."""
+    size = pre.resize if pre.resize_mode is ResizeMode.short_side else (pre.resize, pre.resize)
     return transforms.Compose(
         [
-            transforms.Resize(pre.resize, interpolation=INTERPOLATION[pre.interpolation.value]),
+            transforms.Resize(size, interpolation=INTERPOLATION[pre.interpolation.value]),
             transforms.CenterCrop(pre.crop),
         ]
     )
@@ -45,13 +46,20 @@ def build_transform(pre: Preprocessing) -> transforms.Compose:
 
 
 def pixels_to_tensor(pixels: np.ndarray, pre: Preprocessing) -> torch.Tensor:
-    """ToTensor + Normalize of uint8 [H, W, 3] pixels: float32 [3, H, W], bit for bit torchvision's. The same float32
-    operations (/ 255, - mean, / std: each exactly rounded, IEEE 754), in numpy on one thread: torch would spread each
-    of these small operations over its thread pool, which costs milliseconds apiece when other work holds the cores."""
+    """ToTensor + Normalize of uint8 [H, W, 3] RGB pixels: float32 [3, H, W], bit for bit torchvision's. The same
+    float32 operations (/ 255, - mean, / std: each exactly rounded, IEEE 754), in numpy on one thread: torch would
+    spread each of these small operations over its thread pool, which costs milliseconds apiece when other work holds
+    the cores. The model's own conventions (`Preprocessing`): BGR reverses the channels first, 0-255 skips the
+    division, NHWC keeps the channels last."""
+    if pre.channel_order is ChannelOrder.bgr:
+        pixels = pixels[..., ::-1]
     x = pixels.transpose(2, 0, 1).astype(np.float32, order="C")  # a copy: a memory-mapped cache entry is read-only
-    x /= np.float32(255)
+    if pre.value_range is ValueRange.unit:
+        x /= np.float32(255)
     x -= np.asarray(pre.mean, np.float32)[:, None, None]
     x /= np.asarray(pre.std, np.float32)[:, None, None]
+    if pre.layout is Layout.nhwc:
+        x = np.ascontiguousarray(x.transpose(1, 2, 0))
     return torch.from_numpy(x)
 
 
@@ -66,10 +74,12 @@ DECODE_VERSION = 1
 
 def cache_kind(pre: Preprocessing) -> str:
     """Everything a cached crop depends on besides the file: the crop, the decoder (its version and bounds)."""
-    return json.dumps({"version": DECODE_VERSION, "resize": pre.resize, "crop": pre.crop,
-                       "interpolation": pre.interpolation.value, "max_pixels": MAX_PIXELS, "max_aspect": MAX_ASPECT,
-                       "pillow": PIL.__version__, "libjpeg": features.version("jpg"),
-                       "torchvision": torchvision.__version__}, sort_keys=True)
+    kind = {"version": DECODE_VERSION, "resize": pre.resize, "crop": pre.crop,
+            "interpolation": pre.interpolation.value, "max_pixels": MAX_PIXELS, "max_aspect": MAX_ASPECT,
+            "pillow": PIL.__version__, "libjpeg": features.version("jpg"), "torchvision": torchvision.__version__}
+    if pre.resize_mode is not ResizeMode.short_side:  # only then: the keys of crops cached before stay the same
+        kind["resize_mode"] = pre.resize_mode.value
+    return json.dumps(kind, sort_keys=True)
 
 
 class ImageRefused(DatasetError):
@@ -177,7 +187,7 @@ class EvalDataset(ImageDataset):
 class Batch:
     indices: np.ndarray  # positions in the sample list
     labels: np.ndarray  # int64 class indices of the decoded images
-    images: np.ndarray  # float32 [N, 3, H, W]
+    images: np.ndarray  # float32 [N, 3, H, W] ([N, H, W, 3] for an NHWC model)
     bad: list[tuple[int, str]]  # (position, reason) of images that could not be decoded
 
 

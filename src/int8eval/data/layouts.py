@@ -16,6 +16,8 @@ from int8eval.data.ground_truth import read_ground_truth
 from int8eval.data.synsets import WNID, wnid_to_index
 from int8eval.errors import ConfigError, DatasetError
 
+UNLABELLED = -1  # Sample.label of an image without a label (labels-free runs)
+UNLABELLED_LAYOUT = "unlabelled"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -80,13 +82,16 @@ def reasons(skipped: list[dict], most: int = 3) -> str:
     return "; ".join(parts) + ("; ..." if len(counts) > most else "")
 
 
-def discover(root: Path, labels: Path | None = None) -> SampleSet:
+def discover(root: Path, labels: Path | None = None, *, labels_free: bool = False) -> SampleSet:
     """List the labelled images under `root`.
 
     Args:
         root: a folder per synset (`n01440764/...`), or a flat folder of images.
         labels: ground truth for a flat folder (LOC_val_solution.csv, the devkit folder/tar, or its
             ground-truth txt with meta.mat beside it).
+        labels_free: every image in `root` and in the folders in it, labelled UNLABELLED (layout "unlabelled"). A
+            flat folder of images with no labels is read so without it, unless its files are named as the official
+            ImageNet val folder's (then --labels was forgotten, and the error says so).
 
     Everything else is in `skipped` with its reason: hidden entries, anything that is not a regular file (never
     opened), empty files, folders inside a class folder (never taken as that class), non-images, and a file
@@ -123,6 +128,8 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
         else:
             files.append(e)
 
+    if labels_free:
+        return _unlabelled(root, dirs, files, skipped)
     if labels is not None:
         layout = "flat+ground-truth"
         truth = read_ground_truth(labels)  # every wnid in it is an ImageNet-1k synset
@@ -176,11 +183,14 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
                 add(e, e.name, wnid)
             else:
                 unlabelled.append(e.name)
+        if unlabelled and not found and not any(n.startswith("ILSVRC") for n in unlabelled):
+            return _unlabelled(root, [], files, [s for s in skipped if s["reason"] != "not an image file"])
         if unlabelled and not found:
             raise DatasetError(
                 f"{root} holds {len(unlabelled)} images but no synset folders and no ground truth: pass "
                 "--labels LOC_val_solution.csv (or the devkit) for the official val folder, or run "
-                "`int8eval data prepare` to sort it into folders per synset"
+                "`int8eval data prepare` to sort it into folders per synset (or --labels-free to compare FP32 "
+                "and INT8 answers without labels)"
             )
         skipped += [{"path": n, "reason": "file name does not start with a synset id"} for n in unlabelled]
 
@@ -190,6 +200,41 @@ def discover(root: Path, labels: Path | None = None) -> SampleSet:
         raise DatasetError(f"no labelled images found under {root} ({layout} layout; {len(skipped)} entries skipped{what})")
     samples.sort(key=lambda s: s.id)
     return SampleSet(root, layout, samples, skipped)
+
+
+def _unlabelled(root: Path, dirs: list[os.DirEntry], files: list[os.DirEntry], skipped: list[dict]) -> SampleSet:
+    """Every image in `root` and in the folders directly in it, without labels (UNLABELLED)."""
+    found: list[tuple[Sample, tuple[int, int]]] = []
+
+    def take(e: os.DirEntry, rel: str) -> None:
+        if e.name.startswith("."):
+            skipped.append({"path": rel, "reason": "hidden (the name starts with '.')"})
+        elif why := _why_not_a_file(e):
+            skipped.append({"path": rel, "reason": why})
+        elif not is_image(e.name):
+            skipped.append({"path": rel, "reason": "not an image file"})
+        else:
+            st = e.stat()
+            found.append((Sample(Path(e.path), UNLABELLED, rel), (st.st_dev, st.st_ino)))
+
+    for e in files:
+        take(e, e.name)
+    for d in dirs:
+        try:
+            inside = _scan(d.path)
+        except OSError as err:
+            skipped.append({"path": d.name + "/", "reason": f"cannot list the folder ({err.strerror})"})
+            continue
+        for e in inside:
+            if _is_dir(e):
+                skipped.append({"path": f"{d.name}/{e.name}/", "reason": "folder two levels down (not read)"})
+            else:
+                take(e, f"{d.name}/{e.name}")
+    samples = _once_each(found, skipped)
+    if not samples:
+        raise DatasetError(f"no images found under {root} ({len(skipped)} entries skipped: {reasons(skipped)})")
+    samples.sort(key=lambda s: s.id)
+    return SampleSet(root, UNLABELLED_LAYOUT, samples, skipped)
 
 
 def _once_each(found: list[tuple[Sample, tuple[int, int]]], skipped: list[dict]) -> list[Sample]:

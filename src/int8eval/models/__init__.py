@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from int8eval.config import Preprocessing
+from int8eval.config import Layout, Preprocessing
 from int8eval.errors import ConfigError, ModelLoadError
 
 QUANT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers INT8 recipes quantize
@@ -17,30 +18,44 @@ QUANT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers INT8 re
 @dataclass
 class LoadedModel:
     name: str
-    module: nn.Module
+    module: nn.Module | None  # None for an ONNX file (`onnx`), which only the ONNX-consuming backends take
     preprocessing: Preprocessing
     source: str  # where the weights came from, for the report
+    onnx: Any = None  # models.onnx_file.OnnxFile when the model is an ONNX file
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.preprocessing.crop, self.preprocessing.crop)
+        crop = self.preprocessing.crop
+        return (crop, crop, 3) if self.preprocessing.layout is Layout.nhwc else (3, crop, crop)
 
     @property
     def num_params(self) -> int:
+        if self.module is None:
+            return self.onnx.num_params
         return sum(p.numel() for p in self.module.parameters())
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes the model scores (None: an ONNX file whose output leaves it symbolic)."""
+        return self.onnx.num_classes if self.onnx is not None else 1000
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
 
     @property
     def quantizable_layers(self) -> list[str]:
-        """Module paths of the Conv/Linear layers, in model order: the names `keep_fp32` takes."""
+        """Module paths of the Conv/Linear layers, in model order: the names `keep_fp32` takes (none in an ONNX file)."""
+        if self.module is None:
+            return []
         return [n for n, m in self.module.named_modules() if isinstance(m, QUANT_TYPES)]
 
     def check_layers(self, names: tuple[str, ...] | list[str]) -> None:
         """Raise ConfigError naming every entry of `names` that is not a Conv/Linear layer of this model."""
         layers = self.quantizable_layers
         bad = [n for n in names if n not in layers]
+        if bad and self.module is None:
+            raise ConfigError(f"--keep-fp32 {', '.join(bad)}: layers are kept in FP32 by PyTorch module path, and "
+                              f"{self.name} is an ONNX file; drop --keep-fp32")
         if bad:
             shown = ", ".join(layers[:8]) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
             raise ConfigError(
@@ -73,7 +88,8 @@ def load_model(
     """Load `name` in FP32 eval mode with its weights' preprocessing.
 
     Args:
-        name: `efficientnet_lite0`, a torchvision name (`resnet50`), `timm:NAME`, or `tiny_test`.
+        name: `efficientnet_lite0`, a torchvision name (`resnet50`), `timm:NAME`, `tiny_test`, or a path to an .onnx
+            file (`models.onnx_file`; it needs `preprocessing`).
         checkpoint: a state_dict file for the architecture, loaded with `weights_only=True`.
         weights: torchvision weights enum name (e.g. `IMAGENET1K_V1`); default: the architecture's default.
         preprocessing: overrides the weights' own preprocessing (use with care: it is reported).
@@ -83,8 +99,10 @@ def load_model(
         >>> m.preprocessing.mean
         (0.5, 0.5, 0.5)
     """
-    from int8eval.models import efficientnet_lite, hub, tiny
+    from int8eval.models import efficientnet_lite, hub, onnx_file, tiny
 
+    if onnx_file.handles(name):
+        return onnx_file.load(name, preprocessing=preprocessing, checkpoint=checkpoint, weights=weights)
     if checkpoint is not None and not Path(checkpoint).is_file():
         what = "does not exist" if not Path(checkpoint).exists() else "is not a regular file"
         raise ModelLoadError(f"checkpoint {checkpoint} {what}: pass the state_dict file saved with torch.save")
@@ -95,6 +113,8 @@ def load_model(
     else:  # pragma: no cover - hub.handles raises with suggestions
         raise ModelLoadError(f"unknown model {name!r}")
     if preprocessing is not None:
+        if preprocessing.layout is Layout.nhwc:
+            raise ConfigError(f"{name} is a PyTorch model, which reads NCHW images: drop --layout nhwc")
         loaded.preprocessing = preprocessing
     loaded.module.eval()
     return loaded

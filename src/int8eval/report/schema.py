@@ -92,6 +92,8 @@ class CalibrationSection(_Section):
 class DataSection(_Section):
     root: str
     layout: str
+    # No labels (or labels ignored): no accuracy, only agreement, flips, KL and cosine to the reference.
+    labels_free: bool = False
     num_found: int
     num_images: int  # evaluated
     num_skipped: int

@@ -89,8 +89,10 @@ class PairedSection(Section):
     agreement_top1_ci95: tuple[float, float]
     top5: PairedBlock | None = None
     kl_mean: float | None = None
+    kl_mean_ci95: tuple[float, float] | None = None  # stats.mean_ci
     kl_p99: float | None = None
     cos_mean: float | None = None
+    cos_mean_ci95: tuple[float, float] | None = None
     cos_min: float | None = None
     flips_by_class: dict[str, ClassFlips] = Field(default_factory=dict)
     classes_lost_most: list[ClassLoss] = Field(default_factory=list)
