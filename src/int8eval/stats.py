@@ -165,10 +165,12 @@ def paired_stats(
     if correct5_ref is not None and correct5_var is not None:
         out["top5"] = _paired_block(correct5_ref, correct5_var, alpha)
     if kl is not None and len(kl):
-        out["kl_mean"], out["kl_mean_ci95"] = mean_ci(kl, alpha)
+        out["kl_mean"], kl_ci = mean_ci(kl, alpha)
+        out["kl_mean_ci95"] = list(kl_ci)
         out["kl_p99"] = float(np.percentile(kl, 99))
     if cos is not None and len(cos):
-        out["cos_mean"], out["cos_mean_ci95"] = mean_ci(cos, alpha)
+        out["cos_mean"], cos_ci = mean_ci(cos, alpha)
+        out["cos_mean_ci95"] = list(cos_ci)
         out["cos_min"] = float(np.min(cos))
     if labels is not None:
         flips = class_flips(np.asarray(labels), correct_ref, correct_var)

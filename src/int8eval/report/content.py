@@ -41,10 +41,14 @@ def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks
     p = m.preprocessing
     items = [
         f"Weights: {esc(m.source)} ({m.num_params / 1e6:.2f} M parameters)",
-        f"Preprocessing: resize {p.resize} ({p.interpolation.value}), center-crop {p.crop}, "
-        f"mean {list(p.mean)}, std {list(p.std)}",
+        f"Preprocessing: resize {p.resize} ({p.interpolation.value}{', square' * (p.resize_mode.value == 'square')}), "
+        f"center-crop {p.crop}, {p.channel_order.value.upper()} on {p.value_range.value}, "
+        f"mean {list(p.mean)}, std {list(p.std)}" + (f", {p.layout.value.upper()}" if p.layout else ""),
         f"Data: {code(d.root)} ({esc(d.layout)}): {d.num_images} images evaluated, {d.num_skipped} skipped",
     ]
+    if d.labels_free:
+        items.append("Labels: none used, so no accuracy: the reference's top-1 answers stand in for the labels (top-1 "
+                     "% of a variant is its agreement with the reference; lost = answers changed)")
     if d.calibration:
         c = d.calibration
         items.append(f"Calibration: {c.num_images} images from {esc(c.source)} (seed {c.seed}), excluded from evaluation")

@@ -78,7 +78,7 @@ def _paired_section(report: Report) -> list[str]:
             f"| {md_text(v.name)} | {md_text(verdict_label(v))} | {pts(t1.diff)} | {ci(t1.diff_ci95, signed=True)} | "
             f"{t1.ref_right_var_wrong} | {t1.ref_wrong_var_right} | {p_value(t1.mcnemar_p)} | "
             f"{pct(s.agreement_top1)} | {ci(s.agreement_top1_ci95)} | {pts(t5.diff) if t5 else '—'} | "
-            f"{num(s.kl_mean, '.2e')} | {num(s.cos_mean, '.5f')} |"
+            f"{num(s.kl_mean, '.2e')}{_mean_ci(s.kl_mean_ci95, '.2e')} | {num(s.cos_mean, '.5f')}{_mean_ci(s.cos_mean_ci95, '.5f')} |"
         )
     if report.acceptance:
         lines += ["", f"### Verdicts ({md_text(report.acceptance.description)})", ""]
@@ -206,3 +206,7 @@ def render_markdown(report: Report) -> str:
         lines += [f"- {item}" for item in skipped_items(d.skipped, limit=50, esc=md_text, code=md_code)]
     lines += ["", "## Environment", ""] + [f"- {item}" for item in environment_items(report, esc=md_text)] + [""]
     return "\n".join(lines)
+
+
+def _mean_ci(interval, fmt: str) -> str:
+    return f" [{num(interval[0], fmt)}, {num(interval[1], fmt)}]" if interval else ""
