@@ -170,7 +170,7 @@ def paired_stats(
         out["kl_p99"] = float(np.percentile(kl, 99))
     if cos is not None and len(cos):
         out["cos_mean"], cos_ci = mean_ci(cos, alpha)
-        out["cos_mean_ci95"] = list(cos_ci)
+        out["cos_mean_ci95"] = [max(-1.0, cos_ci[0]), min(1.0, cos_ci[1])]  # a cosine is within [-1, 1]
         out["cos_min"] = float(np.min(cos))
     if labels is not None:
         flips = class_flips(np.asarray(labels), correct_ref, correct_var)
