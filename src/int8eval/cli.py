@@ -417,6 +417,7 @@ def diagnose(**kw) -> None:
 @click.option("--batch-size", default=32, show_default=True)
 @acceptance_options
 @_friendly
+@model_source_options
 @decode_cache_options
 def tune(**kw) -> None:
     """Find per backend the fastest INT8 model that keeps the accuracy budget, confirmed on images it was not chosen
@@ -426,8 +427,10 @@ def tune(**kw) -> None:
 
     reject_ignored_flags(click.get_current_context())
     acceptance = acceptance_from_flags(kw.pop("max_drop"), kw.pop("drop"), kw.pop("mlperf"))
+    if acceptance is None and kw["min_agreement"] is not None:  # the budget on agreement alone (images without labels)
+        acceptance = acceptance_from_flags(None, None, False, kw["min_agreement"])
     if acceptance is None:
-        raise ConfigError("tune needs a budget: --max-drop PTS (with --drop relative for % of FP32) or --mlperf")
+        raise ConfigError("tune needs a budget: --max-drop PTS (with --drop relative for % of FP32), --mlperf or --min-agreement")
     minutes = kw.pop("time_budget")
     kw["data"] = kw["data"] or default_data_root()
     config = TuneConfig(**kw, acceptance=acceptance, time_budget_s=minutes * 60 if minutes is not None else None)

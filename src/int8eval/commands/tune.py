@@ -27,7 +27,7 @@ from int8eval.data.decode import Batch
 from int8eval.data.layouts import Sample, discover, split_tuning, subsample
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.evaluate import EvalOutcome, Remembered, decode_set, evaluate
-from int8eval.parity import REFERENCE, plan_recipes
+from int8eval.parity import plan_recipes, reference_for
 from int8eval.report import Report
 from int8eval.report.sections import (
     AcceptanceRecord, Status, TuneBackend, TuneCandidate, TuneRanking, TuneSection, TuneSets,
@@ -38,7 +38,7 @@ from int8eval.tune import cache as tune_cache
 from int8eval.tune.cache import TuneCache
 from int8eval.tune.ladder import Step, ladder
 from int8eval.tune.rule import MIN_AGREEMENT_RULE, RULE, judge
-from int8eval.verdict import add_paired_stats, paired_for
+from int8eval.verdict import add_paired_stats, check_judgeable, paired_for
 
 # A short timing per candidate: enough to rank recipes whose speeds differ by tens of percent, not a benchmark.
 TIMING = dict(batch_sizes=(1, 16), warmup=1, min_runs=5, throughput_warmup=1, throughput_min_runs=2, min_seconds=0,
@@ -54,10 +54,11 @@ def tune(config: TuneConfig, *, console: Console | None = None) -> Report:
         ...                 acceptance=Acceptance(max_drop=1.0)))
     """
     console = console or Console(stderr=True)
-    defaults = expand_recipes(config.backends)  # one default INT8 recipe per backend, the ladder's first rung
+    onnx_file = reference_for(config.model).backend is Backend.onnxruntime
+    defaults = expand_recipes(config.backends, onnx_file=onnx_file)  # one default INT8 recipe per backend: the first rung
     if config.qat_epochs and Backend.torch not in {r.backend for r in defaults}:
         raise ConfigError("--qat-epochs is a step of the torch ladder: add --backend torch or drop --qat-epochs")
-    check_recipes(plan_recipes(defaults))
+    check_recipes(plan_recipes(defaults, reference_for(config.model)))
     start = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -83,12 +84,15 @@ class _Climb:
 def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, start: float) -> Report:
     extra = qat_recipes(config.qat_epochs, config.lr, control=False) if config.qat_epochs else []
     session = open_session(config, [*defaults, *extra], say=say)
+    check_judgeable(config.acceptance, session.labels_free)
     tuning, confirmation, confirm_source = _tuning_sets(session, config)
     say(f"{session.calib.num_images} calibration, {len(tuning)} tuning, {len(confirmation)} confirmation images")
     cache = _open_cache(config, session, tuning, confirmation, say)
     context = session.context(out / "artifacts")
-    reference = build_variants(session, [REFERENCE], out / "artifacts", required=[REFERENCE], context=context).variants[0]
-    ranking = _Ranking(session, tuning, say, cache)
+    ref = session.reference
+    reference = build_variants(session, [ref], out / "artifacts", required=[ref], context=context).variants[0]
+    # An ONNX file has no PyTorch module to rank layers in (diagnose) or to keep layers of in FP32 by name.
+    ranking = _Ranking(session, tuning, say, cache) if session.loaded.module is not None else None
     evaluator = _Evaluator(session, reference)
     climbs = []
     for default in defaults:
@@ -103,11 +107,11 @@ def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, s
 
     # The chosen models (and each backend's FP32, its parity gate) on the confirmation images: the report's variants.
     chosen = [c.recipes[c.chosen] for c in climbs if c.chosen]
-    plan = plan_recipes(chosen) + [Recipe(backend=Backend(c.backend.backend), precision=Precision.fp32) for c in climbs]
+    plan = plan_recipes(chosen, ref) + [Recipe(backend=Backend(c.backend.backend), precision=Precision.fp32) for c in climbs]
     plan = list(dict.fromkeys(plan))
     for c in climbs:  # what reused records skipped building, built again for the final pass and deploy/
         _build_again(session, context, c, [n for n in (c.chosen, c.backend.fp32) if n in c.recipes], say)
-    variants = {REFERENCE.name: reference, **{n: v for c in climbs for n, v in c.variants.items()}}
+    variants = {ref.name: reference, **{n: v for c in climbs for n, v in c.variants.items()}}
     built = Built([variants[r.name] for r in plan if r.name in variants],
                   {r.name: "not built" for r in plan if r.name not in variants})
     say(f"final pass of the chosen models on the {len(confirmation)} confirmation images")
@@ -123,7 +127,7 @@ def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, s
         if climb.chosen:
             _deploy(out, climb, report, session, config)
     report.tune = _section(config, session, tuning, confirmation, confirm_source, climbs)
-    report.tune.ranking = ranking.record()
+    report.tune.ranking = ranking.record() if ranking is not None else None
     return report
 
 
@@ -242,7 +246,7 @@ class _Evaluator:
         if id(samples) not in self._decoded:  # the samples list is kept with its batches, so its id stays its own
             self._decoded[id(samples)] = (samples, decode_set(samples, s.loaded.preprocessing,
                                                               batch_size=s.spec.batch_size, workers=s.spec.workers))
-        return evaluate(samples, s.loaded.preprocessing, [self.reference, *variants], reference=REFERENCE.name,
+        return evaluate(samples, s.loaded.preprocessing, [self.reference, *variants], reference=s.reference.name,
                         batch_size=s.spec.batch_size, workers=s.spec.workers, decoded=self._decoded[id(samples)][1])
 
 
@@ -253,10 +257,10 @@ def _speed(variant: Variant, input_shape) -> tuple[float | None, float | None, s
 
 
 def _climb(session: Session, default: Recipe, evaluator: _Evaluator, tuning, confirmation, context: BuildContext,
-           config: TuneConfig, ranking: _Ranking, cache: TuneCache, say, start: float) -> _Climb:
+           config: TuneConfig, ranking: _Ranking | None, cache: TuneCache, say, start: float) -> _Climb:
     backend = default.backend
     fp32_recipe = Recipe(backend=backend, precision=Precision.fp32)
-    variants = {REFERENCE.name: evaluator.fp32} if fp32_recipe == REFERENCE else {}
+    variants = {fp32_recipe.name: evaluator.fp32} if fp32_recipe == session.reference else {}
     timed = cache.fp32(backend.value)
     if timed is not None and timed.get("name") == fp32_recipe.name:  # built again only for the final pass
         say(f"{backend.value}: reused the timing of {fp32_recipe.name}")
@@ -334,7 +338,8 @@ def _try(session: Session, step: str, recipes: list[Recipe], evaluator: _Evaluat
         c = TuneCandidate(backend=recipe.backend.value, step=step, name=recipe.name, recipe=recipe.model_dump(mode="json"),
                           status=Status.error if error else Status.ok, error=error, build_s=build_s)
         if variant is not None and not error:
-            c.tuning = paired_for(outcome.predictions, recipe.name, REFERENCE.name)
+            c.tuning = paired_for(outcome.predictions, recipe.name, session.reference.name,
+                                  labels_free=session.labels_free)
             j = judge(c.tuning, config.acceptance, _floor(config))
             c.tuning_verdict, c.accepted, c.accepted_by = j.verdict, j.accepted, j.by
             ips, latency, timing_error = _speed(variant, session.loaded.input_shape)
@@ -362,7 +367,8 @@ def _confirm(c: TuneCandidate, evaluator: _Evaluator, variant: Variant | None, c
     if c.name in outcome.errors:
         c.confirmed, c.error = False, outcome.errors[c.name]
         return False
-    c.confirmation = paired_for(outcome.predictions, c.name, REFERENCE.name)
+    c.confirmation = paired_for(outcome.predictions, c.name, evaluator.session.reference.name,
+                                labels_free=evaluator.session.labels_free)
     j = judge(c.confirmation, config.acceptance, _floor(config))
     c.confirmation_verdict, c.confirmed = j.verdict, j.accepted
     return j.accepted

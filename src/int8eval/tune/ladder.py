@@ -102,9 +102,10 @@ def ladder(
         from int8eval.backends.openvino_backend import alignable_pairs  # openvino is installed: it is tuned
 
         steps.append(Step("channel alignment", _channel_alignment(cache(lambda: alignable_pairs(loaded, context)))))
-        if transformer_like(loaded.module):
+        if loaded.module is not None and transformer_like(loaded.module):
             steps.append(Step("SmoothQuant", _smooth_quant))
-    if backend in (Backend.onnxruntime, Backend.openvino):  # int8eval's AdaRound writes their INT8 weights
+    onnx_file = loaded is not None and loaded.module is None  # AdaRound measures layer inputs in the PyTorch module
+    if backend in (Backend.onnxruntime, Backend.openvino) and not onnx_file:  # int8eval's AdaRound writes their INT8 weights
         steps.append(Step("AdaRound", _adaround))
     if ranking is not None and max_fp32_layers > 0:
         steps.append(Step("FP32 layers", lambda base: _fp32_layers(ranking(), max_fp32_layers)(base)))

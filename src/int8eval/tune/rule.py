@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from int8eval.config import Acceptance
 from int8eval.report.sections import PairedSection, Verdict, VerdictSection
-from int8eval.verdict import decide
+from int8eval.verdict import decide, decide_agreement
 
 RULE = (
     "A candidate is accepted on the tuning images when the paired 95% CI of its top-1 drop against the PyTorch FP32 "
@@ -30,7 +30,10 @@ def judge(paired: PairedSection, acceptance: Acceptance, min_agreement: float | 
     """Accept `paired` (a candidate against the reference on one image set) by RULE; `min_agreement` (a fraction)
     is a floor on top-1 agreement on top of it."""
     top1 = paired.top1
-    verdict = decide(acceptance, top1.ref, top1.diff, top1.diff_ci95, paired.n)
+    if acceptance.label == "agreement":  # --min-agreement as the budget (images without labels)
+        verdict = decide_agreement(acceptance, paired.agreement_top1, paired.agreement_top1_ci95, paired.n)
+    else:
+        verdict = decide(acceptance, top1.ref, top1.diff, top1.diff_ci95, paired.n)
     if min_agreement is not None and paired.agreement_top1 < min_agreement - 1e-12:
         return Judgement(verdict, False, None)
     if verdict.verdict is Verdict.passed:
