@@ -338,3 +338,23 @@ def test_run_an_nhwc_bgr_onnx_file_on_images_without_labels(tmp_path):
         assert v["paired"]["n"] == 16 and v["paired"]["kl_mean_ci95"] and v["paired"]["cos_mean_ci95"]
         assert v["verdict"]["criterion"] == "top-1 agreement with FP32 of at least 90%"
     assert "Labels: none used" in (out / "report.md").read_text()
+
+
+def test_tune_an_onnx_file_on_images_without_labels(tmp_path):
+    require_package("openvino", "nncf", extra="openvino")
+    model = channel_means_model(tmp_path / "m.onnx")
+    data = _flat_folder(tmp_path / "photos", 30)
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(_main(), [
+        "tune", "-m", str(model), "--preset", "caffe-bgr", "--crop", "8", "--resize", "10", "--data", str(data),
+        "--out", str(out), "--calib-size", "8", "--tune-size", "10", "--confirm-size", "12", "--min-agreement", "50",
+        "--no-cache",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["labels_free"] and report["tune"]["budget"]["description"] == "top-1 agreement with FP32 of at least 50%"
+    ladders = {b["backend"]: b for b in report["tune"]["backends"]}
+    assert set(ladders) == {"onnxruntime", "openvino"}
+    steps = {c["step"] for c in report["tune"]["candidates"]}
+    assert "AdaRound" not in steps and "FP32 layers" not in steps  # they need the PyTorch module
+    assert all(c["name"].endswith("-nobc") for c in report["tune"]["candidates"])

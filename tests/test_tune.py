@@ -94,9 +94,9 @@ class _Spy:
 
         real_paired = tune_module.paired_for
 
-        def paired_for(preds, name, reference):
+        def paired_for(preds, name, reference, **kw):
             self.current = name
-            return real_paired(preds, name, reference)
+            return real_paired(preds, name, reference, **kw)
 
         monkeypatch.setattr(tune_module, "evaluate", evaluate)
         monkeypatch.setattr(tune_module, "judge", fake_judge)
