@@ -358,3 +358,53 @@ def test_tune_an_onnx_file_on_images_without_labels(tmp_path):
     steps = {c["step"] for c in report["tune"]["candidates"]}
     assert "AdaRound" not in steps and "FP32 layers" not in steps  # they need the PyTorch module
     assert all(c["name"].endswith("-nobc") for c in report["tune"]["candidates"])
+    assert all(c["status"] == "ok" for c in report["tune"]["candidates"])  # a 3-class model, judged on agreement
+    assert all(c["tuning"]["agreement_top1"] is not None for c in report["tune"]["candidates"])
+
+
+# --- a label space of its own ------------------------------------------------------------------------------------
+
+
+def test_class_names_and_an_image_class_csv_give_accuracy_per_named_class(tmp_path):
+    from int8eval.data.class_labels import read_class_csv, read_class_names
+    from int8eval.data.layouts import discover
+
+    (tmp_path / "names.txt").write_text("cat\ndog\nbird\n")
+    names = read_class_names(tmp_path / "names.txt")
+    data = _flat_folder(tmp_path / "photos", 4)
+    (tmp_path / "labels.csv").write_text("image,class\nphoto_00.jpg,dog\nphoto_01.jpg,2\nphoto_02.jpg,cat\nmissing.jpg,cat\n")
+    found = discover(data, tmp_path / "labels.csv", class_names=names, num_classes=3)
+    assert found.layout == "image,class csv"
+    assert [(s.id, s.label) for s in found.samples] == [("photo_00.jpg", 1), ("photo_01.jpg", 2), ("photo_02.jpg", 0)]
+    assert found.skipped[0]["path"] == "missing.jpg"
+    (tmp_path / "bad.csv").write_text("image,class\nphoto_00.jpg,horse\n")
+    with pytest.raises(Exception, match=r"line 2: class 'horse'"):
+        read_class_csv(tmp_path / "bad.csv", names, 3)
+    (tmp_path / "twice.txt").write_text("cat\ncat\n")
+    with pytest.raises(Exception, match="twice"):
+        read_class_names(tmp_path / "twice.txt")
+
+
+def test_run_reports_per_class_numbers_by_name(tmp_path):
+    require_package("openvino", "nncf", extra="openvino")
+    model = channel_means_model(tmp_path / "m.onnx")
+    data = _flat_folder(tmp_path / "photos", 20)
+    rows = [f"photo_{i:02d}.jpg,{['red', 'green', 'blue'][i % 3]}" for i in range(20)]
+    (tmp_path / "labels.csv").write_text("image,class\n" + "\n".join(rows) + "\n")
+    (tmp_path / "names.txt").write_text("blue\ngreen\nred\n")  # BGR: class 0 is the blue channel
+    out = tmp_path / "run"
+    result = CliRunner().invoke(_main(), [
+        "run", "-m", str(model), "--preset", "caffe-bgr", "--crop", "8", "--resize", "10", "--data", str(data),
+        "--labels", str(tmp_path / "labels.csv"), "--class-names", str(tmp_path / "names.txt"), "--out", str(out),
+        "--calib-size", "6", "--backend", "onnxruntime", "--no-cache",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["class_names"] == ["blue", "green", "red"] and not report["data"]["labels_free"]
+    ref = next(v for v in report["variants"] if v["reference"])
+    assert set(ref["per_class_top1"]) <= {"blue", "green", "red"} and ref["top1"] is not None
+    assert sum(c["n"] for c in ref["per_class_top1"].values()) == 14
+    bad = CliRunner().invoke(_main(), [
+        "run", "-m", str(model), "--preset", "caffe-bgr", "--crop", "8", "--resize", "10", "--data", str(data),
+        "--class-names", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o2"), "--backend", "onnxruntime"])
+    assert bad.exit_code == 2 and "scores 3" in bad.output

@@ -54,7 +54,7 @@ def main() -> None:
 @main.command()
 @click.option("--model", "-m", required=True, help="efficientnet_lite0, a torchvision name (resnet50), timm:NAME, tiny_test.")
 @click.option("--data", type=click.Path(path_type=Path), help="Image folder. Default: $INT8EVAL_DATA, else the cached sample.")
-@click.option("--labels", type=click.Path(path_type=Path), help="Ground truth for a flat val folder (LOC_val_solution.csv or the devkit).")
+@click.option("--labels", type=click.Path(path_type=Path), help="Ground truth for a flat val folder (LOC_val_solution.csv or the devkit), or a CSV of image,class (any classes).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="State dict for the architecture (weights_only load).")
 @click.option("--weights", help="torchvision weights name, e.g. IMAGENET1K_V1 (default: the architecture's DEFAULT).")

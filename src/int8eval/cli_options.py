@@ -96,6 +96,8 @@ _MODEL_SOURCE = (
     click.option("--value-range", type=click.Choice(["0-1", "0-255"]), help="Pixel scale before mean and std."),
     click.option("--mean", help="Three numbers (or one) in the value range's units and the model's channel order, e.g. 104,117,123."),
     click.option("--std", help="Three numbers (or one); default 1 unless a preset says otherwise."),
+    click.option("--class-names", type=click.Path(path_type=Path), help="The model's classes, one name a line (line i: "
+                 "class i), for a label space other than ImageNet's; --labels may then be a CSV of image,class."),
     click.option("--labels-free", is_flag=True, help="Ignore labels: agreement, flips, KL and cosine to FP32, no accuracy "
                  "(automatic for a flat folder of images without --labels)."),
 )

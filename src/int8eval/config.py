@@ -335,6 +335,8 @@ class SessionSpec(_Strict):
     # Images without labels (or labels ignored): agreement, flips, KL and cosine to FP32, never accuracy. A flat folder
     # of images with no --labels is read so without it (data.layouts.discover).
     labels_free: bool = False
+    # A label space of its own: one class name a line (line i: the model's class i), e.g. for an image,class CSV.
+    class_names: Path | None = None
     calib_data: Path | None = None
     calib_size: int = Field(100, gt=0)
     seed: int = 0

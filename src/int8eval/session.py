@@ -182,6 +182,7 @@ class Session:
     calib: CalibrationData | None = None
     calib_source: str | None = None  # "seeded split of DIR" or the --calib-data folder
     skipped: list[dict] = field(default_factory=list)  # images and folders not used, with why
+    class_names: list[str] | None = None  # a label space of its own (stats.class_keys); None: ImageNet-1k's
 
     @property
     def labels_free(self) -> bool:
@@ -223,7 +224,9 @@ def open_session(
     for recipe in recipes:
         loaded.check_layers(recipe.keep_fp32)
         backends.check_model(loaded, recipe)
-    found = discover(spec.data, spec.labels, labels_free=spec.labels_free)
+    class_names = _label_space(spec, loaded)
+    found = discover(spec.data, spec.labels, labels_free=spec.labels_free, class_names=class_names,
+                     num_classes=loaded.num_classes)
     samples, skipped = found.samples, found.skipped
     train: list[Sample] = []
     if any(r.qat_epochs for r in recipes):  # training images are never calibrated on or evaluated
@@ -239,12 +242,28 @@ def open_session(
     session = Session(
         spec=spec, loaded=loaded, layout=found.layout, num_found=len(found.samples),
         eval_samples=subsample(samples, spec.max_images, spec.seed), pool=samples, train=train, calib_source=calib_source,
-        skipped=skipped,
+        skipped=skipped, class_names=class_names,
     )
     if calib_samples:
         say(f"decoding {len(calib_samples)} calibration images")
         session.calib = _decode_calibration(spec, calib_samples, loaded, skipped, on_calibration)
     return session
+
+
+def _label_space(spec: SessionSpec, loaded: LoadedModel) -> list[str] | None:
+    """The class names of a label space other than ImageNet-1k's (--class-names, or the indices of an image,class
+    CSV), checked against the model's number of classes; None for ImageNet-1k."""
+    from int8eval.data.class_labels import is_class_csv, read_class_names
+
+    if spec.class_names is not None:
+        names = read_class_names(spec.class_names)
+        if loaded.num_classes is not None and len(names) != loaded.num_classes:
+            raise ConfigError(f"--class-names {spec.class_names} names {len(names)} classes, and {loaded.name} scores "
+                              f"{loaded.num_classes}: give one name a line for each of its classes, in its order")
+        return names
+    if spec.labels is not None and is_class_csv(spec.labels):
+        return [str(i) for i in range(loaded.num_classes or 0)]  # keyed by index (stats.class_keys)
+    return None
 
 
 def _calib_folder(spec: SessionSpec) -> Path | None:
@@ -387,7 +406,8 @@ def variant_result(recipe: Recipe, variant: Variant | None, error: str | None,
     )
 
 
-def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str, *, labels_free: bool = False) -> None:
+def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str, *, labels_free: bool = False,
+                   class_names: list[str] | None = None) -> None:
     name = result.name
     if labels_free:  # no accuracy: only what agreement with the reference says
         if name != reference and reference in preds.top5:
@@ -396,7 +416,7 @@ def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str, *,
     correct1 = preds.correct1(name)
     result.top1, result.top1_ci95 = stats.accuracy_ci(correct1)
     result.top5, result.top5_ci95 = stats.accuracy_ci(preds.correct5(name))
-    result.per_class_top1 = stats.per_class_accuracy(preds.labels, correct1)
+    result.per_class_top1 = stats.per_class_accuracy(preds.labels, correct1, class_names)
     if name != reference and reference in preds.top5:
         result.agreement_top1 = stats.agreement(preds.top1(name), preds.top1(reference))
         result.delta_top1 = result.top1 - float(np.mean(preds.correct1(reference)))
@@ -418,7 +438,8 @@ def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=
         results[name].status, results[name].error = "error", message
     for name, result in results.items():
         if result.status == "ok":
-            _fill_accuracy(result, preds, reference.name, labels_free=session.labels_free)
+            _fill_accuracy(result, preds, reference.name, labels_free=session.labels_free,
+                           class_names=session.class_names)
             result.predict_s = outcome.predict_s.get(name)
     apply_gate(list(plan), results)
     return Measured(preds, results, session.skipped + outcome.skipped, outcome.seconds)
@@ -438,6 +459,7 @@ def new_report(session: Session, variants: list[VariantResult], *, num_images: i
             root=str(Path(spec.data).resolve()),
             layout=session.layout,
             labels_free=session.labels_free,
+            class_names=session.class_names,
             num_found=session.num_found,
             num_images=num_images,
             num_skipped=len(skipped),

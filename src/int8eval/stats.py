@@ -38,13 +38,25 @@ def agreement(top1_a: np.ndarray, top1_b: np.ndarray) -> float:
     return float(np.mean(top1_a == top1_b)) if len(top1_a) else float("nan")
 
 
-def per_class_accuracy(labels: np.ndarray, correct: np.ndarray) -> dict[str, dict]:
-    """Top-1 per class present, keyed by wnid: {"n": images, "top1": fraction}."""
-    wnids = synsets()[0]
+def class_keys(class_names: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the key of each class index, key -> display name): ImageNet's wnids and names, or a label space's own names
+    (`class_names`; a class beyond them is keyed by its index)."""
+    if class_names is None:
+        return synsets()[0], wnid_to_name()
+    return list(class_names), {n: n for n in class_names}
+
+
+def _key(keys: list[str], c: int) -> str:
+    return keys[c] if c < len(keys) else str(c)
+
+
+def per_class_accuracy(labels: np.ndarray, correct: np.ndarray, class_names: list[str] | None = None) -> dict[str, dict]:
+    """Top-1 per class present, keyed by wnid (or by name in `class_names`): {"n": images, "top1": fraction}."""
+    wnids = class_keys(class_names)[0]
     labels = np.asarray(labels, dtype=np.int64)
     n = np.bincount(labels)
     right = np.bincount(labels, weights=correct, minlength=len(n))  # float64 sums, exact for 0/1
-    return {wnids[c]: {"n": int(n[c]), "top1": float(right[c] / n[c])} for c in np.flatnonzero(n)}
+    return {_key(wnids, c): {"n": int(n[c]), "top1": float(right[c] / n[c])} for c in np.flatnonzero(n)}
 
 
 # --- Paired FP32-vs-INT8 statistics -------------------------------------------------------------------------------
@@ -112,16 +124,17 @@ def _paired_block(correct_ref: np.ndarray, correct_var: np.ndarray, alpha: float
     }
 
 
-def class_flips(labels: np.ndarray, correct_ref: np.ndarray, correct_var: np.ndarray) -> dict[str, dict]:
-    """Per class with at least one flip, keyed by wnid: images, lost (ref right -> var wrong), gained (reverse)."""
-    wnids = synsets()[0]
+def class_flips(labels: np.ndarray, correct_ref: np.ndarray, correct_var: np.ndarray,
+                class_names: list[str] | None = None) -> dict[str, dict]:
+    """Per class with at least one flip, keyed by wnid (or name): images, lost (ref right -> var wrong), gained."""
+    wnids = class_keys(class_names)[0]
     r, v = np.asarray(correct_ref, bool), np.asarray(correct_var, bool)
     lost, gained = r & ~v, ~r & v
     labels = np.asarray(labels, dtype=np.int64)
     n = np.bincount(labels)
     n_lost, n_gained = np.bincount(labels[lost], minlength=len(n)), np.bincount(labels[gained], minlength=len(n))
     return {
-        wnids[c]: {"n": int(n[c]), "lost": int(n_lost[c]), "gained": int(n_gained[c])}
+        _key(wnids, c): {"n": int(n[c]), "lost": int(n_lost[c]), "gained": int(n_gained[c])}
         for c in np.flatnonzero(n_lost + n_gained)
     }
 
@@ -139,13 +152,15 @@ def paired_stats(
     cos: np.ndarray | None = None,
     alpha: float = 0.05,
     top_classes: int = 10,
+    class_names: list[str] | None = None,
 ) -> dict:
     """Paired statistics of a variant against the reference, from per-image predictions of the same images.
 
     Returns a JSON-ready dict: `n`; `top1` (and `top5` when given) with both accuracies, the difference var - ref
     and its 95% CI (Newcombe, see `paired_diff_ci`), the paired table (flips both ways) and McNemar's exact
     p-value; `agreement_top1` with its Wilson CI; `kl_mean`/`cos_mean` with their CIs (`mean_ci`) when given; and, when `labels` are given,
-    `flips_by_class` (classes with any flip) and `classes_lost_most` (net loss, at most `top_classes`).
+    `flips_by_class` (classes with any flip) and `classes_lost_most` (net loss, at most `top_classes`), keyed by
+    ImageNet wnid or by the label space's `class_names`.
 
     Example:
         >>> s = paired_stats(p.correct1("torch-fp32"), p.correct1(v), p.top1("torch-fp32"), p.top1(v), labels=p.labels)
@@ -173,12 +188,12 @@ def paired_stats(
         out["cos_mean_ci95"] = [max(-1.0, cos_ci[0]), min(1.0, cos_ci[1])]  # a cosine is within [-1, 1]
         out["cos_min"] = float(np.min(cos))
     if labels is not None:
-        flips = class_flips(np.asarray(labels), correct_ref, correct_var)
-        names = wnid_to_name()
+        flips = class_flips(np.asarray(labels), correct_ref, correct_var, class_names)
+        names = class_keys(class_names)[1]
         ranked = sorted(flips.items(), key=lambda kv: (-(kv[1]["lost"] - kv[1]["gained"]), -kv[1]["lost"], kv[0]))
         out["flips_by_class"] = flips
         out["classes_lost_most"] = [
-            {"wnid": w, "name": names[w], **f, "net": f["lost"] - f["gained"]}
+            {"wnid": w, "name": names.get(w, w), **f, "net": f["lost"] - f["gained"]}
             for w, f in ranked[:top_classes]
             if f["lost"] > f["gained"]
         ]

@@ -114,7 +114,8 @@ def decide(
     )
 
 
-def paired_for(preds: Predictions, name: str, reference: str, *, labels_free: bool = False) -> PairedSection:
+def paired_for(preds: Predictions, name: str, reference: str, *, labels_free: bool = False,
+               class_names: list[str] | None = None) -> PairedSection:
     """Paired statistics of variant `name` against `reference` on the images of `preds`. `labels_free`: the
     reference's top-1 answers stand in for the labels, so top-1 "accuracy" is agreement, its flips the images whose
     answer changed, and top-5 whether the reference's answer is in the variant's top 5."""
@@ -135,6 +136,7 @@ def paired_for(preds: Predictions, name: str, reference: str, *, labels_free: bo
         correct5_var=preds.correct5(name),
         kl=preds.kl_to_ref.get(name),
         cos=preds.cos_to_ref.get(name),
+        class_names=class_names,
     )
 
 
@@ -161,7 +163,8 @@ def add_paired_stats(report: Report, predictions: Predictions, acceptance: Accep
     for v in report.variants:
         if v.reference or v.name not in predictions.top5 or v.status not in (Status.ok, Status.parity_failed):
             continue
-        v.paired = paired_for(predictions, v.name, ref.name, labels_free=labels_free)
+        v.paired = paired_for(predictions, v.name, ref.name, labels_free=labels_free,
+                              class_names=report.data.class_names)
         v.verdict = _verdict_for(v, acceptance) if acceptance is not None and v.precision != Precision.fp32 else None
         others = [o for o in _compared_with(v, report.variants) if o in predictions.top5]
         v.compared_with = {o: _paired_against(predictions, v.name, o) for o in others} or None

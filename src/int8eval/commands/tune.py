@@ -247,6 +247,7 @@ class _Evaluator:
             self._decoded[id(samples)] = (samples, decode_set(samples, s.loaded.preprocessing,
                                                               batch_size=s.spec.batch_size, workers=s.spec.workers))
         return evaluate(samples, s.loaded.preprocessing, [self.reference, *variants], reference=s.reference.name,
+                        num_classes=s.loaded.num_classes,
                         batch_size=s.spec.batch_size, workers=s.spec.workers, decoded=self._decoded[id(samples)][1])
 
 

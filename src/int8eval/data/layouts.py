@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from int8eval.data.class_labels import is_class_csv, read_class_csv
 from int8eval.data.ground_truth import read_ground_truth
 from int8eval.data.synsets import WNID, wnid_to_index
 from int8eval.errors import ConfigError, DatasetError
@@ -82,7 +83,8 @@ def reasons(skipped: list[dict], most: int = 3) -> str:
     return "; ".join(parts) + ("; ..." if len(counts) > most else "")
 
 
-def discover(root: Path, labels: Path | None = None, *, labels_free: bool = False) -> SampleSet:
+def discover(root: Path, labels: Path | None = None, *, labels_free: bool = False,
+             class_names: list[str] | None = None, num_classes: int | None = None) -> SampleSet:
     """List the labelled images under `root`.
 
     Args:
@@ -92,6 +94,8 @@ def discover(root: Path, labels: Path | None = None, *, labels_free: bool = Fals
         labels_free: every image in `root` and in the folders in it, labelled UNLABELLED (layout "unlabelled"). A
             flat folder of images with no labels is read so without it, unless its files are named as the official
             ImageNet val folder's (then --labels was forgotten, and the error says so).
+        class_names, num_classes: the label space of an `image,class` CSV given as `labels` (data.class_labels):
+            its classes are names of `class_names` or indices below `num_classes`; its images, paths under `root`.
 
     Everything else is in `skipped` with its reason: hidden entries, anything that is not a regular file (never
     opened), empty files, folders inside a class folder (never taken as that class), non-images, and a file
@@ -130,6 +134,8 @@ def discover(root: Path, labels: Path | None = None, *, labels_free: bool = Fals
 
     if labels_free:
         return _unlabelled(root, dirs, files, skipped)
+    if labels is not None and is_class_csv(labels):
+        return _from_class_csv(root, labels, read_class_csv(labels, class_names, num_classes), skipped)
     if labels is not None:
         layout = "flat+ground-truth"
         truth = read_ground_truth(labels)  # every wnid in it is an ImageNet-1k synset
@@ -200,6 +206,30 @@ def discover(root: Path, labels: Path | None = None, *, labels_free: bool = Fals
         raise DatasetError(f"no labelled images found under {root} ({layout} layout; {len(skipped)} entries skipped{what})")
     samples.sort(key=lambda s: s.id)
     return SampleSet(root, layout, samples, skipped)
+
+
+def _from_class_csv(root: Path, labels: Path, truth: dict[str, int], skipped: list[dict]) -> SampleSet:
+    """The images an `image,class` CSV lists, each a regular image file under `root`."""
+    found: list[tuple[Sample, tuple[int, int]]] = []
+    base = root.resolve()
+    for image, label in truth.items():
+        path = root / image
+        inside = path.resolve().is_relative_to(base) and not Path(image).is_absolute()
+        why = None if inside else "outside the data folder"
+        if why is None and not path.is_file():
+            why = "listed in the labels, but not a regular file under the data folder"
+        if why is None and not is_image(path.name):
+            why = "not an image file"
+        if why is not None:
+            skipped.append({"path": image, "reason": why})
+            continue
+        st = path.stat()
+        found.append((Sample(path, label, Path(image).as_posix()), (st.st_dev, st.st_ino)))
+    samples = _once_each(found, skipped)
+    if not samples:
+        raise DatasetError(f"none of the images {labels} lists is under {root} ({reasons(skipped)})")
+    samples.sort(key=lambda s: s.id)
+    return SampleSet(root, "image,class csv", samples, skipped)
 
 
 def _unlabelled(root: Path, dirs: list[os.DirEntry], files: list[os.DirEntry], skipped: list[dict]) -> SampleSet:

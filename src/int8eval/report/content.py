@@ -106,7 +106,7 @@ def classes_lost_most(variants, limit: int) -> list[tuple[str, str]]:
     for v in variants:
         worst = v.paired.classes_lost_most if v.paired else []
         if worst:
-            out.append((v.name, ", ".join(f"{c.name} ({c.wnid}) −{c.net} of {c.n}" for c in worst[:limit])))
+            out.append((v.name, ", ".join(f"{c.name}{f' ({c.wnid})' * (c.name != c.wnid)} −{c.net} of {c.n}" for c in worst[:limit])))
     return out
 
 

@@ -94,6 +94,8 @@ class DataSection(_Section):
     layout: str
     # No labels (or labels ignored): no accuracy, only agreement, flips, KL and cosine to the reference.
     labels_free: bool = False
+    # A label space of its own (--class-names, an image,class CSV): class i's name; None: ImageNet-1k's synsets.
+    class_names: list[str] | None = None
     num_found: int
     num_images: int  # evaluated
     num_skipped: int
