@@ -13,7 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from int8eval.cli_options import ACTIVATION_TYPE, acceptance_options, decode_cache_options, keep_options
-from int8eval.config import Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
+from int8eval.config import (
+    AUTO_COMPILE_IMAGES, Backend, CalibMethod, Objective, OnBadImage, Precision, ReferenceMode, RunConfig, TuneConfig,
+)
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
@@ -79,6 +81,9 @@ def main() -> None:
 @click.option("--workers", default=0, show_default=True, help="Decoding worker processes (0: decode in the main process; on 2 cores inference, not decoding, is the bottleneck).")
 @click.option("--max-images", type=int, help="Evaluate a seeded subset of this many images.")
 @click.option("--on-bad-image", type=click.Choice([o.value for o in OnBadImage]), default="skip", show_default=True)
+@click.option("--reference", type=click.Choice([m.value for m in ReferenceMode]), default="auto", show_default=True,
+              help="The FP32 reference in the pass: compiled by inductor (checked against eager on a seeded batch, "
+              f"the check in the report) or eager; auto compiles from {AUTO_COMPILE_IMAGES} evaluation images on.")
 @click.option("--qat-epochs", default=0, show_default=True, help="Also QAT (PT2E) for N epochs, and the same fine-tuning in FP32 as a control.")
 @click.option("--train-data", type=click.Path(path_type=Path), help="QAT training images (default: a seeded split of --data, not evaluated).")
 @click.option("--train-size", default=300, show_default=True, help="Training images for QAT.")
