@@ -95,43 +95,68 @@ def test_two_models_by_two_backends_write_one_report_and_a_rerun_reuses_every_ce
     assert "Accuracy drop vs speed" in render_sweep_html(timed)
 
 
-def test_a_failing_cell_is_recorded_and_the_others_go_on(image_folder, tmp_path):
+def test_a_failing_cell_is_recorded_and_the_others_go_on(image_folder, tmp_path, monkeypatch):
     require_package("onnxruntime", extra="onnxruntime")
-    spec = _spec(tmp_path, models=["no_such_model_x", "tiny_test"], backends=["onnxruntime"], data=str(image_folder),
-                 **SESSION)
+    import int8eval.commands.run as run_module
+    from int8eval.errors import BackendUnavailable
+
+    def check_recipes(recipes):  # OpenVINO missing, whether it is installed here or not
+        if any(r.backend.value == "openvino" for r in recipes):
+            raise BackendUnavailable("backend openvino needs openvino: pip install 'int8eval[openvino]'")
+
+    monkeypatch.setattr(run_module, "check_recipes", check_recipes)
+    spec = _spec(tmp_path, models=["no_such_model_x", "tiny_test"], backends=["onnxruntime", "openvino"],
+                 data=str(image_folder), **SESSION)
     out = tmp_path / "sweep"
     result = _sweep(spec, out)
     assert result.exit_code == 1, result.output
     cells = json.loads((out / "sweep.json").read_text())["cells"]
-    bad, good = cells
-    assert bad["status"] == "failed" and "no_such_model_x" in bad["error"] and bad["rows"] == []
+    assert [c["folder"] for c in cells] == ["no_such_model_x/onnxruntime", "no_such_model_x/openvino",
+                                            "tiny_test/onnxruntime", "tiny_test/openvino"]
+    assert all(c["status"] == "failed" and c["rows"] == [] for c in cells[:2])
+    assert "ModelLoadError" in cells[0]["error"] and "no_such_model_x" in cells[0]["error"]
+    assert cells[3]["status"] == "failed" and cells[3]["error"].startswith("BackendUnavailable: backend openvino")
+    good = cells[2]
     assert good["status"] == "ok" and (out / "tiny_test/onnxruntime/report.json").is_file()
     assert "**failed** no_such_model_x/onnxruntime" in (out / "sweep.md").read_text()
 
     # A rerun tries the failed cell again and reuses the finished one.
     again = _sweep(spec, out)
     assert again.exit_code == 1
-    bad, good = json.loads((out / "sweep.json").read_text())["cells"]
+    bad, _, good, _ = json.loads((out / "sweep.json").read_text())["cells"]
     assert bad["status"] == "failed" and not bad["reused"]
-    assert good["reused"] and good["run_id"] == cells[1]["run_id"]
+    assert good["reused"] and good["run_id"] == cells[2]["run_id"]
 
 
-def test_a_changed_recipe_runs_its_cells_again(image_folder, tmp_path):
+def test_a_cell_is_reused_only_for_the_same_arguments(image_folder, tmp_path):
+    require_package("onnxruntime", extra="onnxruntime")
     from int8eval.commands.sweep import finished, load_spec, plan_cells
 
-    first = load_spec(_spec(tmp_path, models=["tiny_test"], backends=["onnxruntime"], data="data", **SESSION))
-    (cell,) = plan_cells(first, out=tmp_path / "o")
+    fp32 = dict(models=["tiny_test"], backends=["onnxruntime"], data="data", recipes=[{"precision": "fp32"}], **SESSION)
+    out = tmp_path / "sweep"
+    (cell,) = plan_cells(load_spec(_spec(tmp_path, **fp32)), out=out)
+    assert cell.config.data == image_folder  # relative to the spec file
     assert finished(cell) is None  # nothing there yet
-    changed = load_spec(_spec(tmp_path, models=["tiny_test"], backends=["onnxruntime"], data="data",
-                              recipes=[{"calib": "minmax"}], **SESSION))
-    (other,) = plan_cells(changed, out=tmp_path / "o", resume=True)
-    assert other.config.resume and [r.name for r in other.config.recipes] == ["onnxruntime-int8-minmax"]
-    assert other.config.data == image_folder  # relative to the spec file
+    assert _sweep(_spec(tmp_path, **fp32), out, "--no-cache").exit_code == 0
+    assert finished(cell).run_id  # the same arguments, wherever decoded images are cached
+    (resumed,) = plan_cells(load_spec(_spec(tmp_path, **fp32)), out=out, resume=True)
+    assert resumed.config.resume and finished(resumed) is not None
+    (changed,) = plan_cells(load_spec(_spec(tmp_path, **{**fp32, "seed": 1})), out=out)
+    assert finished(changed) is None
+    (other,) = plan_cells(load_spec(_spec(tmp_path, **{**fp32, "recipes": [{"calib": "minmax"}]})), out=out)
+    assert finished(other) is None and [r.name for r in other.config.recipes] == ["onnxruntime-int8-minmax"]
+    (report,) = [p for p in (out / "tiny_test" / "onnxruntime").iterdir() if p.name == "report.json"]
+    report.write_text("{")  # a broken run folder is run again, not reused
+    assert finished(cell) is None
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ({"models": [{"name": "tiny_test", "nmae": "x"}]}, ["models.0.nmae: unknown key"]),
-    ({"modles": ["tiny_test"]}, ["modles: unknown key", "models: Field required"]),
+    ({"models": [{"name": "tiny_test", "nmae": "x"}]}, ["models.0.nmae: unknown key", "are: name, label, checkpoint"]),
+    ({"modles": ["tiny_test"]}, ["modles: unknown key", "the keys are: models, backends", "models: Field required"]),
+    ({"models": ["tiny_test"], "backends": ["onnxruntime"], "recipes": [{"calbi": "minmax"}]},
+     ["recipes[0] on onnxruntime: calbi: unknown key", "the keys are: precision, calib,"]),
+    ({"models": ["tiny_test"], "backends": ["onnxruntime"], "recipes": [{}, {"calib": "percentile"}]},
+     ["recipes[1] on onnxruntime is onnxruntime-int8-percentile99.999, as an earlier recipe is"]),
     ({"models": ["tiny_test"], "backends": ["torchh"]}, ["backends.0", "'torchh'"]),
     ({"models": ["tiny_test"], "backends": ["onnxruntime"], "recipes": [{"calib": "minmaxx"}]},
      ["recipes[0] on onnxruntime: calib", "'minmaxx'"]),
@@ -139,10 +164,12 @@ def test_a_changed_recipe_runs_its_cells_again(image_folder, tmp_path):
      ["recipes[0] on torch", "adaround applies to onnxruntime and openvino", "backends: [...]"]),
     ({"models": ["tiny_test"], "backends": ["onnxruntime"], "recipes": [{"backends": ["openvino"]}]},
      ["recipes[0].backends: ['openvino'] must list backends of the sweep"]),
-    ({"models": ["tiny_test"], "backends": ["onnxruntime"], "batch_size": 0}, ["batch_size", "greater than 0", "(got 0)"]),
+    ({"models": ["tiny_test"], "backends": ["onnxruntime"], "batch_size": 0}, ["model tiny_test: batch_size", "greater than 0", "(got 0)"]),
     ({"models": ["tiny_test"], "batch_size": "big"}, ["batch_size", "'big'"]),
     ({"models": ["tiny_test", {"name": "tiny_test"}]}, ["two models are filed under tiny_test", "label"]),
     ({"models": ["tiny_test"], "tune": {}}, ["tune needs a budget"]),
+    ({"models": [{"name": "tiny_test", "label": ".."}]}, ["models.0.label", "'..'"]),
+    ({"models": ["tiny_test"], "backends": ["onnxruntime", "onnxruntime"]}, ["backends: onnxruntime listed twice"]),
     ({"models": ["tiny_test"], "tune": {"objective": "speed"}, "acceptance": "mlperf"}, ["tune.objective", "'speed'"]),
     ({"models": ["tiny_test"], "data": "nowhere"}, ["data:", "nowhere does not exist"]),
     ({"models": ["tiny_test"], "recipes": []}, ["no cell"]),
@@ -175,3 +202,28 @@ def test_tune_cells_take_the_budget_and_the_sweeps_backends(image_folder, tmp_pa
     assert cell.kind == "tune" and cell.folder == "tiny_test/tune"
     assert cell.config.acceptance.max_drop == 2 and [b.value for b in cell.config.backends] == ["onnxruntime"]
     assert cell.config.time_budget_s == 60 and cell.config.tune_size == 5 and cell.config.calib_size == 4
+
+
+def test_a_tune_cell_is_a_tune_run_folder_with_its_choice_in_the_report(tmp_path, monkeypatch):
+    require_package("onnxruntime", extra="onnxruntime")
+    import int8eval.commands.tune as tune_module
+    from conftest import WNIDS, write_image
+
+    monkeypatch.setattr(tune_module, "TIMING", dict(batch_sizes=(1, 2), warmup=0, min_runs=1, throughput_warmup=0,
+                                                    throughput_min_runs=1, min_seconds=0, max_seconds=0.05,
+                                                    compile_torch=False))
+    for c, wnid in enumerate(WNIDS):
+        for i in range(6):
+            write_image(tmp_path / "data" / wnid / f"{wnid}_{i}.JPEG", seed=10 * c + i)
+    spec = _spec(tmp_path, models=["tiny_test"], backends=["onnxruntime"], data="data", recipes=[],
+                 acceptance={"max_drop": 100}, tune={"tune_size": 5, "confirm_size": 7}, **SESSION)
+    out = tmp_path / "sweep"
+    result = _sweep(spec, out)
+    assert result.exit_code == 0, result.output
+    (cell,) = json.loads((out / "sweep.json").read_text())["cells"]
+    assert cell["kind"] == "tune" and cell["status"] == "ok" and cell["tune_choice"]
+    assert (out / "tiny_test/tune/deploy/onnxruntime").is_dir() and cell["num_images"] == 7
+    chosen = next(r for r in cell["rows"] if r["variant"] == cell["tune_choice"])
+    assert chosen["throughput_ips"] > 0 and chosen["delta_ci95"] is not None  # speed from the tuner's timing
+    again = _sweep(spec, out)
+    assert again.exit_code == 0 and json.loads((out / "sweep.json").read_text())["cells"][0]["reused"]

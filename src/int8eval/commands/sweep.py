@@ -9,8 +9,8 @@ with its error and the others go on. One comparison report across the cells: OUT
 sweep.md and sweep.html rendered from it (int8eval.report.sweep).
 
 Example:
-    >>> spec = load_spec(Path("examples/sweep.yaml"))
-    >>> report = sweep(plan_cells(spec, out=Path("runs/sweep")), out=Path("runs/sweep"), spec=spec)
+    >>> report = run_spec(Path("examples/sweep.yaml"), out=Path("runs/sweep"))
+    >>> [cell.error for cell in report.failed]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class SweepModel(_SpecModel):
     (default: the name, with characters other than letters, digits, `.`, `_`, `-` as `-`)."""
 
     name: str = Field(min_length=1)
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # a folder name, never `..`
     checkpoint: Path | None = None
     weights: str | None = None
 
@@ -107,6 +107,14 @@ class SweepSpec(_SpecModel):
             raise ValueError(f"two models are filed under {', '.join(twice)}: give each a distinct `label:`")
         return self
 
+    @field_validator("backends")
+    @classmethod
+    def _backends_once(cls, value: tuple[Backend, ...]) -> tuple[Backend, ...]:
+        twice = sorted({b.value for b in value if value.count(b) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice: list each backend once")
+        return value
+
     @model_validator(mode="after")
     def _tune_has_a_budget(self) -> SweepSpec:
         if self.tune is not None and self.acceptance is None:
@@ -125,8 +133,18 @@ class SweepSpec(_SpecModel):
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-def _message(e: ValidationError) -> str:
-    """Each error as `key.path: what is wrong (got VALUE)`; an unknown key is named as such."""
+def _keys(loc: tuple, recipe: bool) -> str:
+    """The keys allowed where an unknown key `loc` was found."""
+    if recipe:
+        names = [n for n in Recipe.model_fields if n not in ("backend", "deployed")] + ["backends"]
+    else:
+        model = {"models": SweepModel, "tune": SweepTune}.get(loc[0], SweepSpec) if len(loc) > 1 else SweepSpec
+        names = list(model.model_fields)
+    return ", ".join(names)
+
+
+def _message(e: ValidationError, *, recipe: bool = False) -> str:
+    """Each error as `key.path: what is wrong (got VALUE)`; an unknown key is named with the keys allowed there."""
     locs = [err["loc"] for err in e.errors()]
     # An error of a list whose item is wrong too (e.g. "at least 1 item" when the only model has a typo) says nothing.
     errors = [err for err in e.errors() if not any(len(o) > len(err["loc"]) and o[:len(err["loc"])] == err["loc"]
@@ -135,7 +153,7 @@ def _message(e: ValidationError) -> str:
     for err in errors[:4]:
         loc = ".".join(map(str, err["loc"]))
         if err["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key (a typo? see examples/sweep.yaml for the keys)")
+            parts.append(f"{loc}: unknown key (a typo? the keys are: {_keys(err['loc'], recipe)})")
             continue
         got = repr(err.get("input"))
         got = got if len(got) <= 60 else got[:57] + "..."
@@ -211,7 +229,11 @@ def _backend_recipes(spec: SweepSpec, chosen: list[Backend]) -> dict[Backend, tu
             except ValidationError as e:
                 hint = (" (to give a recipe to some backends only, add `backends: [...]` to it)"
                         if only is None and len(chosen) > 1 else "")
-                raise ConfigError(f"recipes[{i}] on {backend.value}: {_message(e)}{hint}") from None
+                raise ConfigError(f"recipes[{i}] on {backend.value}: {_message(e, recipe=True)}{hint}") from None
+            name = out[backend][-1].name
+            if [r.name for r in out[backend]].count(name) > 1:
+                raise ConfigError(f"recipes[{i}] on {backend.value} is {name}, as an earlier recipe is (`{{}}` is the "
+                                  "backend's default recipe): drop one of them")
     return {b: tuple(rs) for b, rs in out.items()}
 
 
@@ -247,7 +269,7 @@ def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache
                                     time_budget_s=minutes * 60 if minutes else None)
                 cells.append(Cell(model, "tune", None, config))
         except ValidationError as e:
-            raise ConfigError(f"models {model.id}: {_message(e)}") from None
+            raise ConfigError(f"model {model.id}: {_message(e)}") from None
     if not cells:
         raise ConfigError("the spec asks for no cell: give `recipes:` (e.g. `[{}]`, each backend's default) or `tune:`")
     return cells
