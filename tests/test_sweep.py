@@ -227,3 +227,16 @@ def test_a_tune_cell_is_a_tune_run_folder_with_its_choice_in_the_report(tmp_path
     assert chosen["throughput_ips"] > 0 and chosen["delta_ci95"] is not None  # speed from the tuner's timing
     again = _sweep(spec, out)
     assert again.exit_code == 0 and json.loads((out / "sweep.json").read_text())["cells"][0]["reused"]
+
+
+def test_the_example_spec_is_valid(image_folder, tmp_path):
+    from conftest import REPO
+    from int8eval.commands.sweep import load_spec, plan_cells
+
+    spec = load_spec(REPO / "examples" / "sweep.yaml").model_copy(update={"data": image_folder})
+    cells = plan_cells(spec, out=tmp_path / "o")
+    assert [c.folder for c in cells] == [f"{m}/{b}" for m in ("efficientnet_lite0", "resnet50")
+                                         for b in ("torch", "onnxruntime", "openvino")]
+    assert [r.name for r in cells[1].config.recipes] == [
+        "onnxruntime-int8-percentile99.999", "onnxruntime-int8-percentile99.99", "onnxruntime-int8-percentile99.999-adaround"]
+    assert cells[0].config.acceptance.max_drop == 1 and cells[3].config.weights == "IMAGENET1K_V1"

@@ -139,7 +139,10 @@ def _table_rows(sweep: SweepReport, model: str) -> list[list[str]]:
 
 
 def _failures(sweep: SweepReport, model: str) -> list[str]:
-    return [f"{c.folder}: {c.error}" for c in sweep.cells if c.model == model and c.status == "failed"]
+    """The model's failed cells, then the variants a finished cell could not measure or trust, each with why."""
+    cells = [c for c in sweep.cells if c.model == model]
+    failed = [f"{c.folder}: {c.error}" for c in cells if c.status == "failed"]
+    return failed + [f"{c.folder} {r.variant} ({r.status}): {r.error}" for c in cells for r in c.rows if r.error]
 
 
 def _summary(sweep: SweepReport) -> str:
@@ -166,7 +169,7 @@ def render_sweep_markdown(sweep: SweepReport) -> str:
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             lines.append("")
         for failure in _failures(sweep, model):
-            lines.append(f"- **failed** {_md_cell(failure)}")
+            lines.append(f"- **failed** {failure}".replace("\n", " "))
         lines.append("")
     lines += ["The accuracy-drop plot is in sweep.html.", ""]
     return "\n".join(lines)
