@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.cli_options import (
-    ACTIVATION_TYPE, MIN_AGREEMENT, acceptance_options, decode_cache_options, keep_options, model_source_options,
+from int8eval.cli_options import ACTIVATION_TYPE, acceptance_options, decode_cache_options, keep_options, model_source_options
+from int8eval.config import (
+    AUTO_COMPILE_IMAGES, Backend, CalibMethod, Objective, OnBadImage, Precision, ReferenceMode, RunConfig, TuneConfig,
 )
-from int8eval.config import Backend, CalibMethod, Objective, OnBadImage, Precision, RunConfig, TuneConfig
 from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.report.format import num, pct
 from int8eval.verdict import acceptance_from_flags
@@ -81,6 +81,9 @@ def main() -> None:
 @click.option("--workers", default=0, show_default=True, help="Decoding worker processes (0: decode in the main process; on 2 cores inference, not decoding, is the bottleneck).")
 @click.option("--max-images", type=int, help="Evaluate a seeded subset of this many images.")
 @click.option("--on-bad-image", type=click.Choice([o.value for o in OnBadImage]), default="skip", show_default=True)
+@click.option("--reference", type=click.Choice([m.value for m in ReferenceMode]), default="auto", show_default=True,
+              help="The FP32 reference in the pass: compiled by inductor (checked against eager on a seeded batch, "
+              f"the check in the report) or eager; auto compiles from {AUTO_COMPILE_IMAGES} evaluation images on.")
 @click.option("--qat-epochs", default=0, show_default=True, help="Also QAT (PT2E) for N epochs, and the same fine-tuning in FP32 as a control.")
 @click.option("--train-data", type=click.Path(path_type=Path), help="QAT training images (default: a seeded split of --data, not evaluated).")
 @click.option("--train-size", default=300, show_default=True, help="Training images for QAT.")
@@ -95,7 +98,6 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run of the same arguments into the same "
               "RUN_DIR stopped evaluating (other arguments or data are refused).")
 @acceptance_options
-@MIN_AGREEMENT
 @_friendly
 @model_source_options
 @decode_cache_options
@@ -291,11 +293,11 @@ def prepare_cmd(source: Path, labels: Path, out: Path, copy: bool) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @acceptance_options
 @_friendly
-def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool) -> None:
+def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool, min_agreement: float | None) -> None:
     """Re-render RUN_DIR's report from its report.json, without re-running; with a budget, re-judge the verdicts."""
     from int8eval.commands.report import report as report_command
 
-    paths = report_command(run_dir, acceptance_from_flags(max_drop, drop, mlperf))
+    paths = report_command(run_dir, acceptance_from_flags(max_drop, drop, mlperf, min_agreement))
     for path in paths:
         console.print(f"wrote {escape(str(path))}")  # a folder name is not rich markup
 
@@ -408,7 +410,6 @@ def diagnose(**kw) -> None:
 @click.option("--confirm-size", default=400, show_default=True, help="Images that only confirm the chosen models.")
 @click.option("--confirm-data", type=click.Path(path_type=Path), help="Confirmation images (default: a seeded split of --data).")
 @click.option("--max-fp32-layers", default=8, show_default=True, help="Most layers the FP32-fallback step may keep in FP32.")
-@click.option("--min-agreement", type=click.FloatRange(0, 100, min_open=True), help="Also require this top-1 agreement with FP32 (percent), on both sets.")
 @click.option("--qat-epochs", default=0, show_default=True, help="QAT as the torch ladder's last step (needs training images).")
 @click.option("--train-data", type=click.Path(path_type=Path), help="QAT training images (default: a seeded split of --data).")
 @click.option("--train-size", default=300, show_default=True)
@@ -437,6 +438,24 @@ def tune(**kw) -> None:
     report = tune_command(config, console=Console(stderr=True))
     _print_summary(report, config.out)
     console.print(f"choice: {escape(report.tune.choice or 'none')}: {escape(report.tune.choice_reason)}")
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC.yaml", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Default: the spec's `out`, else runs/sweep.")
+@click.option("--resume", is_flag=True, help="Go on with a killed cell from its evaluation checkpoint (run --resume).")
+@_friendly
+@decode_cache_options
+def sweep(spec_file: Path, out: Path | None, resume: bool, decode_cache) -> None:
+    """Models x backends x recipes (and tune cells) from one YAML file, a run folder per cell (finished ones reused):
+    OUT/sweep.{json,md,html} compares them. Exit 1 when a cell failed (the others still ran)."""
+    from int8eval.commands.sweep import run_spec
+
+    report = run_spec(spec_file, out=out, resume=resume, decode_cache=decode_cache, console=Console(stderr=True))
+    console.print(f"{len(report.cells)} cells, {len(report.failed)} failed; sweep: "
+                  f"{escape(str(Path(report.out) / 'sweep.json'))} (rendered: sweep.md, sweep.html)")
+    if report.failed:
+        click.get_current_context().exit(1)
 
 
 @main.command()

@@ -46,6 +46,9 @@ _ACCEPTANCE = (
     click.option("--max-drop", type=float, help="Accuracy budget: the most top-1 an INT8 variant may lose (points)."),
     click.option("--drop", type=click.Choice(["absolute", "relative"]), help="--max-drop in points (absolute, default) or percent of FP32."),
     click.option("--mlperf", is_flag=True, help="MLPerf's budget: INT8 top-1 >= 99% of FP32's."),
+    click.option("--min-agreement", type=click.FloatRange(0, 100, min_open=True), metavar="PERCENT",
+                 help="A budget on top-1 agreement with FP32 (percent) instead of accuracy, as images without labels "
+                 "are judged (run, report; tune: alone the budget, else also required on both sets)."),
 )
 
 
@@ -74,12 +77,6 @@ def keep_options(keep_help: str = _KEEP_HELP):
 
     return decorate
 
-
-MIN_AGREEMENT = click.option(
-    "--min-agreement", type=click.FloatRange(0, 100, min_open=True), metavar="PERCENT",
-    help="Budget on top-1 agreement with FP32 instead of accuracy: each INT8 variant passes when the whole 95% CI of "
-    "its agreement is at least PERCENT (what images without labels are judged on).",
-)
 
 _MODEL_SOURCE = (
     click.option("--preset", type=click.Choice(["torchvision", "inception", "caffe-bgr"]),

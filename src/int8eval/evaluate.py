@@ -14,7 +14,7 @@ from rich.progress import Progress
 
 from int8eval.backends import Variant
 from int8eval.config import OnBadImage, Preprocessing
-from int8eval.data.decode import Batch, batches
+from int8eval.data.decode import Batch, batches, prefetched
 from int8eval.data.layouts import Sample
 from int8eval.errors import DatasetError, ModelLoadError, RunFolderError
 
@@ -174,6 +174,7 @@ class EvalOutcome:
     errors: dict[str, str]  # variant name -> error message (that variant stopped; the others went on)
     seconds: float
     predict_s: dict[str, float]  # time each variant spent in predict(), data loading excluded
+    wait_s: float = 0.0  # time spent waiting for decoded images
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -250,6 +251,7 @@ def evaluate(
     task = progress.add_task("evaluating", total=len(samples)) if progress else None
     lists = {"top5": top5, "kl": kl, "cos": cos}
     done = 0
+    wait_s = 0.0  # time the pass waited for decoded images (what decoding ahead did not hide)
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
         changed = _replay(saved, samples[:batch_size], preprocessing, live, reference)
         if changed:
@@ -261,9 +263,12 @@ def evaluate(
             progress.update(task, advance=done)
 
     offset = done  # the first image after the checkpoint
-    source = decoded if decoded is not None else batches(samples[offset:], preprocessing, batch_size=batch_size,
-                                                          workers=workers)
+    # Decoded ahead in a thread (worker processes, when asked for, already decode ahead), so it overlaps inference.
+    source = decoded if decoded is not None else prefetched(batches(samples[offset:], preprocessing,
+                                                                     batch_size=batch_size, workers=workers))
+    waited = time.perf_counter()
     for batch in source:
+        wait_s += time.perf_counter() - waited
         if offset:  # positions in samples[offset:] -> positions in samples
             batch = Batch(batch.indices + offset, batch.labels, batch.images, [(i + offset, r) for i, r in batch.bad])
         for i, reason in batch.bad:
@@ -310,6 +315,7 @@ def evaluate(
             if n // checkpoint.every > done // checkpoint.every or n == len(samples):
                 checkpoint.save(*_state(n, live, errors, nonfinite, predict_s, lists, kept, skipped))
             done = n
+        waited = time.perf_counter()
 
     if not kept:
         raise DatasetError(f"none of the {len(samples)} images could be read (first: {skipped[0]['reason']})")
@@ -325,4 +331,4 @@ def evaluate(
         kl_to_ref={n: np.concatenate(a) for n, a in kl.items() if n in live and a},
         cos_to_ref={n: np.concatenate(a) for n, a in cos.items() if n in live and a},
     )
-    return EvalOutcome(predictions, skipped, errors, time.perf_counter() - start, predict_s)
+    return EvalOutcome(predictions, skipped, errors, time.perf_counter() - start, predict_s, wait_s)

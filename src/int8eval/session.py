@@ -23,7 +23,7 @@ import numpy as np
 from int8eval import backends, stats
 from int8eval.backends import BuildContext, CalibrationData, Variant
 from int8eval.config import ActivationType, Backend, CalibMethod, OnBadImage, Precision, Recipe, SessionSpec
-from int8eval.data.decode import decode_samples
+from int8eval.data.decode import batches, decode_samples
 from int8eval.data.layouts import UNLABELLED_LAYOUT, Sample, discover, split, split_training, subsample
 from int8eval.errors import ConfigError, DatasetError
 from int8eval.environment import environment
@@ -386,6 +386,7 @@ class Measured:
     results: dict[str, VariantResult]  # by variant name, in plan order
     skipped: list[dict]  # the session's skipped images and folders, then those the pass could not decode
     eval_s: float
+    wait_s: float = 0.0  # of eval_s, waiting for decoded images
 
 
 def variant_result(recipe: Recipe, variant: Variant | None, error: str | None,
@@ -427,6 +428,7 @@ def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=
     recipe's accuracy (or, without labels, its agreement) against the reference, and apply the FP32 parity gate (int8eval.parity). `checkpoint`
     (int8eval.resume.EvalCheckpoint) saves the pass as it goes and resumes it."""
     spec, reference = session.spec, session.reference
+    _speed_up_reference(session, built)
     outcome = evaluate(
         session.eval_samples, session.loaded.preprocessing, built.variants, reference=reference.name,
         batch_size=spec.batch_size, workers=spec.workers, on_bad_image=spec.on_bad_image, progress=progress,
@@ -442,7 +444,25 @@ def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=
                            class_names=session.class_names)
             result.predict_s = outcome.predict_s.get(name)
     apply_gate(list(plan), results)
-    return Measured(preds, results, session.skipped + outcome.skipped, outcome.seconds)
+    return Measured(preds, results, session.skipped + outcome.skipped, outcome.seconds, outcome.wait_s)
+
+
+def _speed_up_reference(session: Session, built: Built) -> None:
+    """Compile the torch FP32 reference for the pass when `spec.reference` asks for it, checked against eager on one
+    seeded batch of evaluation images (int8eval.backends.fast_reference)."""
+    reference = next((v for v in built.variants if v.name == REFERENCE.name), None)
+    if reference is None or REFERENCE.backend is not Backend.torch:
+        return
+    from int8eval.backends.fast_reference import speed_up_reference
+
+    samples, n = session.eval_samples, session.spec.batch_size
+
+    def check_images() -> np.ndarray | None:
+        picked = sorted(np.random.default_rng(session.spec.seed).permutation(len(samples))[:n])
+        return next((b.images for b in batches([samples[i] for i in picked], session.loaded.preprocessing,
+                                               batch_size=n, workers=0) if len(b.indices)), None)
+
+    speed_up_reference(reference, check_images, session.spec.reference, len(samples))
 
 
 def new_report(session: Session, variants: list[VariantResult], *, num_images: int, skipped: list[dict],

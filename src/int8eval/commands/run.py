@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+)
+from rich.text import Text
 
 from int8eval import resume
 from int8eval.commands import write_run
@@ -18,10 +21,23 @@ from int8eval.session import build_variants, check_recipes, measure, new_report,
 from int8eval.verdict import add_paired_stats, check_judgeable
 
 
+class RateColumn(ProgressColumn):
+    """Items a second (images, for the evaluation pass) and the time left, from rich's moving estimate of the rate;
+    blank until it has one."""
+
+    def render(self, task) -> Text:
+        if not task.speed or task.finished:
+            return Text("")
+        left = f", {int(task.time_remaining) // 60}:{int(task.time_remaining) % 60:02d} left" \
+            if task.time_remaining is not None else ""
+        return Text(f"{task.speed:.1f}/s{left}", style="progress.data.speed")
+
+
 def progress_bar(console: Console) -> Progress:
+    """Each step a line with its elapsed time; counted steps (decoding, evaluating) with their rate and time left."""
     return Progress(
-        SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=False,
+        SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(bar_width=20),
+        MofNCompleteColumn(), TimeElapsedColumn(), RateColumn(), console=console, transient=False,
     )
 
 
@@ -80,6 +96,7 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
 
         session = open_session(config, config.recipes, on_calibration=on_calibration)
         check_judgeable(config.acceptance, session.labels_free)  # before any build
+        opened = time.perf_counter()
         progress.update(task, total=1, completed=1)
         building: list = []
 
@@ -90,6 +107,7 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
 
         built = build_variants(session, plan, out / "artifacts", required=plan[:1], say=say)
         progress.update(building[-1], total=1, completed=1)
+        built_at = time.perf_counter()
         checkpoint = resume.open_checkpoint(config.out, _resume_key(config, session), resume=config.resume,
                                             every=_checkpoint_every(config.batch_size),
                                             say=lambda msg: console.print(msg, markup=False, highlight=False))
@@ -99,14 +117,20 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
     report = new_report(
         session, [measured.results[r.name] for r in plan], num_images=len(measured.predictions.labels),
         skipped=measured.skipped, config=config.model_dump(mode="json"),
-        timing={"total_s": time.perf_counter() - start, "eval_s": measured.eval_s,
-                "images_per_s": len(measured.predictions.labels) / measured.eval_s},
+        timing={"total_s": None, "eval_s": measured.eval_s,
+                "images_per_s": len(measured.predictions.labels) / measured.eval_s,
+                # where the time went: opening (model, images listed, calibration images decoded), building the
+                # variants, the pass (of which waiting for decoded images), then statistics and the report
+                "open_s": opened - start, "build_s": built_at - opened, "eval_wait_s": measured.wait_s},
     )
+    stats_start = time.perf_counter()
     add_paired_stats(report, measured.predictions, config.acceptance)
+    report.timing["stats_s"] = time.perf_counter() - stats_start
     if config.bench:
         from int8eval.bench import add_bench
 
         console.print("timing every variant (--bench)")
         report.bench = add_bench(measured.results, built.variants, session.loaded, reference=plan[0].name,
                                  workdir=out / "artifacts")
+    report.timing["total_s"] = time.perf_counter() - start
     return report

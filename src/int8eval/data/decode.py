@@ -3,11 +3,14 @@ Evaluation batches go through the active decode cache (int8eval.data.cache), whi
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+import queue
 import stat
+import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,6 +226,47 @@ def batches(samples: list[Sample], pre: Preprocessing, *, batch_size: int, worke
     decode cache active when iterating starts (`cache.using`)."""
     dataset = EvalDataset(samples, pre, active_cache())
     yield from loader(dataset, batch_size=batch_size, workers=workers, shuffle=False)
+
+
+def prefetched(source: Iterable[Batch], depth: int = 2) -> Iterator[Batch]:
+    """`source`'s batches, in order, decoded up to `depth` ahead by a thread while the caller runs the variants on the
+    current one (JPEG decoding, resizing and the runtimes' kernels release the GIL). The thread runs in this context
+    (the active decode cache); its exception is raised here; it stops when the caller does."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in source:
+                if not put((batch, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            put((None, e))
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(produce,), daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def decode_samples(

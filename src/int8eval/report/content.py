@@ -55,8 +55,26 @@ def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks
     t = report.timing
     if t:
         speed = f", {t['images_per_s']:.1f} images/s for the evaluation pass" if t.get("images_per_s") is not None else ""
-        items.append(f"Run: {t.get('total_s', 0):.1f} s in all{speed}")
+        parts = [f"{label} {t[key]:.1f} s" for key, label in (
+            ("open_s", "opening"), ("build_s", "building"), ("eval_s", "evaluating"),
+            ("eval_wait_s", "of which waiting for images"), ("stats_s", "statistics")) if t.get(key) is not None]
+        where = f" ({', '.join(parts)})" if parts else ""
+        items.append(f"Run: {t.get('total_s') or 0:.1f} s in all{where}{speed}")
+    ref = next((v for v in report.variants if v.reference), None)
+    execution = (ref.details or {}).get("execution") if ref else None
+    if execution:
+        items.append(f"FP32 reference in the pass: {reference_execution(execution)}")
     return items
+
+
+def reference_execution(e: dict) -> str:
+    """How the reference ran (backends.fast_reference's record), in words."""
+    check = e.get("check")
+    checked = (f"checked against eager on {check['check_images']} seeded evaluation images: top-1 the same on "
+               f"{check['top1_same']}, max |logit difference| {check['max_abs_logit_diff']:.1e}") if check else ""
+    if e.get("mode") == "compiled":
+        return f"compiled by inductor ({check['compile_s']:.0f} s to compile), {checked}"
+    return f"eager: {e.get('why', '')}" + (f" ({checked})" if checked else "")
 
 
 def gate_items(report: Report, *, esc: Wrap = _same) -> list[str]:

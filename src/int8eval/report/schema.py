@@ -71,8 +71,15 @@ class SkippedEntry(_Section):
 
 
 class TimingSection(_Section):
+    """Where a command's time went, in seconds (absent where a command does not have that part)."""
+
     total_s: float | None = None
-    images_per_s: float | None = None
+    images_per_s: float | None = None  # of the evaluation pass
+    open_s: float | None = None  # the model loaded, the images listed, the calibration images decoded
+    build_s: float | None = None  # every variant built (each one's own time is its prepare_s)
+    eval_s: float | None = None  # the evaluation pass (each variant's own time is its predict_s)
+    eval_wait_s: float | None = None  # of eval_s, waiting for decoded images
+    stats_s: float | None = None  # paired statistics and verdicts
 
 
 class ModelSection(_Section):
