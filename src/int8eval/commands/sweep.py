@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from int8eval import backends
-from int8eval.config import Acceptance, Backend, Objective, OnBadImage, Precision, Recipe, RunConfig, TuneConfig
+from int8eval.config import (
+    Acceptance, Backend, Objective, OnBadImage, Precision, Recipe, ReferenceMode, RunConfig, TuneConfig,
+)
 from int8eval.errors import ConfigError, DatasetError, RunFolderError
 from int8eval.report import Report
 from int8eval.report import folder as run_folder
@@ -92,6 +94,7 @@ class SweepSpec(_SpecModel):
     on_bad_image: OnBadImage | None = None
     train_data: Path | None = None
     train_size: int | None = None
+    reference: ReferenceMode | None = None  # how the FP32 reference runs in each pass (run --reference)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -129,7 +132,7 @@ class SweepSpec(_SpecModel):
     def session(self) -> dict[str, Any]:
         """The session options that were given (the others keep `int8eval run`'s defaults)."""
         names = ("labels", "calib_data", "calib_size", "seed", "batch_size", "workers", "max_images", "on_bad_image",
-                 "train_data", "train_size")
+                 "train_data", "train_size", "reference")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
