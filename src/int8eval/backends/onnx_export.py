@@ -149,6 +149,16 @@ def quantized_inputs(model, op_types: tuple[str, ...] = QUANTIZED_OP_TYPES) -> l
     return out
 
 
+def activation_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes of `model` (a path or an onnx.ModelProto) with no constant input: in a transformer,
+    attention's Q x K^T and softmax(.) x V, between two activations, as opposed to the Linear layers' MatMuls (whose
+    weight is an initializer, or a DequantizeLinear of one in a QDQ model)."""
+    graph = _load(model).graph
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+
+
 def module_nodes(onnx_path: Path, module: torch.nn.Module) -> dict[str, list[str]]:
     """PyTorch module path -> names of its Conv/Gemm/MatMul nodes in an ONNX file `export_onnx` wrote from `module`.
 
