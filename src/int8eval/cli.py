@@ -229,6 +229,8 @@ def _print_summary(report, out: Path) -> None:
     for v in report.variants:
         if v.verdict:
             console.print(f"{escape(v.name)}: [bold]{v.verdict.verdict.value}[/bold] ({escape(v.verdict.reason)})")
+    if report.preprocessing_check is not None and report.preprocessing_check.warning:
+        console.print(f"[bold yellow]warning[/bold yellow]: {escape(report.preprocessing_check.warning)}")
     console.print(f"report: {escape(str(out / 'report.json'))} (rendered: report.md, report.html)")
 
 
