@@ -117,6 +117,13 @@ def test_pt2e_quantizes_linear_and_leaves_layernorm_and_attention_in_float(vit, 
     assert not any("layer_norm" in t or "scaled_dot_product" in t or "softmax" in t for t in fed)
 
 
+def test_tune_climbs_smoothquant_for_a_vit_on_openvino(vit, tiny):
+    from int8eval.tune.ladder import ladder
+
+    names = lambda loaded: [s.name for s in ladder(Backend.openvino, loaded=loaded)]  # noqa: E731
+    assert "SmoothQuant" in names(vit) and "SmoothQuant" not in names(tiny)
+
+
 @pytest.mark.slow  # about a minute: three backends build and compile the ViT
 def test_a_vit_runs_on_every_installed_backend_with_fp32_parity(image_folder, tmp_path):
     from int8eval.cli import main
