@@ -174,3 +174,10 @@ def test_random_weights_are_said_so_and_exclude_a_weights_file(tmp_path):
     torch.save({}, tmp_path / "x.pt")
     with pytest.raises(ConfigError, match="--weights random"):
         load_model("timm:test_vit", weights="random", checkpoint=tmp_path / "x.pt")
+
+
+def test_a_sweep_names_the_weights_file_as_run_does():
+    from int8eval.commands.sweep import SweepModel
+
+    assert SweepModel.model_validate({"name": "resnet18", "weights_file": "r18.pt"}).checkpoint.name == "r18.pt"
+    assert SweepModel.model_validate({"name": "resnet18", "checkpoint": "r18.pt"}).checkpoint.name == "r18.pt"
