@@ -71,6 +71,20 @@ def test_onnxruntime_quantizes_linear_weights_per_channel_and_leaves_layernorm_s
     assert "QuantizeLinear" not in consumers  # Softmax's output stays float: no QLinearSoftmax fusion
 
 
+def test_tensorrts_qdq_onnx_leaves_layernorm_in_float(vit, vit_calib, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from int8eval.backends import tensorrt_on_cpu
+    from int8eval.backends.onnx_export import quantized_inputs
+
+    variant = tensorrt_on_cpu.build(vit, Recipe(backend=Backend.tensorrt, emulate=True), vit_calib, tmp_path)
+    inputs = quantized_inputs(onnx.load(str(variant.artifact)), ("Conv", "Gemm", "MatMul", "LayerNormalization"))
+    assert all(i.kind == "float" for i in inputs if i.op_type == "LayerNormalization")
+    weights = [i for i in inputs if i.op_type != "LayerNormalization" and i.index == 1 and i.kind == "dq"]
+    assert len(weights) == 2 * 4 + 2 and all(i.dtype == "int8" for i in weights)
+
+
 def test_openvino_uses_nncf_transformer_model_type(vit, vit_calib, tiny, varied_calib, tmp_path):
     pytest.importorskip("nncf")
     import openvino as ov
