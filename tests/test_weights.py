@@ -181,3 +181,14 @@ def test_a_sweep_names_the_weights_file_as_run_does():
 
     assert SweepModel.model_validate({"name": "resnet18", "weights_file": "r18.pt"}).checkpoint.name == "r18.pt"
     assert SweepModel.model_validate({"name": "resnet18", "checkpoint": "r18.pt"}).checkpoint.name == "r18.pt"
+
+
+def test_a_safetensors_weights_file_loads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    state = timm.create_model("test_vit").state_dict()
+    state["head.bias"] = state["head.bias"] + 1.0
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    m = load_model("timm:test_vit", checkpoint=tmp_path / "model.safetensors")
+    torch.testing.assert_close(m.module.head.bias, state["head.bias"])
