@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
 from urllib.parse import urlsplit
 
 from int8eval.config import Interpolation, Preprocessing
