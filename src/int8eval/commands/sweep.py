@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 
 from int8eval import backends
@@ -50,7 +50,8 @@ class SweepModel(_SpecModel):
 
     name: str = Field(min_length=1)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # a folder name, never `..`
-    checkpoint: Path | None = None
+    # `weights_file:` as run's --weights-file; `checkpoint:`, its older name, still reads.
+    checkpoint: Path | None = Field(None, validation_alias=AliasChoices("weights_file", "checkpoint"))
     weights: str | None = None
 
     @property

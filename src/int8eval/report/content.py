@@ -45,6 +45,13 @@ def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks
         f"mean {list(p.mean)}, std {list(p.std)}",
         f"Data: {code(d.root)} ({esc(d.layout)}): {d.num_images} images evaluated, {d.num_skipped} skipped",
     ]
+    check = report.preprocessing_check
+    if check is not None and check.warning:
+        items.append(f"WARNING: {esc(check.warning)}")
+    elif check is not None:
+        items.append(f"Published top-1 {pct(check.published_top1)}% ({esc(check.published_source)}); the FP32 "
+                     f"reference's {pct(check.measured_top1)}% ({check.confidence:.0%} CI {ci(check.measured_ci)}) is "
+                     "consistent with it: no sign of a preprocessing mismatch")
     if d.calibration:
         c = d.calibration
         items.append(f"Calibration: {c.num_images} images from {esc(c.source)} (seed {c.seed}), excluded from evaluation")
