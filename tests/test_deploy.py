@@ -154,7 +154,7 @@ def test_a_deployment_needs_its_model_and_preprocessing(tiny, ort_deployment, tm
         deployment_recipes([dest], "resnet18")
     checkpoint = tmp_path / "ck.pt"
     torch.save(tiny.module.state_dict(), checkpoint)
-    with pytest.raises(ConfigError, match=rf"built from tiny_test, not tiny_test with --checkpoint {checkpoint}"):
+    with pytest.raises(ConfigError, match=rf"built from tiny_test, not tiny_test with --weights-file {checkpoint}"):
         deployment_recipes([dest], "tiny_test", checkpoint)
 
     other = load_model("tiny_test", preprocessing=Preprocessing(resize=36, crop=32))
@@ -216,4 +216,4 @@ def test_run_deployed_evaluates_it_beside_the_reference(ort_deployment, image_fo
     checkpoint = tmp_path / "ck.pt"
     torch.save(load_model("tiny_test").module.state_dict(), checkpoint)
     bad = CliRunner().invoke(main, [*args, "--checkpoint", str(checkpoint)])
-    assert bad.exit_code == 2 and "built from tiny_test, not tiny_test with --checkpoint" in bad.output
+    assert bad.exit_code == 2 and "built from tiny_test, not tiny_test with --weights-file" in bad.output

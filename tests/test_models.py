@@ -80,15 +80,19 @@ def test_unknown_model_suggests_names():
         load_model("resnet5")
 
 
-def test_torchvision_offline_says_where_to_put_the_file(monkeypatch):
+def test_torchvision_offline_says_where_to_put_the_file(monkeypatch, tmp_path):
     import torchvision
+
+    from int8eval.models import weights
 
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(weights, "reachable", lambda url: True)  # the host answers, the download then fails
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ModelLoadError, match=r"checkpoints/resnet18-.*\.pth.*--checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"checkpoints/resnet18-.*\.pth.*--weights-file"):
         load_model("resnet18")
 
 

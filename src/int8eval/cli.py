@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from int8eval.cli_options import ACTIVATION_TYPE, acceptance_options, decode_cache_options, keep_options, model_source_options
+from int8eval.cli_options import (
+    ACTIVATION_TYPE, WEIGHTS_FILE, acceptance_options, decode_cache_options, keep_options, model_source_options,
+    weight_options,
+)
 from int8eval.config import (
     AUTO_COMPILE_IMAGES, Backend, CalibMethod, Objective, OnBadImage, Precision, ReferenceMode, RunConfig, TuneConfig,
 )
@@ -56,8 +59,7 @@ def main() -> None:
 @click.option("--data", type=click.Path(path_type=Path), help="Image folder. Default: $INT8EVAL_DATA, else the cached sample.")
 @click.option("--labels", type=click.Path(path_type=Path), help="Ground truth for a flat val folder (LOC_val_solution.csv or the devkit), or a CSV of image,class (any classes).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="State dict for the architecture (weights_only load).")
-@click.option("--weights", help="torchvision weights name, e.g. IMAGENET1K_V1 (default: the architecture's DEFAULT).")
+@weight_options
 @click.option("--backend", "backends", multiple=True, type=click.Choice([b.value for b in Backend]), help="Repeatable.")
 @click.option("--calib", "calibs", multiple=True, type=click.Choice([c.value for c in CalibMethod]), help="Repeatable.")
 @click.option("--percentile", default=99.999, show_default=True, help="For --calib percentile.")
@@ -229,6 +231,8 @@ def _print_summary(report, out: Path) -> None:
     for v in report.variants:
         if v.verdict:
             console.print(f"{escape(v.name)}: [bold]{v.verdict.verdict.value}[/bold] ({escape(v.verdict.reason)})")
+    if report.preprocessing_check is not None and report.preprocessing_check.warning:
+        console.print(f"[bold yellow]warning[/bold yellow]: {escape(report.preprocessing_check.warning)}")
     console.print(f"report: {escape(str(out / 'report.json'))} (rendered: report.md, report.html)")
 
 
@@ -243,7 +247,7 @@ def models() -> None:
     for m in list_models():
         table.add_row(m.name, m.family, escape(m.weights))
     console.print(table)
-    console.print("Any torchvision classification model name also works; --checkpoint PATH loads your own weights.")
+    console.print("Any torchvision classification model name also works; --weights-file PATH loads your own weights.")
 
 
 @main.command(name="backends")
@@ -308,8 +312,7 @@ def report(run_dir: Path, max_drop: float | None, drop: str | None, mlperf: bool
 @click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), help="Repeatable; default: fp32 int8.")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration images for INT8 (default: $INT8EVAL_DATA or the sample; else noise).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path))
-@click.option("--weights")
+@weight_options
 @keep_options("As for `run`: 'a,b', 'topN' or 'none'; repeatable.")
 @click.option("--threads", type=click.IntRange(min=1), help="PyTorch intra-op threads while timing (default: PyTorch's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Batch size for throughput (latency is batch 1).")
@@ -340,8 +343,7 @@ def bench(model, backends, precisions, data, out, checkpoint, weights, keeps, se
 @click.option("--labels", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
               help="A run's folder adds a sensitivity section to its report.")
-@click.option("--checkpoint", type=click.Path(path_type=Path))
-@click.option("--weights")
+@weight_options
 @click.option("--calib", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True)
 @click.option("--percentile", default=99.999, show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales (default: per-channel).")
@@ -401,8 +403,7 @@ def diagnose(**kw) -> None:
 @click.option("--data", type=click.Path(path_type=Path), help="Default: $INT8EVAL_DATA, else the cached sample.")
 @click.option("--labels", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/tune"), show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path))
-@click.option("--weights")
+@weight_options
 @click.option("--backend", "backends", multiple=True, type=click.Choice([b.value for b in Backend]), help="Repeatable; default: every installed one.")
 @click.option("--objective", type=click.Choice([o.value for o in Objective]), default="throughput", show_default=True)
 @click.option("--calib-size", default=100, show_default=True)
@@ -464,7 +465,7 @@ def sweep(spec_file: Path, out: Path | None, resume: bool, decode_cache) -> None
 @click.option("--labels", type=click.Path(path_type=Path))
 @click.option("--train-data", type=click.Path(path_type=Path), help="Training images for the QAT rows.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/seed"), show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="The recipe's weights as a local file.")
+@WEIGHTS_FILE
 @click.option("--max-images", type=int)
 @click.option("--calib-size", type=int)
 @click.option("--train-size", type=int)

@@ -1,5 +1,5 @@
-"""Click options that several `int8eval` commands share: the acceptance budget, --keep-fp32, --activation-type and
-the decoded-image cache."""
+"""Click options that several `int8eval` commands share: the model's weights, the acceptance budget, --keep-fp32,
+--activation-type and the decoded-image cache."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def decode_cache_options(fn):
             return fn(*args, decode_cache=root, **kw)
 
     return wrapper
+
+
+# `--checkpoint` stays as the flag's older name; the value reaches the library as `checkpoint`.
+WEIGHTS_FILE = click.option(
+    "--weights-file", "--checkpoint", "checkpoint", type=click.Path(path_type=Path), metavar="PATH",
+    help="The model's weights as a local file (a state dict saved with torch.save, or .safetensors), loaded with "
+    "weights_only; no download. Without it, weights come from the torch hub / Hugging Face caches (TORCH_HOME, "
+    "HF_HOME), else the internet.",
+)
+WEIGHTS = click.option(
+    "--weights", metavar="NAME", help="torchvision weights name (e.g. IMAGENET1K_V1) or timm tag; default: the "
+    "architecture's default. 'random': seeded random weights (structure and parity only, accuracy meaningless).",
+)
+
+
+def weight_options(fn):
+    """`--weights-file PATH` (alias `--checkpoint`, as `checkpoint`) and `--weights NAME`."""
+    return WEIGHTS_FILE(WEIGHTS(fn))
 
 
 ACTIVATION_TYPE = click.option(

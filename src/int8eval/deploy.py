@@ -246,7 +246,7 @@ def check_model(manifest: DeployManifest, folder: Path, model: str, checkpoint: 
     """ConfigError naming both when `model` (and `checkpoint`) are not what the deployment was built from: its
     accuracy is paired with, and its FP32 gate built from, the model given."""
     m = manifest.model
-    given = model + (f" with --checkpoint {checkpoint}" if checkpoint is not None else "")
+    given = model + (f" with --weights-file {checkpoint}" if checkpoint is not None else "")
     built = m.name + (f" with checkpoint {m.checkpoint}" if m.checkpoint else "")
     if model != m.name or (checkpoint is None) != (m.checkpoint_sha256 is None):
         raise ConfigError(f"deployment {folder} was built from {built}, not {given}: give the model it was built from")

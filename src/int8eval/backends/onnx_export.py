@@ -53,6 +53,9 @@ def export_onnx(
         warnings.simplefilter("ignore", category=FutureWarning)
         # ZeroPad2d's pad arithmetic is left unfolded ("Only steps=1 can be constant folded"); ORT folds it later.
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        # Transformers (timm's ViT) turn shapes and flags into Python values while traced: fixed for the fixed input
+        # size exported here, and the FP32 parity gate checks the export's answers in any case.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             (example_input,),
@@ -147,6 +150,16 @@ def quantized_inputs(model, op_types: tuple[str, ...] = QUANTIZED_OP_TYPES) -> l
             scale_shape = shape_of(dq.input[1])
             out.append(QuantizedInput(node.name, node.op_type, index, tensor, kind, scale_shape, dtype_of(src)))
     return out
+
+
+def activation_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes of `model` (a path or an onnx.ModelProto) with no constant input: in a transformer,
+    attention's Q x K^T and softmax(.) x V, between two activations, as opposed to the Linear layers' MatMuls (whose
+    weight is an initializer, or a DequantizeLinear of one in a QDQ model)."""
+    graph = _load(model).graph
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
 def module_nodes(onnx_path: Path, module: torch.nn.Module) -> dict[str, list[str]]:

@@ -62,6 +62,7 @@ def quantize_qdq(
     weight_qdq_pair: bool = False,
     reduce_range: bool = False,
     nodes_to_exclude: list[str] | tuple[str, ...] = (),
+    op_types: tuple[str, ...] | None = None,
     bias_shifts: BiasShifts | None = None,
     weight_rounding: WeightRounding | None = None,
 ) -> Path:
@@ -79,6 +80,8 @@ def quantize_qdq(
         activation_type: "int8" (S8S8) or "uint8" (U8S8: ~2x faster on x86 CPUs, not accepted by TensorRT).
         weight_qdq_pair: keep float weights behind a QuantizeLinear->DequantizeLinear pair instead of storing int8.
         nodes_to_exclude: nodes left in FP32 (see `onnx_export.keep_fp32_nodes`).
+        op_types: the only op types quantized (None: every type ONNX Runtime quantizes, LayerNormalization and
+            Softmax included); transformers pass ("Conv", "Gemm", "MatMul").
         bias_shifts: bias correction (see `bias_correction`, e.g. `module_bias_shifts`): given each quantized
             Conv/Gemm node's weight error (its INT8 weights as ONNX Runtime wrote them, dequantized, minus the FP32
             ones), the mean output shift per channel to take off its bias; the model is then quantized again
@@ -126,6 +129,7 @@ def quantize_qdq(
                 per_channel=per_channel,
                 reduce_range=reduce_range,
                 nodes_to_exclude=list(nodes_to_exclude),
+                op_types_to_quantize=list(op_types) if op_types is not None else None,
                 activation_type=_ACTIVATION_TYPES[activation_type],
                 weight_type=QuantType.QInt8,
                 extra_options={

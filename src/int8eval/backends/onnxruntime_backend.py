@@ -22,7 +22,14 @@ import onnxruntime as ort
 
 from int8eval.backends.base import BuildContext, CalibrationData, Variant, require_calibration
 from int8eval.backends.onnx_calibration import calibration_phrase
-from int8eval.backends.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx_fp16, keep_fp32_nodes
+from int8eval.backends.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    QUANTIZED_OP_TYPES,
+    activation_matmuls,
+    export_onnx_fp16,
+    keep_fp32_nodes,
+)
 from int8eval.backends.onnx_qdq import (
     ModuleAdaRound,
     activation_stats,
@@ -120,6 +127,15 @@ def build(
     quant_start = time.perf_counter()
     activation_type, why = activation_choice(recipe)
     rounding = ModuleAdaRound(loaded.module, stats.model, calib) if recipe.adaround else None
+    exclude = keep_fp32_nodes(stats.model, loaded.module, recipe.keep_fp32)
+    op_types = None
+    if loaded.is_transformer:
+        # ONNX Runtime's transformer recipe: only Conv/Gemm/MatMul (per-channel weights) in INT8. Left to itself
+        # quantize_static would also put LayerNormalization, Softmax, Add, Mul... behind Q/DQ, and ORT's QDQ
+        # fusions would then run Softmax in INT8 (QLinearSoftmax); attention's activation x activation MatMuls stay
+        # in float too, so Softmax's input and output are never quantized.
+        op_types = QUANTIZED_OP_TYPES
+        exclude = [*exclude, *(n for n in activation_matmuls(stats.model) if n not in exclude)]
     path = quantize_qdq(
         prepared.fp32,
         stats,
@@ -128,13 +144,17 @@ def build(
         percentile=recipe.percentile,
         per_channel=recipe.per_channel,
         activation_type=activation_type.value,
-        nodes_to_exclude=keep_fp32_nodes(stats.model, loaded.module, recipe.keep_fp32),
+        nodes_to_exclude=exclude,
+        op_types=op_types,
         bias_shifts=module_bias_shifts(loaded.module, stats.model, calib) if recipe.bias_correction else None,
         weight_rounding=rounding,
     )
     variant = OrtVariant(recipe, path)
     variant.details.update(activation_type=activation_type.value, why=why)
     variant.details["calibration"] = calibration_phrase(recipe.calib, recipe.percentile)
+    if loaded.is_transformer:
+        variant.details["transformer"] = ("Conv/Gemm/MatMul with weights in INT8 (per-channel weights); LayerNorm, "
+                                          "Softmax and attention's activation MatMuls in float")
     variant.details["bias_correction"] = "int8eval" if recipe.bias_correction else None
     if rounding is not None:  # int8eval's AdaRound wrote the INT8 weights (before the bias correction)
         variant.details.update(adaround=rounding.details, adaround_layers=rounding.layers)

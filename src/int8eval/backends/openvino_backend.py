@@ -188,8 +188,9 @@ def alignable_pairs(loaded, context: BuildContext | None = None) -> int:
     return pairs(conversion(loaded, context).model)
 
 
-def nncf_options(recipe: Recipe) -> dict[str, Any]:
-    """Keyword arguments for `nncf.quantize` that express `recipe` (range estimator, weight granularity)."""
+def nncf_options(recipe: Recipe, *, transformer: bool = False) -> dict[str, Any]:
+    """Keyword arguments for `nncf.quantize` that express `recipe` (range estimator, weight granularity); for a
+    `transformer` (LoadedModel.is_transformer), NNCF's transformer model type."""
     import nncf
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
@@ -217,7 +218,9 @@ def nncf_options(recipe: Recipe) -> dict[str, Any]:
         "target_device": nncf.TargetDevice.CPU,
         "advanced_parameters": advanced,
     }
-    if recipe.smooth_quant is not None:  # NNCF runs SmoothQuant only for transformers, quantized as such
+    # NNCF's transformer patterns leave LayerNorm, Softmax and the attention's other float ops unquantized; NNCF runs
+    # SmoothQuant only for transformers, quantized as such, so --smooth-quant asks for them on any model.
+    if transformer or recipe.smooth_quant is not None:
         options["model_type"] = nncf.ModelType.TRANSFORMER
     return options
 
@@ -416,7 +419,7 @@ def build(
     details["convert_s"] = time.perf_counter() - start
     if recipe.precision is Precision.int8:
         t = time.perf_counter()
-        opts = nncf_options(recipe)
+        opts = nncf_options(recipe, transformer=loaded.is_transformer)
         # SmoothQuant / channel alignment first, so that ranges and bias correction measure the model they changed.
         fp32, changes = align_and_smooth(model, recipe, _images(calib))
         first = first_layer_fp32(fp32)
@@ -439,10 +442,15 @@ def build(
         details["quantize_s"] = time.perf_counter() - t
         details["nncf"] = {
             "preset": opts["preset"].value,
+            "model_type": opts["model_type"].value if "model_type" in opts else None,
             "overflow_fix": opts["advanced_parameters"].overflow_fix.value,
             "calibration_images": calib.num_images,
             **changes,
         }
+        if loaded.is_transformer:
+            details["transformer"] = ("NNCF model_type=transformer: MatMul/Conv weights in INT8 (per-channel), "
+                                      "LayerNorm computed in float, attention's Q and K quantized, V and softmax in "
+                                      "float; SmoothQuant with --smooth-quant ALPHA (and in tune's ladder)")
         details["why"] = overflow_choice()[1]
         details["calibration"] = calibration_phrase(recipe)
     t = time.perf_counter()

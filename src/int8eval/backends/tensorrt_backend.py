@@ -108,6 +108,7 @@ def build_trt_qdq_onnx(
     percentile: float = 99.999,
     nodes_to_exclude: list[str] | tuple[str, ...] = (),
     bias_shifts=None,
+    op_types: tuple[str, ...] | None = None,
 ) -> Path:
     """Quantize `fp32_onnx` into the Q/DQ ONNX that TensorRT's explicit quantization wants, at `out_path`.
 
@@ -121,6 +122,7 @@ def build_trt_qdq_onnx(
         method, percentile: how activation ranges are chosen (entropy is TensorRT's own calibrator's method).
         nodes_to_exclude: nodes left without Q/DQ, which a strongly typed engine then runs in FP32.
         bias_shifts: bias correction, as in `onnx_qdq.quantize_qdq`.
+        op_types: the only op types given Q/DQ (None: every type ONNX Runtime quantizes), as in `quantize_qdq`.
     """
     import onnx
 
@@ -138,6 +140,7 @@ def build_trt_qdq_onnx(
         activation_type="int8",
         nodes_to_exclude=nodes_to_exclude,
         bias_shifts=bias_shifts,
+        op_types=op_types,
     )
     model = onnx.load(str(out_path))
     float_biases(model)
@@ -386,7 +389,7 @@ def recipe_onnx(
     """The ONNX TensorRT is given for `recipe` and the seconds it cost: the FP16 export, the FP32 export (FP32 and the
     legacy calibrator), or the explicit-quantization Q/DQ model. The FP32 export and the activation statistics are
     shared with the other recipes of the model through `context` (as onnxruntime's) and counted in full here."""
-    from int8eval.backends.onnx_export import export_onnx_fp16, keep_fp32_nodes
+    from int8eval.backends.onnx_export import QUANTIZED_OP_TYPES, export_onnx_fp16, keep_fp32_nodes
     from int8eval.backends.onnx_qdq import activation_stats, fp32_export, module_bias_shifts
 
     if recipe.precision is Precision.fp16:
@@ -402,6 +405,9 @@ def recipe_onnx(
         prepared.fp32, stats, workdir / f"{recipe.name}.qdq.onnx", method=recipe.calib, percentile=recipe.percentile,
         nodes_to_exclude=keep_fp32_nodes(prepared.fp32, loaded.module, recipe.keep_fp32),
         bias_shifts=module_bias_shifts(loaded.module, stats.model, calib) if recipe.bias_correction else None,
+        # A transformer's LayerNormalization, Softmax, Add... get no Q/DQ, so TensorRT runs them in float; attention's
+        # MatMuls keep theirs (TensorRT's INT8 attention fusions look for them). Unchecked on a GPU here.
+        op_types=QUANTIZED_OP_TYPES if loaded.is_transformer else None,
     )
     return qdq, prepared.export_s + stats.collect_s + (time.perf_counter() - start)
 

@@ -277,6 +277,11 @@ def _build_pt2e(loaded, recipe: Recipe, calib: CalibrationData, workdir: Path, *
         "why": why,
         "calibration": calibration_phrase(recipe),
     }
+    if loaded.is_transformer:
+        # Checked on torchao 0.18 (tests/test_vit.py): the X86InductorQuantizer annotates Conv and Linear only, so
+        # this already is its transformer recipe; it has no transformer option of its own.
+        variant.details["transformer"] = ("Conv/Linear in INT8 (per-channel weights); LayerNorm and attention "
+                                          "(scaled_dot_product_attention, its Softmax) in float")
     if compile:  # compile now (lazy otherwise) so that prepare_s counts it
         variant.predict(calib.batches[0])
     variant.prepare_s = time.perf_counter() - start

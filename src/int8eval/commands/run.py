@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
 )
 from rich.text import Text
 
-from int8eval import resume
+from int8eval import preprocessing_check, resume
 from int8eval.commands import write_run
 from int8eval.config import RunConfig
 from int8eval.data.cache import using
@@ -83,6 +84,14 @@ def _resume_key(config: RunConfig, session) -> dict:
     }
 
 
+def _reference_correct(measured, reference: str) -> np.ndarray | None:
+    """The FP32 reference's per-image top-1 hits, or None when it has no predictions (failed) or no labels."""
+    predictions = measured.predictions
+    if reference not in predictions.top5 or not len(predictions.labels) or (predictions.labels < 0).any():
+        return None
+    return predictions.correct1(reference)
+
+
 def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float) -> Report:
     with progress_bar(console) as progress:
         task = progress.add_task(f"loading {config.model}", total=None)
@@ -125,6 +134,7 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
     )
     stats_start = time.perf_counter()
     add_paired_stats(report, measured.predictions, config.acceptance)
+    report.preprocessing_check = preprocessing_check.for_reference(session.loaded, _reference_correct(measured, plan[0].name))
     report.timing["stats_s"] = time.perf_counter() - stats_start
     if config.bench:
         from int8eval.bench import add_bench

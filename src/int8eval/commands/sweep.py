@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 
 from int8eval import backends
-from int8eval.config import Acceptance, Backend, Objective, OnBadImage, Precision, Recipe, RunConfig, TuneConfig
+from int8eval.config import (
+    Acceptance, Backend, Objective, OnBadImage, Precision, Recipe, ReferenceMode, RunConfig, TuneConfig,
+)
 from int8eval.errors import ConfigError, DatasetError, RunFolderError
 from int8eval.report import Report
 from int8eval.report import folder as run_folder
@@ -48,7 +50,8 @@ class SweepModel(_SpecModel):
 
     name: str = Field(min_length=1)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # a folder name, never `..`
-    checkpoint: Path | None = None
+    # `weights_file:` as run's --weights-file; `checkpoint:`, its older name, still reads.
+    checkpoint: Path | None = Field(None, validation_alias=AliasChoices("weights_file", "checkpoint"))
     weights: str | None = None
 
     @property
@@ -92,6 +95,7 @@ class SweepSpec(_SpecModel):
     on_bad_image: OnBadImage | None = None
     train_data: Path | None = None
     train_size: int | None = None
+    reference: ReferenceMode | None = None  # how the FP32 reference runs in each pass (run --reference)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -129,7 +133,7 @@ class SweepSpec(_SpecModel):
     def session(self) -> dict[str, Any]:
         """The session options that were given (the others keep `int8eval run`'s defaults)."""
         names = ("labels", "calib_data", "calib_size", "seed", "batch_size", "workers", "max_images", "on_bad_image",
-                 "train_data", "train_size")
+                 "train_data", "train_size", "reference")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 

@@ -21,6 +21,10 @@ class LoadedModel:
     module: nn.Module | None  # None for an ONNX file (`onnx`), which only the ONNX-consuming backends take
     preprocessing: Preprocessing
     source: str  # where the weights came from, for the report
+    # Top-1 (%) the weights' publisher reports on ImageNet-1K's validation set (torchvision's metadata), for the
+    # preprocessing check (int8eval.preprocessing_check); None where nothing is published for these weights.
+    published_top1: float | None = None
+    published_source: str | None = None
     onnx: Any = None  # models.onnx_file.OnnxFile when the model is an ONNX file
 
     @property
@@ -41,6 +45,25 @@ class LoadedModel:
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
+
+    @property
+    def is_transformer(self) -> bool:
+        """Whether the module is a vision transformer: LayerNorm and self-attention (nn.MultiheadAttention, or a
+        module with a fused `qkv` projection or named *Attention, as timm's, Swin's and Hugging Face's are). Judged
+        from the module, never its name: the backends then choose their transformer recipes. An ONNX file: from its
+        ops (LayerNormalization and Softmax; an older export that spells LayerNorm out in primitives reads as a CNN)."""
+        if self.module is None:
+            ops = {n.op_type for n in self.onnx.model.graph.node}
+            return {"LayerNormalization", "Softmax"} <= ops
+        modules = list(self.module.modules())
+        has_norm = any(isinstance(m, nn.LayerNorm) for m in modules)
+        attention = any(
+            isinstance(m, nn.MultiheadAttention)
+            or type(m).__name__.endswith("Attention")
+            or isinstance(getattr(m, "qkv", None), nn.Linear)
+            for m in modules
+        )
+        return has_norm and attention
 
     @property
     def quantizable_layers(self) -> list[str]:
@@ -90,8 +113,10 @@ def load_model(
     Args:
         name: `efficientnet_lite0`, a torchvision name (`resnet50`), `timm:NAME`, `tiny_test`, or a path to an .onnx
             file (`models.onnx_file`; it needs `preprocessing`).
-        checkpoint: a state_dict file for the architecture, loaded with `weights_only=True`.
-        weights: torchvision weights enum name (e.g. `IMAGENET1K_V1`); default: the architecture's default.
+        checkpoint: a state_dict file for the architecture (`--weights-file`), loaded with `weights_only=True`
+            (or a .safetensors file).
+        weights: torchvision weights enum name (e.g. `IMAGENET1K_V1`) or timm tag; default: the architecture's
+            default; `random`: seeded random weights (for structure and parity only).
         preprocessing: overrides the weights' own preprocessing (use with care: it is reported).
 
     Example:
@@ -105,7 +130,7 @@ def load_model(
         return onnx_file.load(name, preprocessing=preprocessing, checkpoint=checkpoint, weights=weights)
     if checkpoint is not None and not Path(checkpoint).is_file():
         what = "does not exist" if not Path(checkpoint).exists() else "is not a regular file"
-        raise ModelLoadError(f"checkpoint {checkpoint} {what}: pass the state_dict file saved with torch.save")
+        raise ModelLoadError(f"weights file {checkpoint} {what}: pass the state_dict file saved with torch.save")
     for loader in (efficientnet_lite, tiny, hub):
         if loader.handles(name):
             loaded = loader.load(name, checkpoint=checkpoint, weights=weights)
@@ -137,7 +162,12 @@ def load_state_dict_file(module: nn.Module, path: Path) -> None:
     """Load a user checkpoint strictly; accepts a bare state_dict or {'state_dict'|'model': ...}. Every mismatch
     (keys, a value that is not a tensor, shapes, NaN or inf weights) is a ModelLoadError naming the first one."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if Path(path).suffix == ".safetensors":  # what the Hugging Face hub holds for timm models
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         raise ModelLoadError(
             f"cannot read checkpoint {path} ({_reason(e)}): pass a state_dict saved with torch.save"

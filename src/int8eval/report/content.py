@@ -49,6 +49,13 @@ def overview_items(report: Report, *, esc: Wrap = _same, code: Wrap = _backticks
     if d.labels_free:
         items.append("Labels: none used, so no accuracy: the reference's top-1 answers stand in for the labels (top-1 "
                      "% of a variant is its agreement with the reference; lost = answers changed)")
+    check = report.preprocessing_check
+    if check is not None and check.warning:
+        items.append(f"WARNING: {esc(check.warning)}")
+    elif check is not None:
+        items.append(f"Published top-1 {pct(check.published_top1)}% ({esc(check.published_source)}); the FP32 "
+                     f"reference's {pct(check.measured_top1)}% ({check.confidence:.0%} CI {ci(check.measured_ci)}) is "
+                     "consistent with it: no sign of a preprocessing mismatch")
     if d.calibration:
         c = d.calibration
         items.append(f"Calibration: {c.num_images} images from {esc(c.source)} (seed {c.seed}), excluded from evaluation")

@@ -19,6 +19,7 @@ from int8eval.report.sections import (
     AcceptanceRecord,
     BenchSection,
     PairedSection,
+    PreprocessingCheck,
     Section,
     Sensitivity,
     Status,
@@ -204,6 +205,8 @@ class Report(_Section):
     tune: TuneSection | None = None  # int8eval tune: the ladder per backend, the chosen models, the one to ship
     bench: BenchSection | None = None  # int8eval.bench section: machine (ISA, GPU), settings, warnings, fastest variant
     reproduction: ReproductionSection | None = None  # int8eval reproduce: the published numbers beside ours
+    # The FP32 reference against its weights' published top-1 (labelled runs of weights that publish one).
+    preprocessing_check: PreprocessingCheck | None = None
     # Ties the run folder's other files to this report.json (report.folder.verify): the run's id, and the sha256 of
     # predictions.npz and of every artifact by their path in the run folder. None in reports written before 1.1.
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")

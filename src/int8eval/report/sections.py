@@ -406,3 +406,18 @@ class TuneSection(Section):
     choice: str | None = None
     choice_reason: str
     ranking: TuneRanking | None = None
+
+
+class PreprocessingCheck(Section):
+    """The FP32 reference's top-1 against the top-1 its weights' publisher reports (int8eval.preprocessing_check):
+    `suspect` when even the upper end of its Wilson interval at `confidence` is more than `margin_points` below."""
+
+    published_top1: float  # fractions, as every accuracy in report.json
+    published_source: str
+    measured_top1: float
+    measured_ci: tuple[float, float]
+    confidence: float
+    margin_points: float
+    num_images: int
+    suspect: bool
+    warning: str | None = None
