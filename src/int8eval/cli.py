@@ -14,7 +14,7 @@ from rich.table import Table
 
 from int8eval.cli_options import (
     ACTIVATION_TYPE, WEIGHTS_FILE, acceptance_options, decode_cache_options, keep_options, model_source_options,
-    weight_options,
+    reject_ignored_flags, weight_options,
 )
 from int8eval.config import (
     AUTO_COMPILE_IMAGES, Backend, CalibMethod, Objective, OnBadImage, Precision, ReferenceMode, RunConfig, TuneConfig,
@@ -134,84 +134,6 @@ def run(**kw) -> None:
     config = RunConfig(**kw, recipes=recipes, acceptance=acceptance)
     report = run_command(config, console=Console(stderr=True))
     _print_summary(report, config.out)
-
-
-# Flags that --fp32-only leaves without effect: it builds only the FP32 reference.
-_INT8_FLAGS = (
-    "backends", "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "calib_data",
-    "calib_size", "keeps", "sensitivity", "qat_epochs", "train_data", "train_size", "lr", "tensorrt_on_cpu",
-    "activation_type", "max_drop", "drop", "mlperf", "deployed", "channel_alignment", "smooth_quant", "adaround",
-)
-# Flags that shape the fresh recipes, which --deployed without --backend does not build.
-_RECIPE_FLAGS = (
-    "calibs", "percentile", "per_tensor", "no_bias_correction", "legacy", "precisions", "keeps", "sensitivity",
-    "qat_epochs", "tensorrt_on_cpu", "activation_type", "channel_alignment", "smooth_quant", "adaround",
-)
-
-
-def reject_ignored_flags(ctx: click.Context) -> None:
-    """A ConfigError naming both flags when a flag given on the command line would be silently ignored because of
-    another (e.g. --keep-fp32 with --fp32-only): the run would otherwise look as if it had honoured it."""
-    import re
-
-    from click.core import ParameterSource
-
-    from int8eval.backends import BACKENDS, default_calib
-
-    params = {p.name: p for p in ctx.command.params}
-    v = ctx.params
-
-    def given(name: str) -> bool:
-        return name in params and ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
-
-    def flag(name: str) -> str:
-        return max(params[name].opts, key=len) if name in params else f"--{name.replace('_', '-')}"
-
-    def clash(name: str, other: str, why: str, fix: str = "drop one of the two") -> None:
-        raise ConfigError(f"{flag(name)} has no effect with {other}: {why}; {fix}")
-
-    topn = any(re.fullmatch(r"top\d+", k.strip()) for k in v.get("keeps") or ())
-    if given("sensitivity") and not topn:
-        clash("sensitivity", "--keep-fp32 without topN", "only --keep-fp32 topN reads it")
-    if v.get("check"):  # reproduce --check only lists what the recipe needs
-        for name in ("labels", "out", "max_images", "calib_size", "train_size", "workers"):
-            if given(name):
-                clash(name, "--check", "--check only lists what the recipe needs and runs nothing", f"drop {flag(name)}")
-    if v.get("fast"):  # diagnose --fast
-        for name in ("rank_by", "no_split_effects"):
-            if given(name):
-                clash(name, "--fast", "the fast ranking ranks by the KL when only each layer is INT8 and runs no "
-                      "weight-only or activation-only runs")
-    if v.get("fp32_only"):
-        for name in _INT8_FLAGS:
-            if given(name):
-                clash(name, "--fp32-only", "--fp32-only builds only the FP32 reference")
-        return
-    if v.get("deployed") and not v.get("backends"):
-        for name in _RECIPE_FLAGS:
-            if given(name):
-                clash(name, "--deployed without --backend", "only the deployments are evaluated",
-                      f"add --backend B to also build fresh recipes, or drop {flag(name)}")
-    if "qat_epochs" in params and not v.get("qat_epochs"):
-        for name in ("train_data", "train_size", "lr"):
-            if given(name):
-                clash(name, "--qat-epochs 0", "it sets up QAT fine-tuning", f"add --qat-epochs N or drop {flag(name)}")
-    if "backends" in params:  # run: which backends and calibrations the recipes will use
-        chosen = list(v.get("backends") or ()) or [b.value for b, i in BACKENDS.items() if i.installed and i.default]
-        calibs = set(v.get("calibs") or ()) or {default_calib(Backend(b)).value for b in chosen}
-        if given("percentile") and "percentile" not in calibs:
-            clash("percentile", f"--calib {', '.join(sorted(calibs))}", "it sets the percentile of --calib percentile")
-        if given("tensorrt_on_cpu") and "tensorrt" not in chosen:
-            clash("tensorrt_on_cpu", f"--backend {', '.join(chosen)}", "it applies to --backend tensorrt")
-        if given("legacy") and "torch" not in chosen and not v.get("qat_epochs"):
-            clash("legacy", f"--backend {', '.join(chosen)}", "it applies to --backend torch (and --qat-epochs)")
-    if given("percentile") and "calib" in params and v.get("calib") != "percentile":  # diagnose
-        clash("percentile", f"--calib {v.get('calib')}", "it sets the percentile of --calib percentile")
-    if "calibs" not in params and given("precisions") and "int8" not in v["precisions"]:  # bench
-        for name in ("keeps", "data"):  # both only matter for its INT8 models
-            if given(name):
-                clash(name, f"--precision {', '.join(v['precisions'])}", "it applies to the INT8 models",
-                      f"add --precision int8 or drop {flag(name)}")
 
 
 def _print_summary(report, out: Path) -> None:
