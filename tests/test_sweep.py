@@ -240,3 +240,30 @@ def test_the_example_spec_is_valid(image_folder, tmp_path):
     assert [r.name for r in cells[1].config.recipes] == [
         "onnxruntime-int8-percentile99.999", "onnxruntime-int8-percentile99.99", "onnxruntime-int8-percentile99.999-adaround"]
     assert cells[0].config.acceptance.max_drop == 1 and cells[3].config.weights == "IMAGENET1K_V1"
+
+
+def test_an_onnx_file_is_swept_on_the_backends_that_read_one_with_its_preprocessing(image_folder, tmp_path):
+    """Without `backends:`, an ONNX model's cells are those of the backends that take an ONNX file (torch would only
+    refuse it), its recipes without bias correction (as `run` builds them), its preprocessing from `preset:` and
+    `preprocessing:`; a PyTorch model beside it keeps every backend."""
+    require_package("onnx", extra="onnxruntime")
+    from test_onnx_model import channel_means_model
+
+    from int8eval import backends
+    from int8eval.commands.sweep import load_spec, plan_cells
+
+    channel_means_model(tmp_path / "m.onnx")
+    spec = load_spec(_spec(tmp_path, models=["tiny_test", {"name": "m.onnx", "preset": "caffe-bgr",
+                                                             "preprocessing": {"crop": 8, "resize": 10}}],
+                           data="data", **SESSION))
+    cells = plan_cells(spec, out=tmp_path / "o")
+    installed = [b for b, info in backends.BACKENDS.items() if info.installed and info.default]
+    assert [c.backend for c in cells if c.model.name == "tiny_test"] == installed
+    onnx_cells = [c for c in cells if c.model.name == "m.onnx"]
+    assert [c.backend for c in onnx_cells] == [b for b in installed if backends.takes_onnx(b)] and onnx_cells
+    for cell in onnx_cells:
+        assert all(not r.bias_correction for r in cell.config.recipes)
+        pre = cell.config.preprocessing
+        assert (pre.crop, pre.resize, pre.channel_order.value) == (8, 10, "bgr")
+    assert all(r.bias_correction for c in cells if c.model.name == "tiny_test" and c.backend.value != "torch"
+               for r in c.config.recipes if r.precision.value == "int8")

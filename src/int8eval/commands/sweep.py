@@ -53,6 +53,14 @@ class SweepModel(_SpecModel):
     # `weights_file:` as run's --weights-file; `checkpoint:`, its older name, still reads.
     checkpoint: Path | None = Field(None, validation_alias=AliasChoices("weights_file", "checkpoint"))
     weights: str | None = None
+    # The model's preprocessing, as `run --preset` and `--preprocessing FILE` state it (an ONNX file needs it): a
+    # preset, then the keys of a preprocessing file (resize, crop, channel_order, layout, mean, ...) over it.
+    preset: str | None = None
+    preprocessing: dict[str, Any] | None = None
+
+    @property
+    def onnx_file(self) -> bool:
+        return self.name.lower().endswith(".onnx")
 
     @property
     def id(self) -> str:
@@ -96,6 +104,7 @@ class SweepSpec(_SpecModel):
     train_data: Path | None = None
     train_size: int | None = None
     reference: ReferenceMode | None = None  # how the FP32 reference runs in each pass (run --reference)
+    labels_free: bool | None = None  # judge on agreement with FP32 (run --labels-free; automatic without labels)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -133,7 +142,8 @@ class SweepSpec(_SpecModel):
     def session(self) -> dict[str, Any]:
         """The session options that were given (the others keep `int8eval run`'s defaults)."""
         names = ("labels", "calib_data", "calib_size", "seed", "batch_size", "workers", "max_images", "on_bad_image",
-                 "train_data", "train_size", "reference")
+                 "train_data", "train_size", "reference",
+                 "labels_free")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -208,8 +218,10 @@ class Cell:
         return f"{self.model.id}/{self.backend.value if self.backend else 'tune'}"
 
 
-def _backend_recipes(spec: SweepSpec, chosen: list[Backend]) -> dict[Backend, tuple[Recipe, ...]]:
-    """The recipes of each backend; a recipe its backend cannot do is a ConfigError naming it."""
+def _backend_recipes(spec: SweepSpec, chosen: list[Backend], *, onnx_file: bool = False,
+                     ) -> dict[Backend, tuple[Recipe, ...]]:
+    """The recipes of each backend; a recipe its backend cannot do is a ConfigError naming it. For an ONNX file, bias
+    correction is off unless a recipe asks for it (it measures layer inputs in PyTorch; `run` does the same)."""
     out: dict[Backend, list[Recipe]] = {b: [] for b in chosen}
     for i, entry in enumerate(spec.recipes):
         fields = dict(entry)
@@ -226,6 +238,8 @@ def _backend_recipes(spec: SweepSpec, chosen: list[Backend]) -> dict[Backend, tu
             if only is not None and backend.value not in only:
                 continue
             given = dict(fields)
+            if onnx_file:
+                given.setdefault("bias_correction", False)
             if given.get("precision", Precision.int8.value) in (Precision.int8, Precision.int8.value):
                 given.setdefault("calib", backends.default_calib(backend))  # `{}` is the backend's default recipe
             try:
@@ -245,6 +259,7 @@ def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache
     """Every cell of `spec`, its config built and checked (a ConfigError before anything runs): per model, one run
     cell per backend with recipes, then its tune cell."""
     from int8eval.data.fetch import default_data_root
+    from int8eval.models.preprocessing import resolve
 
     chosen = list(spec.backends) or [b for b, info in backends.BACKENDS.items() if info.installed and info.default]
     if spec.data is not None and not spec.data.exists():
@@ -259,15 +274,22 @@ def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache
     cells = []
     for model in spec.models:
         common = dict(model=model.name, checkpoint=model.checkpoint, weights=model.weights, **session)
+        pre = resolve(model.preset, None, **(model.preprocessing or {})) if model.preset or model.preprocessing else None
+        if pre is not None:
+            common["preprocessing"] = pre
+        # An ONNX file goes to the backends that read one, unless `backends:` names others (their cells then fail
+        # with the reason, as `run` would).
+        model_backends = [b for b in chosen if spec.backends or not model.onnx_file or backends.takes_onnx(b)]
+        model_recipes = _backend_recipes(spec, chosen, onnx_file=True) if model.onnx_file else recipes
         try:
-            for backend in chosen:
-                if recipes[backend]:
-                    config = RunConfig(**common, out=Path(out) / model.id / backend.value, recipes=recipes[backend],
+            for backend in model_backends:
+                if model_recipes[backend]:
+                    config = RunConfig(**common, out=Path(out) / model.id / backend.value, recipes=model_recipes[backend],
                                        acceptance=spec.budget, bench=spec.bench, resume=resume)
                     cells.append(Cell(model, "run", backend, config))
             if spec.tune is not None:
                 t = spec.tune.model_dump(exclude={"time_budget_min"})
-                t["backends"] = t["backends"] if t["backends"] is not None else tuple(chosen)
+                t["backends"] = t["backends"] if t["backends"] is not None else tuple(model_backends)
                 minutes = spec.tune.time_budget_min
                 config = TuneConfig(**common, **t, out=Path(out) / model.id / "tune", acceptance=spec.budget,
                                     time_budget_s=minutes * 60 if minutes else None)
