@@ -14,7 +14,7 @@ from rich.table import Table
 
 from int8eval.cli_options import (
     ACTIVATION_TYPE, WEIGHTS_FILE, acceptance_options, decode_cache_options, keep_options, model_source_options,
-    reject_ignored_flags, weight_options,
+    ray_options, reject_ignored_flags, weight_options,
 )
 from int8eval.config import (
     AUTO_COMPILE_IMAGES, Backend, CalibMethod, Objective, OnBadImage, Precision, ReferenceMode, RunConfig, TuneConfig,
@@ -99,6 +99,7 @@ def main() -> None:
 @click.option("--bench", is_flag=True, help="Also measure latency and throughput of every variant.")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run of the same arguments into the same "
               "RUN_DIR stopped evaluating (other arguments or data are refused).")
+@ray_options
 @acceptance_options
 @_friendly
 @model_source_options

@@ -1,5 +1,6 @@
 """Click options that several `int8eval` commands share: the model's weights, the acceptance budget, --keep-fp32,
---activation-type and the decoded-image cache; and the check that refuses a flag another one would silently ignore."""
+--activation-type, the decoded-image cache and the Ray cluster; and the check that refuses a flag another one would
+silently ignore."""
 
 from __future__ import annotations
 
@@ -216,3 +217,14 @@ def reject_ignored_flags(ctx: click.Context) -> None:
             if given(name):
                 clash(name, f"--precision {', '.join(v['precisions'])}", "it applies to the INT8 models",
                       f"add --precision int8 or drop {flag(name)}")
+
+
+def ray_options(fn):
+    """`--ray [auto|ADDRESS]` and `--ray-workers N`, passed on as `ray` and `ray_workers` (int8eval.distributed)."""
+    fn = click.option("--ray-workers", type=click.IntRange(min=1), help="Ray workers (default: one per node of the "
+                      "cluster); each builds the variants once and evaluates shards of the images.")(fn)
+    return click.option(
+        "--ray", is_flag=False, flag_value="auto", metavar="[auto|local|ADDRESS]",
+        help="Shard the evaluation images over a Ray cluster: 'auto' (the default value: the cluster `ray start` began, "
+        "or $RAY_ADDRESS), 'local' (a new one on this machine) or HOST:PORT. Needs pip install 'int8eval[ray]'; the "
+        "images must be at the same path on every node.")(fn)

@@ -375,6 +375,10 @@ class RunConfig(SessionSpec):
     bench: bool = False  # also time every variant (latency, throughput) after the accuracy pass
     # Go on from the evaluation checkpoint an interrupted run of the same arguments left in OUT (int8eval.resume).
     resume: bool = False
+    # Shard the evaluation pass over the Ray cluster at this address ("auto", "local", HOST:PORT; int8eval.distributed)
+    # with this many workers (None: one per node).
+    ray: str | None = None
+    ray_workers: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _unique_variants(self) -> RunConfig:
@@ -382,6 +386,15 @@ class RunConfig(SessionSpec):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"the same variant is asked for twice: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _ray(self) -> RunConfig:
+        if self.ray is not None and self.resume:
+            raise ValueError("--resume goes on from a checkpoint of a single-machine pass, which --ray does not write; "
+                             "drop one of the two")
+        if self.ray_workers is not None and self.ray is None:
+            raise ValueError("--ray-workers has no effect without --ray; add --ray [auto|ADDRESS]")
         return self
 
     @property

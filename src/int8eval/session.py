@@ -27,7 +27,7 @@ from int8eval.data.decode import batches, decode_samples
 from int8eval.data.layouts import UNLABELLED_LAYOUT, Sample, discover, split, split_training, subsample
 from int8eval.errors import ConfigError, DatasetError
 from int8eval.environment import environment
-from int8eval.evaluate import Predictions, evaluate
+from int8eval.evaluate import EvalOutcome, Predictions, evaluate
 from int8eval.models import LoadedModel, load_model
 from int8eval.parity import REFERENCE, apply_gate, reference_for
 from int8eval.report import Report
@@ -423,13 +423,15 @@ def _fill_accuracy(result: VariantResult, preds: Predictions, reference: str, *,
         result.delta_top1 = result.top1 - float(np.mean(preds.correct1(reference)))
 
 
-def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=None, checkpoint=None) -> Measured:
+def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=None, checkpoint=None,
+            engine: Callable[..., EvalOutcome] = evaluate) -> Measured:
     """Evaluate every built variant in one pass over the session's evaluation images (each decoded once), fill each
     recipe's accuracy (or, without labels, its agreement) against the reference, and apply the FP32 parity gate (int8eval.parity). `checkpoint`
-    (int8eval.resume.EvalCheckpoint) saves the pass as it goes and resumes it."""
+    (int8eval.resume.EvalCheckpoint) saves the pass as it goes and resumes it. `engine` makes the pass, called as
+    `evaluate` is (e.g. int8eval.distributed.RayEvaluator, the pass sharded over a Ray cluster)."""
     spec, reference = session.spec, session.reference
-    _speed_up_reference(session, built)
-    outcome = evaluate(
+    fast_reference(session, built)
+    outcome = engine(
         session.eval_samples, session.loaded.preprocessing, built.variants, reference=reference.name,
         batch_size=spec.batch_size, workers=spec.workers, on_bad_image=spec.on_bad_image, progress=progress,
         checkpoint=checkpoint, num_classes=session.loaded.num_classes,
@@ -447,7 +449,7 @@ def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=
     return Measured(preds, results, session.skipped + outcome.skipped, outcome.seconds, outcome.wait_s)
 
 
-def _speed_up_reference(session: Session, built: Built) -> None:
+def fast_reference(session: Session, built: Built) -> None:
     """Compile the torch FP32 reference for the pass when `spec.reference` asks for it, checked against eager on one
     seeded batch of evaluation images (int8eval.backends.fast_reference)."""
     reference = next((v for v in built.variants if v.name == REFERENCE.name), None)

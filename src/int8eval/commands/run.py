@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from int8eval import preprocessing_check, resume
 from int8eval.commands import write_run
 from int8eval.config import RunConfig
 from int8eval.data.cache import using
+from int8eval.evaluate import evaluate
 from int8eval.parity import plan_recipes, reference_for
 from int8eval.report import Report
 from int8eval.session import build_variants, check_recipes, measure, new_report, open_session
@@ -53,8 +55,8 @@ def run(config: RunConfig, *, console: Console | None = None) -> Report:
     start = time.perf_counter()
     plan = plan_recipes(config.recipes, reference_for(config.model))  # the reference first
     check_recipes(plan)  # fail before any work on a missing backend or an impossible recipe
-    with using(config.decode_cache):
-        report = write_run(config.out, lambda staging: _run_into(staging, config, plan, console, start))
+    with using(config.decode_cache), _engine(config) as engine:
+        report = write_run(config.out, lambda staging: _run_into(staging, config, plan, console, start, engine))
     resume.remove(config.out)  # the run is committed: its predictions.npz is the record
     return report
 
@@ -92,7 +94,16 @@ def _reference_correct(measured, reference: str) -> np.ndarray | None:
     return predictions.correct1(reference)
 
 
-def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float) -> Report:
+def _engine(config: RunConfig):
+    """The evaluation pass: here, or sharded over a Ray cluster (--ray; connected before any work)."""
+    if config.ray is None:
+        return nullcontext(evaluate)
+    from int8eval.distributed import ray_evaluator
+
+    return ray_evaluator(config, config.recipes, address=config.ray, workers=config.ray_workers)
+
+
+def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float, engine) -> Report:
     with progress_bar(console) as progress:
         task = progress.add_task(f"loading {config.model}", total=None)
         decoding = {}
@@ -117,10 +128,10 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
         built = build_variants(session, plan, out / "artifacts", required=plan[:1], say=say)
         progress.update(building[-1], total=1, completed=1)
         built_at = time.perf_counter()
-        checkpoint = resume.open_checkpoint(config.out, _resume_key(config, session), resume=config.resume,
-                                            every=_checkpoint_every(config.batch_size),
-                                            say=lambda msg: console.print(msg, markup=False, highlight=False))
-        measured = measure(session, plan, built, progress=progress, checkpoint=checkpoint)
+        checkpoint = None if config.ray else resume.open_checkpoint(
+            config.out, _resume_key(config, session), resume=config.resume, every=_checkpoint_every(config.batch_size),
+            say=lambda msg: console.print(msg, markup=False, highlight=False))
+        measured = measure(session, plan, built, progress=progress, checkpoint=checkpoint, engine=engine)
 
     measured.predictions.save(out / "predictions.npz")
     report = new_report(
@@ -130,7 +141,8 @@ def _run_into(out: Path, config: RunConfig, plan, console: Console, start: float
                 "images_per_s": len(measured.predictions.labels) / measured.eval_s,
                 # where the time went: opening (model, images listed, calibration images decoded), building the
                 # variants, the pass (of which waiting for decoded images), then statistics and the report
-                "open_s": opened - start, "build_s": built_at - opened, "eval_wait_s": measured.wait_s},
+                "open_s": opened - start, "build_s": built_at - opened, "eval_wait_s": measured.wait_s,
+                **({"ray": engine.described} if config.ray else {})},
     )
     stats_start = time.perf_counter()
     add_paired_stats(report, measured.predictions, config.acceptance)
