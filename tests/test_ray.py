@@ -101,6 +101,22 @@ def test_two_workers_give_the_single_process_predictions(cluster, images, single
     assert {"torch-fp32", "onnxruntime-fp32"} < names and sum("int8" in n for n in names) == 2, names
 
 
+def test_an_onnx_file_on_images_without_labels_shards_alike(cluster, tmp_path):
+    """A model whose reference is ONNX Runtime's FP32 (no PyTorch), judged on agreement without labels."""
+    from test_onnx_model import _flat_folder, channel_means_model
+
+    model, data = channel_means_model(tmp_path / "m.onnx"), _flat_folder(tmp_path / "photos", 24)
+    args = ["run", "-m", str(model), "--preset", "caffe-bgr", "--crop", "8", "--resize", "10", "--data", str(data),
+            "--calib-size", "8", "--batch-size", "4", "--min-agreement", "90", "--backend", "onnxruntime"]
+    for out, more in ((tmp_path / "one", []), (tmp_path / "ray", ["--ray", "--ray-workers", "2"])):
+        result = CliRunner().invoke(main, [*args, "--out", str(out), *more])
+        assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ray" / "report.json").read_text())
+    assert report["data"]["labels_free"] and report["timing"]["ray"]["workers"] == 2
+    assert all(v["status"] == "ok" for v in report["variants"]), [(v["name"], v["error"]) for v in report["variants"]]
+    _same(_arrays(tmp_path / "ray"), _arrays(tmp_path / "one"))
+
+
 class CrashOnce(ShardWorker):
     """A worker whose process dies (os._exit, no clean-up) in the first shard any worker is given, once per cluster:
     Ray restarts it, it builds again, and the shard is retried."""
