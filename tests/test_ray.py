@@ -37,8 +37,8 @@ def images(tmp_path_factory) -> Path:
 def _args(images: Path, out: Path, *more: str, backends: list[str] = BACKENDS) -> list[str]:
     # 20 evaluation images in batches of 4: 5 shards of one batch over the 2 workers; the FP32 reference compiled by
     # inductor, as from 2,000 images on (`--reference auto`), on the driver and on each worker
-    return ["run", "-m", "tiny_test", "--data", str(images), "--out", str(out), "--calib-size", "4", "--batch-size", "4",
-            "--reference", "compiled", *backends, *more]
+    return ["run", "-m", "tiny_test", "--data", str(images), "--out", str(out), "--calib-size", "4",
+            "--batch-size", "4", "--reference", "compiled", *backends, *more]
 
 
 ORT = ["--backend", "onnxruntime"]  # cheaper than torch's INT8 (compiled): for the runs that test the machinery
@@ -95,7 +95,8 @@ def test_two_workers_give_the_single_process_predictions(cluster, images, single
     assert all(v["status"] == "ok" for v in report["variants"]), [(v["name"], v["error"]) for v in report["variants"]]
     assert report["timing"]["ray"]["workers"] == 2 and report["timing"]["ray"]["shards"] == 5
     assert report["config"]["ray"] == "auto"
-    assert next(v for v in report["variants"] if v["name"] == "torch-fp32")["details"]["execution"]["mode"] == "compiled"
+    reference = next(v for v in report["variants"] if v["name"] == "torch-fp32")
+    assert reference["details"]["execution"]["mode"] == "compiled"
     _same(_arrays(out), single)
     names = {k.split("::")[1] for k in single if k.startswith("top5::")}
     assert {"torch-fp32", "onnxruntime-fp32"} < names and sum("int8" in n for n in names) == 2, names
