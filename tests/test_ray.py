@@ -251,3 +251,22 @@ def test_shards_are_whole_batches_of_the_single_pass():
     assert all(p.start % 32 == 0 and len(p) % 32 == 0 for p in parts[:-1])
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
     assert len(shards(100_000, 32, 2)[0]) <= 1024  # at most ~1,000 images to evaluate again after a lost worker
+
+
+def test_a_sweep_shards_each_run_cell_and_gives_the_single_process_cells(cluster, images, tmp_path):
+    """`sweep --ray`: each run cell's images sharded over the cluster; the cells' predictions are those of the same
+    sweep on one machine, and the ray options do not make the single-machine cells look changed (reused)."""
+    import yaml
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"models": ["tiny_test"], "backends": ["onnxruntime"], "data": str(images),
+                                    "calib_size": 4, "batch_size": 4}))
+    one, sharded = tmp_path / "one", tmp_path / "ray"
+    for out, more in ((one, []), (sharded, ["--ray", "--ray-workers", "2"])):
+        result = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(out), *more])
+        assert result.exit_code == 0, result.output
+    cell = "tiny_test/onnxruntime"
+    assert json.loads((sharded / cell / "report.json").read_text())["timing"]["ray"]["workers"] == 2
+    _same(_arrays(sharded / cell), _arrays(one / cell))
+    result = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(one), "--ray", "--ray-workers", "2"])
+    assert result.exit_code == 0 and json.loads((one / "sweep.json").read_text())["cells"][0]["reused"]

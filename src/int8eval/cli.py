@@ -368,14 +368,16 @@ def tune(**kw) -> None:
 @click.argument("spec_file", metavar="SPEC.yaml", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Default: the spec's `out`, else runs/sweep.")
 @click.option("--resume", is_flag=True, help="Go on with a killed cell from its evaluation checkpoint (run --resume).")
+@ray_options
 @_friendly
 @decode_cache_options
-def sweep(spec_file: Path, out: Path | None, resume: bool, decode_cache) -> None:
+def sweep(spec_file: Path, out: Path | None, resume: bool, decode_cache, ray, ray_workers) -> None:
     """Models x backends x recipes (and tune cells) from one YAML file, a run folder per cell (finished ones reused):
     OUT/sweep.{json,md,html} compares them. Exit 1 when a cell failed (the others still ran)."""
     from int8eval.commands.sweep import run_spec
 
-    report = run_spec(spec_file, out=out, resume=resume, decode_cache=decode_cache, console=Console(stderr=True))
+    report = run_spec(spec_file, out=out, resume=resume, decode_cache=decode_cache, ray=ray, ray_workers=ray_workers,
+                      console=Console(stderr=True))
     console.print(f"{len(report.cells)} cells, {len(report.failed)} failed; sweep: "
                   f"{escape(str(Path(report.out) / 'sweep.json'))} (rendered: sweep.md, sweep.html)")
     if report.failed:

@@ -255,7 +255,8 @@ def _backend_recipes(spec: SweepSpec, chosen: list[Backend], *, onnx_file: bool 
     return {b: tuple(rs) for b, rs in out.items()}
 
 
-def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache: Path | None = None) -> list[Cell]:
+def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache: Path | None = None,
+               ray: str | None = None, ray_workers: int | None = None) -> list[Cell]:
     """Every cell of `spec`, its config built and checked (a ConfigError before anything runs): per model, one run
     cell per backend with recipes, then its tune cell."""
     from int8eval.data.fetch import default_data_root
@@ -285,7 +286,8 @@ def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache
             for backend in model_backends:
                 if model_recipes[backend]:
                     config = RunConfig(**common, out=Path(out) / model.id / backend.value, recipes=model_recipes[backend],
-                                       acceptance=spec.budget, bench=spec.bench, resume=resume)
+                                       acceptance=spec.budget, bench=spec.bench, resume=resume, ray=ray,
+                                       ray_workers=ray_workers)
                     cells.append(Cell(model, "run", backend, config))
             if spec.tune is not None:
                 t = spec.tune.model_dump(exclude={"time_budget_min"})
@@ -305,8 +307,9 @@ def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache
 # Running
 
 
-# What does not change a cell's numbers: where it is written, whether it resumed, where decoded images are cached.
-_NOT_ARGUMENTS = {"out", "resume", "decode_cache", "command"}
+# What does not change a cell's numbers: where it is written, whether it resumed, where decoded images are cached,
+# whether its images were sharded over Ray (the driver merges a single machine's predictions).
+_NOT_ARGUMENTS = {"out", "resume", "decode_cache", "command", "ray", "ray_workers"}
 
 
 def _arguments(config: dict) -> dict:
@@ -381,13 +384,14 @@ def sweep(cells: list[Cell], *, out: Path, spec: SweepSpec, spec_file: Path | No
 
 
 def run_spec(spec_file: Path, *, out: Path | None = None, resume: bool = False, decode_cache: Path | None = None,
-             console: Console | None = None) -> SweepReport:
+             ray: str | None = None, ray_workers: int | None = None, console: Console | None = None) -> SweepReport:
     """`int8eval sweep SPEC.yaml`: validate the spec and plan every cell (a ConfigError before anything runs), then
-    run them into OUT (`--out`, else the spec's `out`, else runs/sweep)."""
+    run them into OUT (`--out`, else the spec's `out`, else runs/sweep). `ray` (and `ray_workers`) shard each run
+    cell's evaluation images over a Ray cluster, as `run --ray` does."""
     spec = load_spec(spec_file)
     out = Path(out or spec.out or "runs/sweep")
     try:
-        cells = plan_cells(spec, out=out, resume=resume, decode_cache=decode_cache)
+        cells = plan_cells(spec, out=out, resume=resume, decode_cache=decode_cache, ray=ray, ray_workers=ray_workers)
     except ConfigError as e:
         raise ConfigError(f"sweep spec {spec_file}: {e}") from None
     return sweep(cells, out=out, spec=spec, spec_file=Path(spec_file), console=console)
