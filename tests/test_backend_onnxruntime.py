@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from conftest import decode_sample, require_package, torch_logits
@@ -130,6 +132,23 @@ def test_activations_follow_the_cpu(cpu, tiny, calib, tmp_path, monkeypatch):
     assert _exact_kernels(variant) is exact and variant.details["exact_int8_kernels"] is exact
     assert variant.details["activation_type"] == activation_type
     assert f"INT8EVAL_CPU={cpu}" in variant.details["why"]  # the reason names the CPU path
+
+
+@pytest.mark.parametrize("cpu", ["avx2", "vnni"])
+def test_the_pass_session_does_not_spin_and_the_bench_times_it_as_deployed(cpu, tiny, calib, tmp_path, monkeypatch):
+    """Between its calls the evaluation pass runs other runtimes, so the variant's own session stops its idle
+    threads spinning; the bench's static session is ORT's default (spinning), with the same exact-kernel choice."""
+    from int8eval.bench.deploy import _onnxruntime_static
+
+    monkeypatch.setenv("INT8EVAL_CPU", cpu)
+    variant = build_variant(tiny, ort_recipe(), calib, tmp_path)
+    entry = variant.session.get_session_options().get_session_config_entry
+    assert entry("session.intra_op.allow_spinning") == "0"
+    static = _onnxruntime_static(variant, np.zeros((2, 3, 32, 32), np.float32)).form
+    options = static.get_session_options()
+    with pytest.raises(RuntimeError):  # not set: ORT's default, spinning
+        options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert _exact_kernels(variant) is _exact_kernels(types.SimpleNamespace(session=static)) is (cpu == "avx2")
 
 
 @pytest.mark.parametrize(("cpu", "asked"), [("vnni", "int8"), ("arm", "uint8"), ("avx2", "int8")])

@@ -66,16 +66,26 @@ class OrtVariant(Variant):
         super().__init__(recipe)
         self.artifact = model
         self.input_dtype = input_dtype
-        # Otherwise ORT's defaults on purpose: all graph optimisations (QDQ -> integer kernels), its own thread count.
-        opts = ort.SessionOptions()
         self.exact_int8 = recipe.precision is Precision.int8 and cpu_capabilities().int8_saturates
+        # The evaluation pass runs other runtimes between this session's calls: ORT's threads spinning after each
+        # call would take the cores from them (measured, Lite0's six-variant pass on 2 cores: ~10% more images/s
+        # without). The bench times the session as deployed, spinning (`session_options(spinning=True)`).
+        self.session = ort.InferenceSession(str(model), self.session_options(spinning=False),
+                                            providers=["CPUExecutionProvider"])
+        self.details = {"exact_int8_kernels": self.exact_int8}
+
+    def session_options(self, *, spinning: bool = True) -> ort.SessionOptions:
+        """ORT's defaults (all graph optimisations: QDQ -> integer kernels; its own thread count), with exact INT8
+        kernels where the CPU needs them; `spinning` False stops idle threads spinning between calls."""
+        opts = ort.SessionOptions()
         if self.exact_int8:
             # Without VNNI, ORT's x86 U8S8 kernels add pairs of products in saturating int16 (vpmaddubsw):
             # measured on an AVX2 EPYC, Lite0's top-1 agreement with FP32 fell from 98% to 89%. This option makes
             # ORT convert the weights to u8 and use exact U8U8 kernels (slower); the model file is unchanged.
             opts.add_session_config_entry("session.x64quantprecision", "1")
-        self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        self.details = {"exact_int8_kernels": self.exact_int8}
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=self.input_dtype)}

@@ -99,13 +99,16 @@ def _onnxruntime_static(variant, x: np.ndarray) -> TimedCall:
     session = variant.session
     model = onnx.load(str(variant.artifact))
     batch_dims = {i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input} - {""}
-    # The same as SessionOptions.add_free_dimension_override_by_name, written into the model: the variant's own
-    # options object is reused unchanged (ORT offers no way to copy it, and an override added to it would stay).
+    # The same as SessionOptions.add_free_dimension_override_by_name, written into the model: the options object is
+    # then the variant's own or a fresh one like it (ORT offers no way to copy one, and an override added would stay).
     for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in batch_dims:
                 dim.dim_value = len(x)
-    static = ort.InferenceSession(model.SerializeToString(), session.get_session_options(), providers=session.get_providers())
+    # As deployed: ORT's defaults (threads spinning between calls), not the evaluation pass's options.
+    fresh = getattr(variant, "session_options", None)
+    options = fresh(spinning=True) if fresh else session.get_session_options()
+    static = ort.InferenceSession(model.SerializeToString(), options, providers=session.get_providers())
     name = static.get_inputs()[0].name
     feed = {name: np.ascontiguousarray(x, dtype=getattr(variant, "input_dtype", np.float32))}
     return TimedCall(lambda: static.run(None, feed), "static", "static input shape, one session per batch size", form=static)
