@@ -36,7 +36,7 @@ def images(tmp_path_factory) -> Path:
 
 def _args(images: Path, out: Path, *more: str, backends: list[str] = BACKENDS) -> list[str]:
     # 20 evaluation images in batches of 4: 5 shards of one batch over the 2 workers; the FP32 reference compiled by
-    # inductor, as from 2,000 images on (`--reference auto`), on the driver and on each worker
+    # inductor, as from 1,000 images on (`--reference auto`), on the driver and on each worker
     return ["run", "-m", "tiny_test", "--data", str(images), "--out", str(out), "--calib-size", "4",
             "--batch-size", "4", "--reference", "compiled", *backends, *more]
 

@@ -41,9 +41,10 @@ class OnBadImage(str, Enum):
     fail = "fail"
 
 
-# `ReferenceMode.auto` compiles from this many evaluation images on. Measured on EfficientNet-Lite0, 2 cores (AVX2
-# EPYC): the compile costs ~25 s and saves ~20 ms an image, so it repays itself after ~1,200 images.
-AUTO_COMPILE_IMAGES = 2000
+# `ReferenceMode.auto` compiles from this many evaluation images on. Measured on EfficientNet-Lite0, batch 32, 2 cores
+# (AVX2 EPYC): compiling costs 5 s (inductor's on-disk cache warm) to ~35 s (cold, on a busy machine) and saves ~36 ms
+# an image (eager 19, compiled 60 images/s), so it repays itself within ~1,000 images.
+AUTO_COMPILE_IMAGES = 1000
 
 
 class ReferenceMode(str, Enum):
