@@ -177,11 +177,12 @@ def test_prefetched_stops_its_thread_when_the_caller_stops():
             yield i
             i += 1
 
-    before = threading.active_count()
+    before = set(threading.enumerate())
     it = prefetched(endless(), depth=1)
     assert next(it) == 0
+    assert set(threading.enumerate()) - before  # the decoding thread
     it.close()  # what a `for` loop left by an exception does
-    assert threading.active_count() == before
+    assert not set(threading.enumerate()) - before
 
 
 def test_prefetched_decodes_in_the_callers_context():
