@@ -228,6 +228,8 @@ def test_nncf_options_express_the_recipe(monkeypatch):
     for cpu, (fix, _) in CPU_PATHS.items():
         monkeypatch.setenv("INT8EVAL_CPU", cpu)
         assert ob.nncf_options(ov_recipe())["advanced_parameters"].overflow_fix is OverflowFix(fix)
+        # a transformer (a ViT) takes the same CPU path
+        assert ob.nncf_options(ov_recipe(), transformer=True)["advanced_parameters"].overflow_fix is OverflowFix(fix)
 
 
 def test_int8_without_calibration_images_is_rejected(tiny, tmp_path):

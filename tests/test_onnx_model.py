@@ -214,6 +214,33 @@ def test_a_backend_that_cannot_take_onnx_says_so_in_one_line(tmp_path):
     assert result.exit_code == 2 and "backend torch (PT2E)" in result.output and "cannot take an ONNX file" in result.output
 
 
+# INT8EVAL_CPU -> (ONNX Runtime activations, its exact U8U8 kernels, NNCF's overflow fix), written out by hand: the
+# same CPU paths as a PyTorch model's (test_backend_onnxruntime, test_backend_openvino), reached from an ONNX file.
+ONNX_FILE_CPU_PATHS = {"avx2": ("uint8", True, "enable"), "vnni": ("uint8", False, "disable"),
+                       "amx": ("uint8", False, "disable"), "arm": ("int8", False, "disable")}
+
+
+@pytest.mark.parametrize("cpu", ONNX_FILE_CPU_PATHS)
+def test_an_onnx_files_int8_follows_the_cpu(cpu, tmp_path, monkeypatch):
+    """Each capability path, forced whatever this machine has: an ONNX file's INT8 on ONNX Runtime and OpenVINO
+    takes the CPU's choice of activation type, exact kernels and overflow fix, as a PyTorch model's does."""
+    require_package("openvino", "nncf", extra="openvino")
+    from int8eval.backends import CalibrationData, build_variant
+    from int8eval.models import load_model
+
+    monkeypatch.setenv("INT8EVAL_CPU", cpu)
+    activation_type, exact, overflow_fix = ONNX_FILE_CPU_PATHS[cpu]
+    loaded = load_model(str(channel_means_model(tmp_path / "m.onnx")), preprocessing=_caffe())
+    calib = CalibrationData([np.random.default_rng(0).uniform(-123, 151, (4, 8, 8, 3)).astype(np.float32)])
+    ort = build_variant(loaded, Recipe(backend=Backend.onnxruntime, bias_correction=False), calib, tmp_path / "ort")
+    assert ort.details["activation_type"] == activation_type and ort.details["exact_int8_kernels"] is exact
+    ov = build_variant(loaded, Recipe(backend=Backend.openvino, bias_correction=False), calib, tmp_path / "ov")
+    assert ov.details["nncf"]["overflow_fix"] == overflow_fix
+    for variant in (ort, ov):
+        assert f"INT8EVAL_CPU={cpu}" in variant.details["why"]
+        assert variant.predict(calib.batches[0]).shape == (4, 3)
+
+
 def _main():
     from int8eval.cli import main
 
