@@ -452,8 +452,9 @@ def measure(session: Session, plan: Sequence[Recipe], built: Built, *, progress=
 def fast_reference(session: Session, built: Built) -> None:
     """Compile the torch FP32 reference for the pass when `spec.reference` asks for it, checked against eager on one
     seeded batch of evaluation images (int8eval.backends.fast_reference)."""
+    # torch-fp32; an ONNX file's reference is ONNX Runtime's, which has nothing to compile
     reference = next((v for v in built.variants if v.name == REFERENCE.name), None)
-    if reference is None or REFERENCE.backend is not Backend.torch:
+    if reference is None:
         return
     from int8eval.backends.fast_reference import speed_up_reference
 
