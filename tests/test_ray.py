@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from int8eval.cli import main
+from int8eval.commands.tune import _climb_task as _CLIMB_TASK
 from int8eval.config import RunConfig
 from int8eval.distributed import ShardWorker, shards
 
@@ -270,3 +271,101 @@ def test_a_sweep_shards_each_run_cell_and_gives_the_single_process_cells(cluster
     _same(_arrays(sharded / cell), _arrays(one / cell))
     result = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(one), "--ray", "--ray-workers", "2"])
     assert result.exit_code == 0 and json.loads((one / "sweep.json").read_text())["cells"][0]["reused"]
+
+
+TUNE = ["tune", "-m", "tiny_test", "--calib-size", "4", "--tune-size", "5", "--confirm-size", "7", "--batch-size", "4",
+        "--max-drop", "1", "--max-fp32-layers", "1", "--backend", "torch", "--backend", "onnxruntime"]
+
+
+def test_tune_climbs_each_ladder_on_a_worker_and_reports_what_one_machine_does(cluster, images, tmp_path, monkeypatch):
+    """`tune --ray`: each backend's ladder climbs on its own worker, every step of it (only FP32-layers candidates are
+    accepted); the driver's report (every candidate's tuning and confirmation numbers, the choices, why each ladder
+    stopped, the ranking) and its final pass's predictions are those of the same tune on one machine; the workers'
+    candidates are this run's measurements, not reuses; where each climbed is said."""
+    from test_tune_resume import _measured
+
+    import int8eval.commands.tune as tune_module
+    from int8eval.report import Report
+
+    one, spread = tmp_path / "one", tmp_path / "ray"
+    monkeypatch.setattr(tune_module, "_climb_task", _picky_climb)  # on the workers
+    undo = _accept_fp32_layers_only(tune_module)  # here
+    try:
+        for out, more in ((one, []), (spread, ["--ray", "--ray-workers", "2"])):
+            result = CliRunner().invoke(main, [*TUNE, "--data", str(images), "--out", str(out), *more])
+            assert result.exit_code == 0, result.output
+    finally:
+        undo()
+    a, b = Report.read(one / "report.json"), Report.read(spread / "report.json")
+    (*x, x_choice, x_ranking, x_sets), (*y, y_choice, y_ranking, y_sets) = _measured(b), _measured(a)
+    assert (x, x_ranking, x_sets) == (y, y_ranking, y_sets)  # the choice between backends is by measured speed
+    assert {x_choice, y_choice} <= {c.chosen for c in b.tune.backends}
+    steps = {(c.backend, c.step) for c in b.tune.candidates}
+    assert {("torch", "calibration"), ("onnxruntime", "activation type"), ("onnxruntime", "FP32 layers")} <= steps
+    assert all(x.chosen.endswith("-keep1") for x in b.tune.backends) and b.tune.ranking is not None
+    assert not any(c.reused for c in b.tune.candidates)
+    assert [x.node for x in a.tune.backends] == [None, None] and all(x.node for x in b.tune.backends)
+    assert "Climbed on the Ray worker at" in (spread / "report.md").read_text()
+    _same(_arrays(spread), _arrays(one))
+    assert not (spread / ".tune-cache").exists()
+
+
+def _accept_fp32_layers_only(tune_module):
+    """Make tune's stop rule accept only candidates with layers kept in FP32 (the ladder's last step here), so that
+    every step is climbed; returns the undo."""
+    from int8eval.tune.rule import Judgement
+
+    real_paired, real_judge, current = tune_module.paired_for, tune_module.judge, {}
+
+    def paired_for(predictions, name, reference, **kw):
+        current["name"] = name
+        return real_paired(predictions, name, reference, **kw)
+
+    def judge(paired, acceptance, min_agreement=None):
+        ok = "-keep" in current["name"]
+        return Judgement(real_judge(paired, acceptance, min_agreement).verdict, ok, "verdict" if ok else None)
+
+    tune_module.paired_for, tune_module.judge = paired_for, judge
+
+    def undo() -> None:
+        tune_module.paired_for, tune_module.judge = real_paired, real_judge
+
+    return undo
+
+
+def _picky_climb(*args):
+    """`_climb_task` on a worker with `_accept_fp32_layers_only`, undone after: Ray reuses the worker's process."""
+    import int8eval.commands.tune as tune_module
+
+    undo = _accept_fp32_layers_only(tune_module)
+    try:
+        return _CLIMB_TASK(*args)
+    finally:
+        undo()
+
+
+def test_tune_refuses_a_worker_unlike_the_driver(cluster, images, tmp_path, monkeypatch):
+    """A worker whose libraries or CPU differ from the driver's (here: INT8EVAL_CPU, which the tune cache's key
+    records) would tune another model: one line naming the difference, no report."""
+    from int8eval.environment import cpu_capabilities
+
+    other = "arm" if cpu_capabilities().arch.value == "x86" else "avx2"
+    monkeypatch.setattr("int8eval.commands.tune._climb_task", _on_cpu(other))
+    result = CliRunner().invoke(main, [*TUNE, "--data", str(images), "--out", str(tmp_path / "t"), "--ray"])
+    assert result.exit_code != 0 and "differs from the driver" in result.output, result.output
+    assert not (tmp_path / "t" / "report.json").exists()
+
+
+def _on_cpu(kind: str):
+    import int8eval.commands.tune as tune_module
+
+    climb = tune_module._climb_task
+
+    def on_other_cpu(*args):
+        os.environ["INT8EVAL_CPU"] = kind  # in the worker's process only, and only for this task: Ray reuses it
+        try:
+            return climb(*args)
+        finally:
+            del os.environ["INT8EVAL_CPU"]
+
+    return on_other_cpu

@@ -202,6 +202,9 @@ def test_tune_cells_take_the_budget_and_the_sweeps_backends(image_folder, tmp_pa
     assert cell.kind == "tune" and cell.folder == "tiny_test/tune"
     assert cell.config.acceptance.max_drop == 2 and [b.value for b in cell.config.backends] == ["onnxruntime"]
     assert cell.config.time_budget_s == 60 and cell.config.tune_size == 5 and cell.config.calib_size == 4
+    assert cell.config.ray is None
+    (spread,) = plan_cells(spec, out=tmp_path / "o", ray="auto", ray_workers=2)  # sweep --ray: ladders on the cluster
+    assert spread.config.ray == "auto" and spread.config.ray_workers == 2
 
 
 def test_a_tune_cell_is_a_tune_run_folder_with_its_choice_in_the_report(tmp_path, monkeypatch):

@@ -72,7 +72,8 @@ def _measured(report: Report):
     """The tune section without what timing decides (speeds, seconds, the Pareto front, the reason's numbers)."""
     t = report.tune
     return ([{k: v for k, v in c.model_dump(mode="json").items() if k not in TIMED} for c in t.candidates],
-            [(b.backend, b.fp32, b.chosen, b.stopped) for b in t.backends], t.choice, t.ranking.layers, t.sets)
+            [(b.backend, b.fp32, b.chosen, b.stopped) for b in t.backends], t.choice,
+            t.ranking.layers if t.ranking else None, t.sets)
 
 
 def _cached(out: Path) -> list[Path]:

@@ -341,6 +341,7 @@ def diagnose(**kw) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @acceptance_options
+@ray_options
 @_friendly
 @model_source_options
 @decode_cache_options

@@ -222,9 +222,11 @@ def reject_ignored_flags(ctx: click.Context) -> None:
 def ray_options(fn):
     """`--ray [auto|ADDRESS]` and `--ray-workers N`, passed on as `ray` and `ray_workers` (int8eval.distributed)."""
     fn = click.option("--ray-workers", type=click.IntRange(min=1), help="Ray workers (default: one per node of the "
-                      "cluster); each builds the variants once and evaluates shards of the images.")(fn)
+                      "cluster); run: each builds the variants once and evaluates shards of the images; tune: each "
+                      "climbs one backend's ladder.")(fn)
     return click.option(
         "--ray", is_flag=False, flag_value="auto", metavar="[auto|local|ADDRESS]",
-        help="Shard the evaluation images over a Ray cluster: 'auto' (the default value: the cluster `ray start` began, "
-        "or $RAY_ADDRESS), 'local' (a new one on this machine) or HOST:PORT. Needs pip install 'int8eval[ray]'; the "
-        "images must be at the same path on every node.")(fn)
+        help="Spread the work over a Ray cluster (run, sweep: the evaluation images in shards; tune: one backend's "
+        "ladder per worker): 'auto' (the default value: the cluster `ray start` began, or $RAY_ADDRESS), 'local' (a "
+        "new one on this machine) or HOST:PORT. Needs pip install 'int8eval[ray]'; the images must be at the same "
+        "path on every node.")(fn)

@@ -367,8 +367,23 @@ class SessionSpec(_Strict):
     reference: ReferenceMode = ReferenceMode.auto  # how the FP32 reference runs in the pass
 
 
-class RunConfig(SessionSpec):
-    """Everything `int8eval run` needs: the session, the recipes, the budget, and where the run folder goes."""
+class RayOptions(_Strict):
+    """Where a command spreads its work: the Ray cluster at `ray` ("auto", "local", HOST:PORT; int8eval.distributed)
+    with `ray_workers` workers (None: one per node); None: this machine."""
+
+    ray: str | None = None
+    ray_workers: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ray_workers(self) -> RayOptions:
+        if self.ray_workers is not None and self.ray is None:
+            raise ValueError("--ray-workers has no effect without --ray; add --ray [auto|ADDRESS]")
+        return self
+
+
+class RunConfig(RayOptions, SessionSpec):
+    """Everything `int8eval run` needs: the session, the recipes, the budget, and where the run folder goes. With
+    `ray`, the evaluation images are sharded over the cluster."""
 
     out: Path
     recipes: tuple[Recipe, ...] = ()
@@ -376,10 +391,6 @@ class RunConfig(SessionSpec):
     bench: bool = False  # also time every variant (latency, throughput) after the accuracy pass
     # Go on from the evaluation checkpoint an interrupted run of the same arguments left in OUT (int8eval.resume).
     resume: bool = False
-    # Shard the evaluation pass over the Ray cluster at this address ("auto", "local", HOST:PORT; int8eval.distributed)
-    # with this many workers (None: one per node).
-    ray: str | None = None
-    ray_workers: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _unique_variants(self) -> RunConfig:
@@ -394,8 +405,6 @@ class RunConfig(SessionSpec):
         if self.ray is not None and self.resume:
             raise ValueError("--resume goes on from a checkpoint of a single-machine pass, which --ray does not write; "
                              "drop one of the two")
-        if self.ray_workers is not None and self.ray is None:
-            raise ValueError("--ray-workers has no effect without --ray; add --ray [auto|ADDRESS]")
         return self
 
     @property
@@ -415,9 +424,10 @@ class Objective(str, Enum):
     size = "size"
 
 
-class TuneConfig(SessionSpec):
+class TuneConfig(RayOptions, SessionSpec):
     """Everything `int8eval tune` needs: the session (its calibration split), the backends, the budget, the tuning and
-    confirmation set sizes, the objective, and where the run folder goes."""
+    confirmation set sizes, the objective, and where the run folder goes. With `ray`, each backend's ladder climbs
+    on a worker of the cluster."""
 
     out: Path
     backends: tuple[Backend, ...] = ()  # default: every installed default backend

@@ -5,7 +5,8 @@ folder's, its variants answer for the report (sizes, provenance, --bench). Each 
 default) opens the same session and builds the same recipes once, from the picklable config, with the same stages
 (`session.open_session`, `session.build_variants`, `session.fast_reference`), into a temporary folder of its own;
 it then evaluates the shards it is handed with `evaluate.evaluate`, and the driver concatenates the shards' per-image
-predictions in image order. (`tune` and `sweep` are not sharded yet: this evaluator takes no pre-decoded sets.)
+predictions in image order. `sweep --ray` shards each run cell so; `tune --ray` spreads whole ladders instead
+(`map_tasks`, `commands.tune._climb_on_ray`).
 
 Why each worker builds rather than receiving the driver's artifacts: not every variant has an artifact that loads on
 its own (PyTorch FP32 and the legacy torch.ao INT8 are state dicts of the model's code; QAT is a trained module), while
@@ -41,9 +42,10 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -254,17 +256,6 @@ class RayEvaluator:
         self.actor = actor  # a subclass may inject faults (the tests kill a worker with it)
         self.described: dict = {}  # the last pass: workers, nodes, shards, seconds to start and build
 
-    def _placement(self, ray) -> tuple[int, int]:
-        """(workers, CPUs each): one worker per node by default; every node fits its share, so none waits forever."""
-        nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-        if not nodes:
-            raise Int8EvalError("the Ray cluster has no node with a CPU: start one with `ray start`")
-        count = self.num_workers or len(nodes)
-        if count > sum(nodes):
-            raise ConfigError(f"--ray-workers {count}: the Ray cluster has {int(sum(nodes))} CPUs; ask for fewer")
-        per_node = -(-count // len(nodes))
-        return count, max(1, int(min(nodes) // per_node))
-
     def __call__(self, samples: list[Sample], preprocessing: Preprocessing, variants: list[Variant], *,
                  reference: str | None = None, batch_size: int = 32, workers: int = 0,
                  on_bad_image: OnBadImage = OnBadImage.skip, progress=None, decoded=None, checkpoint=None,
@@ -279,7 +270,7 @@ class RayEvaluator:
                        num_classes=num_classes)
         spec = WorkerSpec(self.spec, self.recipes, tuple(v.recipe for v in variants), reference, preprocessing,
                           batch_size, workers, on_bad_image, os.getcwd(), _torch_threads(), num_classes)
-        count, cpus = self._placement(ray)
+        count, cpus = placement(ray, self.num_workers)
         remote = ray.remote(self.actor).options(num_cpus=cpus, max_restarts=RESTARTS, max_task_retries=RESTARTS,
                                                 scheduling_strategy="SPREAD")
         actors = [remote.remote(spec, probe) for _ in range(count)]  # by value: kept with the actor for its restarts
@@ -340,22 +331,66 @@ def _get(ray, ref):
         raise Int8EvalError(f"a Ray worker died {RESTARTS + 1} times (or its node was lost): {e}") from None
 
 
+def placement(ray, workers: int | None) -> tuple[int, int]:
+    """(workers, CPUs each) on the connected cluster: one worker per node by default; every node fits its share, so
+    none waits forever."""
+    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if not nodes:
+        raise Int8EvalError("the Ray cluster has no node with a CPU: start one with `ray start`")
+    count = workers or len(nodes)
+    if count > sum(nodes):
+        raise ConfigError(f"--ray-workers {count}: the Ray cluster has {int(sum(nodes))} CPUs; ask for fewer")
+    per_node = -(-count // len(nodes))
+    return count, max(1, int(min(nodes) // per_node))
+
+
 @contextlib.contextmanager
-def ray_evaluator(spec: SessionSpec, recipes: Iterable[Recipe], *, address: str = "auto", workers: int | None = None,
-                  shard_images: int | None = None, actor: type = ShardWorker) -> Iterator[RayEvaluator]:
-    """Connect to the Ray cluster at `address` ("auto": the one `ray start` began, or $RAY_ADDRESS; "local": a new
-    one on this machine; HOST:PORT or ray://HOST:PORT) unless already connected, and yield a RayEvaluator of `spec`
-    (the session's) and `recipes` (those it was opened with). Disconnects at the end if it connected."""
+def connected(address: str = "auto"):
+    """Ray, connected to the cluster at `address` ("auto": the one `ray start` began, or $RAY_ADDRESS; "local": a
+    new one on this machine; HOST:PORT or ray://HOST:PORT) unless already connected; disconnected at the end if this
+    connected it."""
     ray = import_ray()
-    connected = not ray.is_initialized()
-    if connected:
+    connecting = not ray.is_initialized()
+    if connecting:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise Int8EvalError(f"--ray {address}: no Ray cluster there ({type(e).__name__}: {e}); start one with "
                                 "`ray start --head`, or use --ray local for one on this machine") from None
     try:
-        yield RayEvaluator(spec, recipes, workers=workers, shard_images=shard_images, actor=actor)
+        yield ray
     finally:
-        if connected:
+        if connecting:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_evaluator(spec: SessionSpec, recipes: Iterable[Recipe], *, address: str = "auto", workers: int | None = None,
+                  shard_images: int | None = None, actor: type = ShardWorker) -> Iterator[RayEvaluator]:
+    """A RayEvaluator of `spec` (the session's) and `recipes` (those it was opened with) on the cluster at `address`
+    (as `connected`)."""
+    with connected(address):
+        yield RayEvaluator(spec, recipes, workers=workers, shard_images=shard_images, actor=actor)
+
+
+def map_tasks(fn: Callable, calls: Sequence[tuple], *, address: str = "auto", workers: int | None = None,
+              on_result: Callable[[int, Any], None] | None = None) -> list:
+    """`fn(*call)` for every call, as Ray tasks on the cluster at `address`, `workers` at a time (default: one per
+    node, each with the node's CPUs); results in the order of `calls`. `on_result(i, result)` runs on the driver as
+    each finishes (the first error stops the rest); a task whose worker dies is retried RESTARTS times."""
+    with connected(address) as ray:
+        _, cpus = placement(ray, workers)
+        remote = ray.remote(fn).options(num_cpus=cpus, max_retries=RESTARTS, scheduling_strategy="SPREAD")
+        pending = {remote.remote(*call): i for i, call in enumerate(calls)}
+        results: dict[int, Any] = {}
+        try:
+            while pending:
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(ready)
+                results[i] = _get(ray, ready)
+                if on_result is not None:
+                    on_result(i, results[i])
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        return [results[i] for i in range(len(calls))]

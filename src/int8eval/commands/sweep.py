@@ -294,7 +294,7 @@ def plan_cells(spec: SweepSpec, *, out: Path, resume: bool = False, decode_cache
                 t["backends"] = t["backends"] if t["backends"] is not None else tuple(model_backends)
                 minutes = spec.tune.time_budget_min
                 config = TuneConfig(**common, **t, out=Path(out) / model.id / "tune", acceptance=spec.budget,
-                                    time_budget_s=minutes * 60 if minutes else None)
+                                    time_budget_s=minutes * 60 if minutes else None, ray=ray, ray_workers=ray_workers)
                 cells.append(Cell(model, "tune", None, config))
         except ValidationError as e:
             raise ConfigError(f"model {model.id}: {_message(e)}") from None
@@ -387,7 +387,7 @@ def run_spec(spec_file: Path, *, out: Path | None = None, resume: bool = False, 
              ray: str | None = None, ray_workers: int | None = None, console: Console | None = None) -> SweepReport:
     """`int8eval sweep SPEC.yaml`: validate the spec and plan every cell (a ConfigError before anything runs), then
     run them into OUT (`--out`, else the spec's `out`, else runs/sweep). `ray` (and `ray_workers`) shard each run
-    cell's evaluation images over a Ray cluster, as `run --ray` does."""
+    cell's evaluation images over a Ray cluster, as `run --ray` does, and climb each tune cell's ladders on it."""
     spec = load_spec(spec_file)
     out = Path(out or spec.out or "runs/sweep")
     try:

@@ -10,9 +10,12 @@ verdicts are the report's variants.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from rich.console import Console
 from int8eval.backends import BuildContext, Variant
 from int8eval.bench import bench_run
 from int8eval.commands import write_run
-from int8eval.config import Backend, Objective, Precision, Recipe, TuneConfig
+from int8eval.config import Backend, Precision, Recipe, TuneConfig
 from int8eval.data.cache import using
 from int8eval.data.decode import Batch
 from int8eval.data.layouts import Sample, discover, split_tuning, subsample
@@ -29,15 +32,14 @@ from int8eval.errors import ConfigError, Int8EvalError
 from int8eval.evaluate import EvalOutcome, Remembered, decode_set, evaluate
 from int8eval.parity import plan_recipes, reference_for
 from int8eval.report import Report
-from int8eval.report.sections import (
-    AcceptanceRecord, Status, TuneBackend, TuneCandidate, TuneRanking, TuneSection, TuneSets,
-)
+from int8eval.report.sections import Status, TuneBackend, TuneCandidate, TuneRanking, TuneSets
 from int8eval.session import Built, Session, build_variants, check_recipes, expand_recipes, measure, new_report
 from int8eval.session import open_session, qat_recipes
 from int8eval.tune import cache as tune_cache
 from int8eval.tune.cache import TuneCache
+from int8eval.tune.choice import objective_key, pareto, tune_section
 from int8eval.tune.ladder import Step, ladder
-from int8eval.tune.rule import MIN_AGREEMENT_RULE, RULE, judge
+from int8eval.tune.rule import judge
 from int8eval.verdict import add_paired_stats, check_judgeable, paired_for
 
 # A short timing per candidate: enough to rank recipes whose speeds differ by tens of percent, not a benchmark.
@@ -81,7 +83,24 @@ class _Climb:
     chosen: str | None = None
 
 
-def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, start: float) -> Report:
+@dataclasses.dataclass
+class _Setup:
+    """What every ladder climbs with: the session, the three image sets, the cache of finished work, the build
+    context, the FP32 reference and its evaluator, and the sensitivity ranking (None for an ONNX file)."""
+
+    session: Session
+    tuning: list[Sample]
+    confirmation: list[Sample]
+    confirm_source: str
+    cache: TuneCache
+    context: BuildContext
+    evaluator: _Evaluator
+    ranking: _Ranking | None
+
+
+def _set_up(config: TuneConfig, defaults: Sequence[Recipe], out: Path, say) -> _Setup:
+    """Open the session, split the images, open the cache and build the FP32 reference: the same on the driver and
+    on a Ray worker (`_climb_task`), so both climb with the same images and reference."""
     extra = qat_recipes(config.qat_epochs, config.lr, control=False) if config.qat_epochs else []
     session = open_session(config, [*defaults, *extra], say=say)
     check_judgeable(config.acceptance, session.labels_free)
@@ -93,24 +112,36 @@ def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, s
     reference = build_variants(session, [ref], out / "artifacts", required=[ref], context=context).variants[0]
     # An ONNX file has no PyTorch module to rank layers in (diagnose) or to keep layers of in FP32 by name.
     ranking = _Ranking(session, tuning, say, cache) if session.loaded.module is not None else None
-    evaluator = _Evaluator(session, reference)
+    return _Setup(session, tuning, confirmation, confirm_source, cache, context, _Evaluator(session, reference), ranking)
+
+
+def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, start: float) -> Report:
+    setup = _set_up(config, defaults, out, say)
+    session, tuning, confirmation, cache = setup.session, setup.tuning, setup.confirmation, setup.cache
+    ref, reference = session.reference, setup.evaluator.fp32
+    # With --ray the ladders climb on the cluster's workers and their finished work fills this run's cache: the
+    # climbs below then replay them from it (as a resumed run does) and build only the chosen models again.
+    earlier = set(cache.records())  # finished by a run cut short: what the report calls reused
+    nodes = _climb_on_ray(config, defaults, cache, say, start) if config.ray else {}
     climbs = []
     for default in defaults:
-        if _spent(config, start):
+        if _spent(config, start) and cache.fp32(default.backend.value) is None:
             fp32 = Recipe(backend=default.backend, precision=Precision.fp32)
             climbs.append(_Climb(TuneBackend(backend=default.backend.value, fp32=fp32.name,
                                              stopped="the time budget ran out before this backend's ladder started"),
                                  [], {}, {}))
             continue
-        climbs.append(_climb(session, default, evaluator, tuning, confirmation, context, config, ranking, cache, say,
-                             start))
+        climbs.append(_climb(setup, default, config, say, start))
+        climbs[-1].backend.node = nodes.get(default.backend.value)
+        for c in climbs[-1].candidates:  # a worker's measurement is this run's, not a reuse
+            c.reused = c.reused and tune_cache.candidate_file(c.backend, c.name) in earlier
 
     # The chosen models (and each backend's FP32, its parity gate) on the confirmation images: the report's variants.
     chosen = [c.recipes[c.chosen] for c in climbs if c.chosen]
     plan = plan_recipes(chosen, ref) + [Recipe(backend=Backend(c.backend.backend), precision=Precision.fp32) for c in climbs]
     plan = list(dict.fromkeys(plan))
     for c in climbs:  # what reused records skipped building, built again for the final pass and deploy/
-        _build_again(session, context, c, [n for n in (c.chosen, c.backend.fp32) if n in c.recipes], say)
+        _build_again(session, setup.context, c, [n for n in (c.chosen, c.backend.fp32) if n in c.recipes], say)
     variants = {ref.name: reference, **{n: v for c in climbs for n, v in c.variants.items()}}
     built = Built([variants[r.name] for r in plan if r.name in variants],
                   {r.name: "not built" for r in plan if r.name not in variants})
@@ -126,9 +157,76 @@ def _tune_into(out: Path, config: TuneConfig, defaults: Sequence[Recipe], say, s
     for climb in climbs:
         if climb.chosen:
             _deploy(out, climb, report, session, config)
-    report.tune = _section(config, session, tuning, confirmation, confirm_source, climbs)
-    report.tune.ranking = ranking.record() if ranking is not None else None
+    sets = TuneSets(calibration=session.calib.num_images, tuning=len(tuning), confirmation=len(confirmation),
+                    confirmation_source=setup.confirm_source, tuning_ids=[s.id for s in tuning],
+                    confirmation_ids=[s.id for s in confirmation])
+    report.tune = tune_section(config, sets, [c for climb in climbs for c in climb.candidates],
+                               [climb.backend for climb in climbs])
+    report.tune.ranking = setup.ranking.record() if setup.ranking is not None else None
     return report
+
+
+def _climb_on_ray(config: TuneConfig, defaults: Sequence[Recipe], cache: TuneCache, say, start: float) -> dict[str, str]:
+    """Each backend's ladder climbed by a Ray task (`_climb_task`), as many at once as `config.ray_workers` (default:
+    one per node); every record they finish is written into this run's `cache`. Returns where each ladder climbed.
+
+    Ladders are independent, so they are what is spread: a step's candidates build on the best of the step before,
+    and a candidate's pass over a few hundred tuning images costs seconds beside its build."""
+    from int8eval.distributed import map_tasks
+
+    if cache.folder is None:
+        raise Int8EvalError(f"--ray hands the workers' finished ladders to the tune cache in {config.out}, which "
+                            "cannot be written here: give an --out that can be")
+    started = time.time() - (time.perf_counter() - start)  # the time budget counts from here on every node
+    threads = _torch_threads()
+    nodes: dict[str, str] = {}
+
+    def done(i: int, result: dict) -> None:
+        cache.absorb(result["records"])
+        nodes[defaults[i].backend.value] = result["node"]
+        say(f"{defaults[i].backend.value}: its ladder climbed on the Ray worker at {result['node']} in "
+            f"{result['seconds']:.0f} s: {result['stopped']}")
+
+    say(f"climbing the ladders of {', '.join(d.backend.value for d in defaults)} on the Ray cluster")
+    calls = [(config, tuple(defaults), d, cache.key, cache.records(), started, threads, os.getcwd()) for d in defaults]
+    map_tasks(_climb_task, calls, address=config.ray, workers=config.ray_workers, on_result=done)
+    return nodes
+
+
+def _climb_task(config: TuneConfig, defaults: tuple[Recipe, ...], default: Recipe, key: dict, records: dict[str, str],
+                started: float, threads: int, cwd: str) -> dict:
+    """A Ray task: `default`'s backend's ladder, climbed with the driver's stages, images and reference in a temporary
+    run folder seeded with the driver's finished `records`. Returns the records it finished, its node and how long
+    it took. A node whose cache key (libraries, CPU) is not the driver's `key` would tune another model: refused."""
+    import ray
+    import torch
+
+    from int8eval.resume import differences
+
+    torch.set_num_threads(threads)  # PyTorch's INT8 kernels split their sums by it: the driver's models, bit for bit
+    with contextlib.suppress(OSError):  # relative paths mean what they mean on the driver
+        os.chdir(cwd)
+    node, t0 = ray.util.get_node_ip_address(), time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"{default.backend.value} ladder on {node}: {msg}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="int8eval-tune-") as tmp, using(config.decode_cache):
+        local = config.model_copy(update={"out": Path(tmp), "ray": None, "ray_workers": None})
+        setup = _set_up(local, defaults, Path(tmp), say)
+        if setup.cache.key != key:
+            raise Int8EvalError(f"the Ray worker at {node} differs from the driver ({differences(key, setup.cache.key)}): "
+                                "its ladder would tune another model; run tune without --ray, or on nodes like this one")
+        setup.cache.absorb(records)
+        climb = _climb(setup, default, local, say, time.perf_counter() - (time.time() - started))
+        return {"records": setup.cache.records(), "node": node, "seconds": time.perf_counter() - t0,
+                "stopped": climb.backend.stopped}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _deploy(out: Path, climb: _Climb, report: Report, session: Session, config: TuneConfig) -> None:
@@ -257,8 +355,9 @@ def _speed(variant: Variant, input_shape) -> tuple[float | None, float | None, s
     return row.get("throughput_ips"), row.get("latency_ms_p50"), row.get("error")
 
 
-def _climb(session: Session, default: Recipe, evaluator: _Evaluator, tuning, confirmation, context: BuildContext,
-           config: TuneConfig, ranking: _Ranking | None, cache: TuneCache, say, start: float) -> _Climb:
+def _climb(setup: _Setup, default: Recipe, config: TuneConfig, say, start: float) -> _Climb:
+    session, evaluator, tuning, confirmation = setup.session, setup.evaluator, setup.tuning, setup.confirmation
+    context, ranking, cache = setup.context, setup.ranking, setup.cache
     backend = default.backend
     fp32_recipe = Recipe(backend=backend, precision=Precision.fp32)
     variants = {fp32_recipe.name: evaluator.fp32} if fp32_recipe == session.reference else {}
@@ -280,7 +379,7 @@ def _climb(session: Session, default: Recipe, evaluator: _Evaluator, tuning, con
                      loaded=session.loaded, context=context)]
     best: TuneCandidate | None = None  # lowest mean KL on the tuning images: what later steps build on
     for step in steps:
-        if _spent(config, start):
+        if _spent(config, start) and not _finished(cache, step, climb, best, default):
             climb.backend.stopped = "the time budget ran out before the ladder did"
             break
         recipes = [r for r in step.candidates(climb.recipes[best.name] if best else default) if r.name not in climb.recipes]
@@ -299,7 +398,7 @@ def _climb(session: Session, default: Recipe, evaluator: _Evaluator, tuning, con
         climb.candidates += tried
         ok = [c for c in tried if c.status is Status.ok and c.tuning is not None and c.tuning.kl_mean is not None]
         best = min([*([best] if best else []), *ok], key=lambda c: c.tuning.kl_mean, default=best)
-        accepted = sorted((c for c in tried if c.accepted), key=_objective_key(config.objective))
+        accepted = sorted((c for c in tried if c.accepted), key=objective_key(config.objective))
         if accepted and accepted[0].confirmed is None:
             _build_again(session, context, climb, [accepted[0].name], say)
             _confirm(accepted[0], evaluator, climb.variants.get(accepted[0].name), confirmation, config, say)
@@ -318,6 +417,16 @@ def _climb(session: Session, default: Recipe, evaluator: _Evaluator, tuning, con
     climb.backend.chosen = climb.chosen
     climb.backend.pareto = pareto(climb.candidates)
     return climb
+
+
+def _finished(cache: TuneCache, step: Step, climb: _Climb, best: TuneCandidate | None, default: Recipe) -> bool:
+    """Whether every candidate of `step` is in the cache (finished by a run cut short, or by a Ray worker): replaying
+    it costs no time, so a spent time budget does not stop it. The FP32-layers step is not asked for its candidates
+    (that would rank the layers): it counts as unfinished."""
+    if step.name == "FP32 layers" and cache.ranking() is None:
+        return False
+    recipes = step.candidates(climb.recipes[best.name] if best else default)
+    return all(r.name in climb.recipes or cache.candidate(r) is not None for r in recipes)
 
 
 def _try(session: Session, step: str, recipes: list[Recipe], evaluator: _Evaluator, tuning, context: BuildContext,
@@ -373,56 +482,3 @@ def _confirm(c: TuneCandidate, evaluator: _Evaluator, variant: Variant | None, c
     j = judge(c.confirmation, config.acceptance, _floor(config))
     c.confirmation_verdict, c.confirmed = j.verdict, j.accepted
     return j.accepted
-
-
-def _objective_key(objective: Objective) -> Callable[[TuneCandidate], float]:
-    """Sort key: best for the objective first; an unmeasured value sorts last."""
-    inf = float("inf")
-    if objective is Objective.latency:
-        return lambda c: c.latency_ms if c.latency_ms is not None else inf
-    if objective is Objective.size:
-        return lambda c: c.size_mb if c.size_mb is not None else inf
-    return lambda c: -c.throughput_ips if c.throughput_ips is not None else inf
-
-
-def pareto(candidates: Sequence[TuneCandidate]) -> list[str]:
-    """Names of the candidates no other beats or equals on all of: top-1 change on the tuning images (higher is
-    better), throughput (higher) and size (lower), with one strictly better."""
-    points = [(c.name, c.tuning.top1.diff, c.throughput_ips, -c.size_mb) for c in candidates
-              if c.status is Status.ok and c.tuning is not None and c.throughput_ips and c.size_mb]
-
-    def dominates(a, b) -> bool:
-        return all(x >= y for x, y in zip(a[1:], b[1:])) and any(x > y for x, y in zip(a[1:], b[1:]))
-
-    return [p[0] for p in points if not any(dominates(q, p) for q in points if q is not p)]
-
-
-def _section(config: TuneConfig, session: Session, tuning, confirmation, confirm_source: str,
-             climbs: list[_Climb]) -> TuneSection:
-    chosen = [c for climb in climbs for c in climb.candidates if c.name == climb.chosen]
-    best = sorted(chosen, key=_objective_key(config.objective))
-    if best:
-        b = best[0]
-        what = {"throughput": f"{b.throughput_ips:.1f} images/s" if b.throughput_ips else "throughput not measured",
-                "latency": f"{b.latency_ms:.2f} ms at batch 1" if b.latency_ms else "latency not measured",
-                "size": f"{b.size_mb:.1f} MB" if b.size_mb else "size not measured"}[config.objective.value]
-        reason = (f"the best {config.objective.value} ({what}) of the models that kept the budget and were "
-                  f"confirmed: {b.name}, drop {-100 * b.confirmation.top1.diff:.2f} pts on {b.confirmation.n} "
-                  f"confirmation images, {b.speedup_vs_fp32 or float('nan'):.2f}x its backend's FP32 throughput, "
-                  f"{100 * (b.size_vs_fp32 or float('nan')):.0f}% of its size")
-    else:
-        reason = "no backend's ladder found a model that kept the budget on both the tuning and confirmation images"
-    a = config.acceptance
-    return TuneSection(
-        objective=config.objective.value,
-        budget=AcceptanceRecord(**a.model_dump(), description=a.describe()),
-        rule=RULE + (MIN_AGREEMENT_RULE.replace("--min-agreement", f"--min-agreement {config.min_agreement:g}%")
-                     if config.min_agreement is not None else ""),
-        sets=TuneSets(calibration=session.calib.num_images, tuning=len(tuning), confirmation=len(confirmation),
-                      confirmation_source=confirm_source, tuning_ids=[s.id for s in tuning],
-                      confirmation_ids=[s.id for s in confirmation]),
-        candidates=[c for climb in climbs for c in climb.candidates],
-        backends=[climb.backend for climb in climbs],
-        choice=best[0].name if best else None,
-        choice_reason=reason,
-    )

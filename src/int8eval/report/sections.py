@@ -382,6 +382,7 @@ class TuneBackend(Section):
     stopped: str
     pareto: list[str] = Field(default_factory=list)
     deploy: str | None = None  # RUN_DIR/deploy/<backend>
+    node: str | None = None  # the Ray worker its ladder climbed on (tune --ray); None: the machine that wrote the report
 
 
 class TuneRanking(Section):

@@ -148,6 +148,8 @@ def backend_items(tune: TuneSection, backend: str, *, esc: Wrap = _same, code: W
     else:
         items.append("Chosen: none")
     items.append(f"Stopped: {esc(b.stopped)}")
+    if b.node:
+        items.append(f"Climbed on the Ray worker at {esc(b.node)} (its speeds measured there)")
     return items
 
 

@@ -32,10 +32,10 @@ KEY = "key.json"
 
 def key(config: TuneConfig, *, calibration: Iterable[tuple[str, Path]], tuning: Iterable[tuple[str, Path]],
         confirmation: Iterable[tuple[str, Path]], training: Iterable[tuple[str, Path]]) -> dict[str, Any]:
-    """Everything that decides a candidate's result (image sets as (id, path) pairs). --out and --time-budget are
-    left out: the first is where the cache is, the second only decides when the climb stops."""
+    """Everything that decides a candidate's result (image sets as (id, path) pairs). --out, --time-budget and --ray
+    are left out: the first is where the cache is, the second only decides when the climb stops, the third where."""
     return {
-        "arguments": config.model_dump(mode="json", exclude={"out", "time_budget_s"}),
+        "arguments": config.model_dump(mode="json", exclude={"out", "time_budget_s", "ray", "ray_workers"}),
         "checkpoint file": stamp(config.checkpoint),
         "labels file": stamp(config.labels),
         "calibration images": images_digest(calibration),
@@ -51,11 +51,16 @@ def _file(kind: str, name: str) -> str:
     return f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
 
 
+def candidate_file(backend: str, name: str) -> str:
+    """The file name of candidate `name`'s record (on `backend`), as `TuneCache.records` lists it."""
+    return _file("candidate", f"{backend}/{name}")
+
+
 class TuneCache:
     """The finished work of this tune's arguments in OUT/.tune-cache/<fingerprint>/. Open with `TuneCache.open`."""
 
-    def __init__(self, folder: Path | None, say: Callable[[str], None]) -> None:
-        self.folder, self.say = folder, say
+    def __init__(self, folder: Path | None, say: Callable[[str], None], key: dict[str, Any] | None = None) -> None:
+        self.folder, self.say, self.key = folder, say, key
 
     @classmethod
     def open(cls, out: Path, k: dict[str, Any], say: Callable[[str], None]) -> TuneCache:
@@ -73,7 +78,7 @@ class TuneCache:
                 shutil.rmtree(other, ignore_errors=True)
             else:
                 other.unlink(missing_ok=True)
-        cache = cls(folder, say)
+        cache = cls(folder, say, k)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for tmp in folder.glob(".*.tmp-*"):  # writes a kill cut short
@@ -112,7 +117,7 @@ class TuneCache:
 
     def candidate(self, recipe: Recipe) -> TuneCandidate | None:
         """The finished candidate of `recipe`, marked reused; None when there is none (or it was of another recipe)."""
-        record = self._read(_file("candidate", f"{recipe.backend.value}/{recipe.name}"))
+        record = self._read(candidate_file(recipe.backend.value, recipe.name))
         if record is None or record.get("recipe") != recipe.model_dump(mode="json"):
             return None
         try:
@@ -125,7 +130,7 @@ class TuneCache:
     def save_candidate(self, c: TuneCandidate) -> None:
         record = json.loads(c.model_dump_json())
         record.pop("reused", None)
-        self._write(_file("candidate", f"{c.backend}/{c.name}"), record)
+        self._write(candidate_file(c.backend, c.name), record)
 
     def fp32(self, backend: str) -> dict | None:
         """A backend's FP32 {"name", "throughput_ips", "size_mb"}, as its climb first measured it."""
@@ -133,6 +138,19 @@ class TuneCache:
 
     def save_fp32(self, backend: str, record: dict) -> None:
         self._write(_file("fp32", backend), record)
+
+    def records(self) -> dict[str, str]:
+        """Every finished record, by file name: what a Ray worker's climb hands back to the driver's cache."""
+        if self.folder is None or not self.folder.is_dir():
+            return {}
+        return {p.name: p.read_text() for p in sorted(self.folder.glob("*.json")) if p.name != KEY}
+
+    def absorb(self, records: dict[str, str]) -> None:
+        """Write `records` (another cache's `records()`, of the same key) as if this run had finished them."""
+        for name, text in records.items():
+            if Path(name).name != name or not name.endswith(".json") or name == KEY:
+                raise ValueError(f"not a tune cache record: {name!r}")
+            self._write(name, json.loads(text))
 
     def ranking(self) -> dict | None:
         """The sensitivity ranking {"layers", "images", "seconds"} the FP32-layers steps used."""
