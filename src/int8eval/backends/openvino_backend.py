@@ -80,6 +80,11 @@ def overflow_choice() -> tuple[bool, str]:
     EfficientNet-Lite0 INT8 agreed with FP32 on 93% of images as executed against 98% as simulated; 7-bit weights
     remove the saturation. Where they do not (VNNI, AMX, Arm), 7-bit weights only cost precision: on an AMX Xeon
     (FINDINGS.md) NNCF's default FIRST_LAYER fix gave Lite0 97.43% agreement and KL 0.0094, no fix 98.29% and 0.0049.
+    Why no layer of a CNN escapes the fix there (one-layer models on that EPYC, OpenVINO 2026.4): the int16 pairs are input
+    channels (2k, 2k+1) of Conv and MatMul alike, and signed activations are shifted by +128 to u8, so every dense
+    layer of Lite0 holds same-sign 8-bit weight pairs that can saturate (14 to 5,624 per layer); 8-bit weights on the
+    unsigned-input layers alone gave 94.3% agreement (300 images), and a FakeQuantize of 128 levels (7-bit
+    activations instead) makes the plugin run the layer in FP32.
     """
     caps = cpu_capabilities()
     if caps.int8_saturates:
