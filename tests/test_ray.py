@@ -229,9 +229,12 @@ def test_merged_shards_are_one_pass():
     assert [s["path"] for s in merged.skipped] == ["a", "e", "c", "d"] and merged.predict_s == {"ref": 3.0}
 
 
-def test_without_ray_installed_the_message_names_the_extra(images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_without_ray_installed_the_message_names_the_extra(images, tmp_path, monkeypatch, command):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    result = CliRunner().invoke(main, _args(images, tmp_path / "run", "--ray"))
+    args = _args(images, tmp_path / "run", "--ray") if command == "run" else \
+        [*TUNE, "--data", str(images), "--out", str(tmp_path / "run"), "--ray"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "pip install 'int8eval[ray]'" in result.output
     assert not (tmp_path / "run").exists()  # refused before any work

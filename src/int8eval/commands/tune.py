@@ -61,6 +61,10 @@ def tune(config: TuneConfig, *, console: Console | None = None) -> Report:
     if config.qat_epochs and Backend.torch not in {r.backend for r in defaults}:
         raise ConfigError("--qat-epochs is a step of the torch ladder: add --backend torch or drop --qat-epochs")
     check_recipes(plan_recipes(defaults, reference_for(config.model)))
+    if config.ray is not None:  # before any work: Ray is an extra
+        from int8eval.distributed import import_ray
+
+        import_ray()
     start = time.perf_counter()
 
     def say(msg: str) -> None:
