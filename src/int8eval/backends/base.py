@@ -65,6 +65,9 @@ class Variant(ABC):
     artifact: Path | None = None  # the file a user would deploy; its size is reported
     prepare_s: float = 0.0  # seconds spent converting, calibrating and quantizing
     details: dict | None = None  # backend-specific provenance for the report (options, per-step timings)
+    # Compiled for fixed input shapes: the evaluation pass pads a short batch to its batch size rather than have it
+    # compile again (evaluate.predict_batch). TorchVariant says so for its inductor-compiled INT8.
+    static_shapes: bool = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

@@ -66,6 +66,12 @@ class TorchVariant(Variant):
         self.freezing = freezing
         self.details: dict[str, object] = {}  # how it was built, for the report (flow, integer ranges, ...)
 
+    @property
+    def static_shapes(self) -> bool:
+        """Compiled by inductor with `dynamic=False` (PT2E INT8): each new batch size compiles again, so the pass
+        pads its short last batch (`evaluate.predict_batch`)."""
+        return type(self.module).__name__ == "OptimizedModule"
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         freezing = _inductor_freezing() if self.freezing else contextlib.nullcontext()
