@@ -228,6 +228,34 @@ def test_a_set_decoded_once_and_a_remembered_reference_give_the_same_predictions
     assert ref.calls == 2 * len(decoded)
 
 
+class StaticShapes(TableVariant):
+    """A variant compiled for one batch shape (as inductor's PT2E INT8 is): records the batch sizes it is given."""
+
+    static_shapes = True
+
+    def __init__(self, name: str, table: np.ndarray) -> None:
+        super().__init__(name, table)
+        self.sizes: list[int] = []
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(images))
+        return super().predict(images)
+
+
+def test_a_variant_compiled_for_static_shapes_sees_only_whole_batches_and_keeps_its_rows(world, outcome):
+    """The short last batch (13 images in batches of 4) is padded for it, never for the others, and its predictions
+    are those of the unpadded pass, row for row."""
+    static = StaticShapes("other", world["tables"]["other"])
+    plain = TableVariant(REF, world["tables"][REF])
+    sizes: list[int] = []
+    plain_predict = plain.predict
+    plain.predict = lambda images: (sizes.append(len(images)), plain_predict(images))[1]
+    run = _run(world, [plain, static]).predictions
+    assert static.sizes == [4, 4, 4, 4] and sizes == [4, 4, 4, 1]
+    for table in ("top5", "kl_to_ref", "cos_to_ref"):
+        np.testing.assert_array_equal(getattr(run, table)["other"], getattr(outcome.predictions, table)["other"])
+
+
 class Killed(BaseException):
     """Stands for a kill: not an Exception, so the engine does not record it as one variant's failure."""
 
