@@ -98,7 +98,7 @@ def predict_batch(variant: Variant, images: np.ndarray, batch_size: int) -> np.n
     otherwise compile again for it (measured: 7 s for EfficientNet-Lite0's PT2E INT8 on 2 cores, once per run); in
     eval mode rows are independent, so the padding changes no other row's logits."""
     n = len(images)
-    if 0 < n < batch_size and variant.static_shapes:
+    if 0 < n < batch_size and getattr(variant, "static_shapes", False):  # duck-typed variants have none
         padded = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)])
         return np.asarray(variant.predict(padded), dtype=np.float32)[:n]
     return np.asarray(variant.predict(images), dtype=np.float32)
