@@ -125,11 +125,8 @@ class ShardWorker:
 
     def __init__(self, spec: WorkerSpec, probe: Probe) -> None:
         import ray
-        import torch
 
-        torch.set_num_threads(spec.threads)  # before any build: inductor compiles kernels for this many threads
-        with contextlib.suppress(OSError):  # absolute paths still work where the folder is missing
-            os.chdir(spec.cwd)
+        like_the_driver(spec.threads, spec.cwd)  # before any build: inductor compiles kernels for this many threads
         self.spec, self.node = spec, ray.util.get_node_ip_address()
         start = time.perf_counter()
         self.errors: dict[str, str] = {}  # variants not merged from this worker, with why
@@ -240,10 +237,22 @@ def _probe(samples: list[Sample], preprocessing: Preprocessing, variants: list[V
     raise DatasetError(f"none of the {len(samples)} images could be read")
 
 
-def _torch_threads() -> int:
+def torch_threads() -> int:
+    """The driver's torch threads, which a worker must use (`like_the_driver`)."""
     import torch
 
     return torch.get_num_threads()
+
+
+def like_the_driver(threads: int, cwd: str) -> None:
+    """Make this worker process run as the driver does: its torch threads (PyTorch's compiled INT8 kernels split
+    their sums by them, so another count gives other last bits) and its working directory (relative paths mean the
+    same; absolute ones still work where that folder is missing)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
 
 
 class RayEvaluator:
@@ -269,7 +278,7 @@ class RayEvaluator:
         probe = _probe(samples, preprocessing, variants, reference=reference, batch_size=batch_size,
                        num_classes=num_classes)
         spec = WorkerSpec(self.spec, self.recipes, tuple(v.recipe for v in variants), reference, preprocessing,
-                          batch_size, workers, on_bad_image, os.getcwd(), _torch_threads(), num_classes)
+                          batch_size, workers, on_bad_image, os.getcwd(), torch_threads(), num_classes)
         count, cpus = placement(ray, self.num_workers)
         remote = ray.remote(self.actor).options(num_cpus=cpus, max_restarts=RESTARTS, max_task_retries=RESTARTS,
                                                 scheduling_strategy="SPREAD")

@@ -70,7 +70,7 @@ class TorchVariant(Variant):
     def static_shapes(self) -> bool:
         """Compiled by inductor with `dynamic=False` (PT2E INT8): each new batch size compiles again, so the pass
         pads its short last batch (`evaluate.predict_batch`)."""
-        return type(self.module).__name__ == "OptimizedModule"
+        return is_compiled(self.module)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -79,6 +79,11 @@ class TorchVariant(Variant):
             "cpu", dtype=self.autocast, enabled=self.autocast is not None
         ):
             return self.module(x).float().numpy()
+
+
+def is_compiled(module) -> bool:
+    """Whether `module` is a torch.compile'd module (its graphs are compiled on first call per input shape)."""
+    return type(module).__name__ == "OptimizedModule"
 
 
 def _inductor_freezing():

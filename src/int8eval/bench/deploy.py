@@ -115,8 +115,10 @@ def _onnxruntime_static(variant, x: np.ndarray) -> TimedCall:
 
 
 def is_compiled(module) -> bool:
-    """Whether `module` is a torch.compile'd module (its graphs are compiled on first call per input shape)."""
-    return type(module).__name__ == "OptimizedModule"
+    """Whether `module` is a torch.compile'd module (`backends.torch_backend.is_compiled`)."""
+    from int8eval.backends.torch_backend import is_compiled as compiled
+
+    return compiled(module)
 
 
 def _torch(variant, x: np.ndarray) -> TimedCall:

@@ -10,7 +10,6 @@ verdicts are the report's variants.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import tempfile
@@ -176,13 +175,13 @@ def _climb_on_ray(config: TuneConfig, defaults: Sequence[Recipe], cache: TuneCac
 
     Ladders are independent, so they are what is spread: a step's candidates build on the best of the step before,
     and a candidate's pass over a few hundred tuning images costs seconds beside its build."""
-    from int8eval.distributed import map_tasks
+    from int8eval.distributed import map_tasks, torch_threads
 
     if cache.folder is None:
         raise Int8EvalError(f"--ray hands the workers' finished ladders to the tune cache in {config.out}, which "
                             "cannot be written here: give an --out that can be")
     started = time.time() - (time.perf_counter() - start)  # the time budget counts from here on every node
-    threads = _torch_threads()
+    threads = torch_threads()
     nodes: dict[str, str] = {}
 
     def done(i: int, result: dict) -> None:
@@ -203,13 +202,11 @@ def _climb_task(config: TuneConfig, defaults: tuple[Recipe, ...], default: Recip
     run folder seeded with the driver's finished `records`. Returns the records it finished, its node and how long
     it took. A node whose cache key (libraries, CPU) is not the driver's `key` would tune another model: refused."""
     import ray
-    import torch
 
+    from int8eval.distributed import like_the_driver
     from int8eval.resume import differences
 
-    torch.set_num_threads(threads)  # PyTorch's INT8 kernels split their sums by it: the driver's models, bit for bit
-    with contextlib.suppress(OSError):  # relative paths mean what they mean on the driver
-        os.chdir(cwd)
+    like_the_driver(threads, cwd)  # the driver's models, bit for bit, from the same relative paths
     node, t0 = ray.util.get_node_ip_address(), time.perf_counter()
 
     def say(msg: str) -> None:
@@ -225,12 +222,6 @@ def _climb_task(config: TuneConfig, defaults: tuple[Recipe, ...], default: Recip
         climb = _climb(setup, default, local, say, time.perf_counter() - (time.time() - started))
         return {"records": setup.cache.records(), "node": node, "seconds": time.perf_counter() - t0,
                 "stopped": climb.backend.stopped}
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _deploy(out: Path, climb: _Climb, report: Report, session: Session, config: TuneConfig) -> None:
